@@ -1,0 +1,280 @@
+"""The generic adapter: the namespace that rules see, written over the array API.
+
+Every backend adapter derives from :class:`Adapter` and overrides only what its
+backend gets wrong (an inexact ``sqrt``, division by a scalar as a reciprocal
+multiply, ...) or can do faster. Rules call nothing but the methods below.
+
+Conventions
+-----------
+* Scalars handed in by rules are host numpy scalars already rounded to the
+  parameter dtype ``T``; they are passed to the backend as Python numbers, whose
+  exact value the backend then uses in ``T`` (weak scalar promotion).
+* Complex arrays: second moments are real, so a rule may combine a complex array
+  with a real array or scalar. Such mixed ``+ - * /`` operate on the real and
+  imaginary parts separately (as Julia's ``Complex`` methods do), never by
+  promoting the real operand to complex.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Adapter"]
+
+_REAL_NAMES = {"complex64": "float32", "complex128": "float64"}
+
+
+class Adapter:
+    """Elementwise operations in one backend, and how to write into its arrays.
+
+    Parameters
+    ----------
+    xp
+        The backend's array-API namespace (e.g. ``array_api_compat.numpy``).
+    name
+        A short name for messages and reports (``"numpy"``, ``"torch"``, ...).
+    """
+
+    #: Exactness fixes this adapter applies (reported by ``agnosticopt info``).
+    fixes: tuple[str, ...] = ()
+
+    def __init__(self, xp: Any, name: str) -> None:
+        self.xp = xp
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<agnosticopt adapter {self.name!r}>"
+
+    # -- dtypes ---------------------------------------------------------------
+    def dtype_name(self, x: Any) -> str:
+        """The dtype of ``x`` as a numpy-style name (``"float32"``, ...)."""
+        return str(x.dtype).rsplit(".", 1)[-1]
+
+    def dtype(self, name: str) -> Any:
+        """The backend dtype object called ``name``."""
+        return getattr(self.xp, name)
+
+    def is_trainable(self, x: Any) -> bool:
+        """Floating-point and complex arrays are trainable; others are not."""
+        return self.dtype_name(x) in {
+            "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+        }
+
+    def is_complex(self, x: Any) -> bool:
+        """Whether ``x`` is a complex array."""
+        return self.dtype_name(x).startswith("complex")
+
+    def scalar_type(self, x: Any) -> type:
+        """The numpy scalar type of the real dtype of ``x``: host scalars use it."""
+        name = self.dtype_name(x)
+        return np.dtype(_REAL_NAMES.get(name, name)).type
+
+    def astype(self, x: Any, name: str) -> Any:
+        """``x`` converted to the dtype called ``name`` (a new array)."""
+        return self.xp.astype(x, self.dtype(name), copy=True)
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        """The shape of ``x`` as a tuple of ints."""
+        return tuple(x.shape)
+
+    def size(self, x: Any) -> int:
+        """The number of elements of ``x``."""
+        return math.prod(self.shape(x))
+
+    # -- creation ---------------------------------------------------------------
+    def zeros_like(self, x: Any) -> Any:
+        """Zeros of the shape, dtype and device of ``x``."""
+        return self.xp.zeros_like(x)
+
+    def real_zeros_like(self, x: Any) -> Any:
+        """Zeros of the shape and device of ``x`` in its real dtype."""
+        if not self.is_complex(x):
+            return self.xp.zeros_like(x)
+        real = self.dtype(_REAL_NAMES[self.dtype_name(x)])
+        return self.xp.zeros_like(x, dtype=real)
+
+    def full_like(self, x: Any, value: Any, *, real: bool = False) -> Any:
+        """An array like ``x`` (in its real dtype if ``real``) filled with ``value``."""
+        dtype = None
+        if real and self.is_complex(x):
+            dtype = self.dtype(_REAL_NAMES[self.dtype_name(x)])
+        return self.xp.full_like(x, _py(value), dtype=dtype)
+
+    def copy(self, x: Any) -> Any:
+        """A new array equal to ``x``."""
+        return self.xp.asarray(x, copy=True)
+
+    # -- elementwise arithmetic ---------------------------------------------------
+    def add(self, a: Any, b: Any) -> Any:
+        """``a + b``, one correctly rounded operation."""
+        return self._binary(operator.add, a, b)
+
+    def subtract(self, a: Any, b: Any) -> Any:
+        """``a - b``, one correctly rounded operation."""
+        return self._binary(operator.sub, a, b)
+
+    def multiply(self, a: Any, b: Any) -> Any:
+        """``a * b``, one correctly rounded operation."""
+        return self._binary(operator.mul, a, b)
+
+    def divide(self, a: Any, b: Any) -> Any:
+        """``a / b``, a true division (never a multiplication by ``1/b``)."""
+        return self._binary(operator.truediv, a, b)
+
+    def negative(self, a: Any) -> Any:
+        """``-a``."""
+        return -a
+
+    def sqrt(self, a: Any) -> Any:
+        """Correctly rounded square root of a real array."""
+        return self.xp.sqrt(a)
+
+    def abs(self, a: Any) -> Any:
+        """``|a|`` of a real array."""
+        return self.xp.abs(a)
+
+    def abs2(self, a: Any) -> Any:
+        """``a*a`` for reals, ``re*re + im*im`` for complex (a real array)."""
+        if self.is_complex(a):
+            re, im = self.xp.real(a), self.xp.imag(a)
+            return re * re + im * im
+        return a * a
+
+    def sign(self, a: Any) -> Any:
+        """``sign(a)``: -1, 0 or 1 with the sign of zero kept; NaN stays NaN."""
+        return self.xp.sign(a)
+
+    def maximum(self, a: Any, b: Any) -> Any:
+        """Elementwise maximum; NaN in either operand gives NaN."""
+        return self.xp.maximum(*self._arrays(a, b))
+
+    def minimum(self, a: Any, b: Any) -> Any:
+        """Elementwise minimum; NaN in either operand gives NaN."""
+        return self.xp.minimum(*self._arrays(a, b))
+
+    def clip(self, a: Any, lo: Any, hi: Any) -> Any:
+        """``min(max(a, lo), hi)`` with NaN passed through (Julia's ``clamp``)."""
+        return self.minimum(self.maximum(a, lo), hi)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """``a`` where ``cond`` else ``b``."""
+        return self.xp.where(cond, *self._arrays(a, b))
+
+    def greater(self, a: Any, b: Any) -> Any:
+        """``a > b`` (boolean array)."""
+        return a > _py(b)
+
+    def less(self, a: Any, b: Any) -> Any:
+        """``a < b`` (boolean array)."""
+        return a < _py(b)
+
+    def not_equal(self, a: Any, b: Any) -> Any:
+        """``a != b`` (boolean array)."""
+        return a != _py(b)
+
+    def pow(self, a: Any, q: Any) -> Any:
+        """``a ** q`` (not correctly rounded on every backend: norms only)."""
+        return self.xp.pow(a, _py(q))
+
+    def count_nonzero(self, a: Any) -> int:
+        """The number of non-zero elements of ``a`` (NaN counts), exactly."""
+        return int(self.xp.count_nonzero(a))
+
+    def isfinite(self, a: Any) -> Any:
+        """Elementwise finiteness test."""
+        return self.xp.isfinite(a)
+
+    # -- shapes, for the library's own reductions ----------------------------------
+    def flatten(self, a: Any) -> Any:
+        """``a`` as a one-dimensional array (C order)."""
+        return self.xp.reshape(a, (-1,))
+
+    def concat(self, arrays: list[Any]) -> Any:
+        """One-dimensional arrays joined end to end."""
+        return self.xp.concat(arrays)
+
+    def to_host(self, a: Any) -> Any:
+        """A 0-d array's value as a host numpy scalar of its dtype (a sync)."""
+        return np.asarray(self.to_numpy(a))[()]
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """A numpy copy of ``a`` (for tests, reports and checkpoints)."""
+        return np.asarray(a)
+
+    # -- writing --------------------------------------------------------------------
+    def writeable(self, x: Any) -> bool:
+        """Whether ``x`` can be updated in place."""
+        return False
+
+    def subtract_(self, x: Any, step: Any) -> None:
+        """``x <- x - step`` in place; only called when ``writeable(x)``."""
+        raise TypeError(f"{self.name} arrays cannot be written in place")
+
+    def assign_(self, x: Any, value: Any) -> None:
+        """``x <- value`` in place; only called when ``writeable(x)``."""
+        raise TypeError(f"{self.name} arrays cannot be written in place")
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Context entered around a whole update.
+
+        Host scalars are numpy scalars, so numpy's floating-point warnings are
+        silenced here (Julia does not warn on overflow or 0/0 either).
+        """
+        with np.errstate(all="ignore"):
+            yield
+
+    # -- helpers --------------------------------------------------------------------
+    def _arrays(self, a: Any, b: Any) -> tuple[Any, Any]:
+        return _py(a), _py(b)
+
+    def _binary(self, op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+        a, b = _py(a), _py(b)
+        if self._mixed_complex(a, b):
+            return self._componentwise(op, a, b)
+        return op(a, b)
+
+    def _mixed_complex(self, a: Any, b: Any) -> bool:
+        ca = not _is_scalar(a) and self.is_complex(a)
+        cb = not _is_scalar(b) and self.is_complex(b)
+        return ca != cb
+
+    def _componentwise(self, op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+        """A complex array combined with a real one, part by part."""
+        if _is_scalar(a) or not self.is_complex(a):
+            if op in (operator.add, operator.mul):
+                return self._componentwise(op, b, a)
+            if op is operator.sub:  # r - z = (r - re) + (-im)i
+                return self.make_complex(op(a, self.xp.real(b)), -self.xp.imag(b))
+            msg = "dividing a real by a complex array is not an operation of any rule"
+            raise TypeError(msg)
+        re, im = self.xp.real(a), self.xp.imag(a)
+        if op in (operator.add, operator.sub):
+            return self.make_complex(op(re, b), im)
+        return self.make_complex(op(re, b), op(im, b))
+
+    def make_complex(self, re: Any, im: Any) -> Any:
+        """The complex array ``re + im*i`` with both parts kept exactly."""
+        return self.xp.complex(re, im) if hasattr(self.xp, "complex") else _no_complex(self)
+
+
+def _no_complex(adapter: Adapter) -> Any:
+    msg = f"{adapter.name}: this adapter cannot build complex arrays from parts"
+    raise TypeError(msg)
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float, complex))
+
+
+def _py(value: Any) -> Any:
+    """A host numpy scalar as the Python number of the same value."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

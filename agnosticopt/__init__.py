@@ -1,0 +1,88 @@
+"""agnosticopt: Optimisers.jl's rules over the Python array API.
+
+One definition of every rule, run unchanged on numpy, torch, array-api-strict
+(and CuPy, JAX) arrays, giving the same bits on all of them.
+
+>>> import numpy as np, agnosticopt as opt
+>>> model = {"w": np.array([1.0, 2.0])}
+>>> tree = opt.setup(opt.Descent(0.1), model)
+>>> tree, model = opt.update(tree, model, {"w": np.array([10.0, 20.0])})
+>>> model["w"]
+array([0., 0.])
+"""
+
+from agnosticopt._adam import (
+    AdaBelief,
+    AdaMax,
+    Adam,
+    AdamW,
+    AMSGrad,
+    NAdam,
+    OAdam,
+    RAdam,
+)
+from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
+from agnosticopt._clip import ClipGrad, ClipNorm
+from agnosticopt._containers import register_container
+from agnosticopt._decay import SignDecay, WeightDecay
+from agnosticopt._flat import Restructure, destructure, trainables
+from agnosticopt._norm import norm
+from agnosticopt._rule import Replace, Rule
+from agnosticopt._sgd import Descent, Momentum, Nesterov
+from agnosticopt._tree import (
+    Leaf,
+    adjust,
+    adjust_,
+    freeze_,
+    setup,
+    thaw_,
+    update,
+    update_,
+)
+from agnosticopt._wrappers import AccumGrad, MixedPrecision, OptimiserChain
+from agnosticopt._xp import adapter_for, register_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AMSGrad",
+    "AccumGrad",
+    "AdaBelief",
+    "AdaDelta",
+    "AdaGrad",
+    "AdaMax",
+    "Adam",
+    "AdamW",
+    "ClipGrad",
+    "ClipNorm",
+    "Descent",
+    "Leaf",
+    "Lion",
+    "MixedPrecision",
+    "Momentum",
+    "NAdam",
+    "Nesterov",
+    "OAdam",
+    "OptimiserChain",
+    "RAdam",
+    "RMSProp",
+    "Replace",
+    "Restructure",
+    "Rprop",
+    "Rule",
+    "SignDecay",
+    "WeightDecay",
+    "adapter_for",
+    "adjust",
+    "adjust_",
+    "destructure",
+    "freeze_",
+    "norm",
+    "register_adapter",
+    "register_container",
+    "setup",
+    "thaw_",
+    "trainables",
+    "update",
+    "update_",
+]

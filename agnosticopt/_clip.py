@@ -1,0 +1,88 @@
+"""Gradient clipping: ClipGrad (per element) and ClipNorm (per array)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from agnosticopt._norm import norm
+from agnosticopt._rule import Rule, hyper
+
+__all__ = ["ClipGrad", "ClipNorm"]
+
+
+@dataclass(frozen=True)
+class ClipGrad(Rule):
+    """Clamp every gradient element to ``[-δ, δ]`` (real parameters only).
+
+    .. math:: u = \\operatorname{clamp}(g, -\\delta, \\delta)
+
+    NaN passes through, as Julia's ``clamp`` does.
+
+    Parameters
+    ----------
+    delta
+        Bound (δ).
+    """
+
+    delta: float = 10.0
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        (delta,) = hyper(xp, x, self.delta)
+        return None, xp.clip(dx, -delta, delta)
+
+
+@dataclass(frozen=True)
+class ClipNorm(Rule):
+    """Rescale each gradient array whose p-norm exceeds ω down to ω.
+
+    .. math::
+
+        u = g \\cdot \\lambda, \\qquad
+        \\lambda = T\\!\\left(\\min\\!\\left(\\omega / \\lVert g\\rVert_p,\\, 1\\right)\\right)
+
+    where ω/‖g‖ is evaluated in float64 and only λ is rounded to the
+    parameter dtype ``T``, as in Optimisers.jl.
+
+    Parameters
+    ----------
+    omega
+        Largest allowed norm (ω).
+    p
+        Which norm; see :func:`agnosticopt.norm` (2, 1, ±inf and 0 are exact and
+        identical on every backend; ``p = 0`` counts non-zeros, so it only
+        rescales when more than ω elements are non-zero).
+    throw
+        Keyword only. Raise ``FloatingPointError`` when the norm is NaN or
+        infinite; with ``throw=False`` an infinite norm gives λ = 0 and its
+        infinite entries become NaN.
+
+    Notes
+    -----
+    The norm is **per array**, not global over the model (torch's
+    ``clip_grad_norm_`` and optax's ``clip_by_global_norm`` are global). The
+    norm is read back to the host, one synchronisation per array.
+    """
+
+    omega: float = 10.0
+    p: float = 2.0
+    throw: bool = field(default=True, kw_only=True)
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        n = norm(dx, self.p)
+        if self.throw and not math.isfinite(n):
+            msg = (
+                f"gradient has {self.p}-norm {n}, for an array of shape "
+                f"{xp.shape(x)} and dtype {xp.dtype_name(x)}"
+            )
+            raise FloatingPointError(msg)
+        ratio = self.omega / float(n) if n != 0 else math.inf
+        (lam,) = hyper(xp, x, min(ratio, 1.0))
+        return None, xp.multiply(dx, lam)

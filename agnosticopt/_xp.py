@@ -1,0 +1,52 @@
+"""Finding the adapter of an array, without importing any backend up front."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["adapter_for", "register_adapter"]
+
+#: Top-level module of an array's type -> submodule of ``agnosticopt.adapters``.
+_BACKENDS = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "array_api_strict": "array_api_strict",
+    "cupy": "cupy",
+    "jax": "jax",
+    "jaxlib": "jax",
+}
+
+_REGISTERED: list[Callable[[Any], Any]] = []
+
+
+def register_adapter(lookup: Callable[[Any], Any]) -> None:
+    """Register ``lookup(x) -> Adapter | None`` for a third-party array type.
+
+    Registered lookups are asked first, newest first, so they can also replace
+    a built-in adapter.
+    """
+    _REGISTERED.insert(0, lookup)
+
+
+def adapter_for(x: Any) -> Any:
+    """The adapter for array ``x``, or ``None`` when ``x`` is not an array.
+
+    Arrays of an unknown library that implement ``__array_namespace__`` get the
+    generic array-API adapter, which makes no exactness promise.
+    """
+    for lookup in _REGISTERED:
+        found = lookup(x)
+        if found is not None:
+            return found
+    root = type(x).__module__.partition(".")[0]
+    name = _BACKENDS.get(root)
+    if name is not None:
+        module = importlib.import_module(f"agnosticopt.adapters.{name}")
+        return module.adapter(x)
+    if hasattr(x, "__array_namespace__") and hasattr(x, "dtype"):
+        from agnosticopt.adapters._base import Adapter  # noqa: PLC0415
+
+        return Adapter(x.__array_namespace__(), type(x).__module__)
+    return None
