@@ -13,8 +13,8 @@ array([0., 0.])
 
 from agnosticopt._adam import (
     AdaBelief,
-    AdaMax,
     Adam,
+    AdaMax,
     AdamW,
     AMSGrad,
     NAdam,

@@ -188,7 +188,7 @@ class RAdam(Rule):
 
 def _host_sqrt(value: Any) -> Any:
     """Correctly rounded square root of a host numpy scalar, in its dtype."""
-    import numpy as np  # noqa: PLC0415  (numpy is loaded only when rules run)
+    import numpy as np
 
     return np.sqrt(value)
 

@@ -97,6 +97,6 @@ def _magnitude(xp: Any, dx: Any) -> Any:
 
 
 def _sqrt(value: Any) -> Any:
-    import numpy as np  # noqa: PLC0415  (numpy is loaded only when rules run)
+    import numpy as np
 
     return np.sqrt(value)

@@ -44,7 +44,7 @@ class OptimiserChain(Rule):
                     "MixedPrecision cannot be inside an OptimiserChain: wrap the whole "
                     "chain instead, MixedPrecision(OptimiserChain(...))"
                 )
-                raise ValueError(msg)
+                raise ValueError(msg)  # noqa: TRY004  (Optimisers.jl: ArgumentError)
         object.__setattr__(self, "opts", tuple(opts))
 
     def __repr__(self) -> str:

@@ -46,7 +46,7 @@ def adapter_for(x: Any) -> Any:
         module = importlib.import_module(f"agnosticopt.adapters.{name}")
         return module.adapter(x)
     if hasattr(x, "__array_namespace__") and hasattr(x, "dtype"):
-        from agnosticopt.adapters._base import Adapter  # noqa: PLC0415
+        from agnosticopt.adapters._base import Adapter
 
         return Adapter(x.__array_namespace__(), type(x).__module__)
     return None

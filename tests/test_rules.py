@@ -1,0 +1,397 @@
+"""Every rule: Optimisers.jl's hard-coded cases, convergence, dtypes, construction.
+
+Expected values are Optimisers.jl's own test and docstring numbers (see
+shared/reference/optimisers-jl.md §4), written as the arithmetic they came from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+
+import agnosticopt as opt
+
+#: Optimisers.jl's test/rules.jl RULES table.
+RULES: list[opt.Rule] = [
+    opt.Descent(),
+    opt.Adam(),
+    opt.Momentum(),
+    opt.Nesterov(),
+    opt.Rprop(),
+    opt.RMSProp(),
+    opt.AdaGrad(),
+    opt.AdaMax(),
+    opt.AdaDelta(),
+    opt.AMSGrad(),
+    opt.NAdam(),
+    opt.AdamW(),
+    opt.RAdam(),
+    opt.OAdam(),
+    opt.AdaBelief(),
+    opt.Lion(),
+    opt.MixedPrecision("float64", opt.Adam()),
+    opt.OptimiserChain(opt.SignDecay(0.001), opt.Adam(0.001)),
+    opt.OptimiserChain(opt.ClipNorm(), opt.Adam(0.001)),
+    opt.OptimiserChain(opt.ClipGrad(0.5), opt.Momentum()),
+    opt.OptimiserChain(opt.WeightDecay(), opt.OAdam(), opt.ClipGrad(1)),
+    opt.RMSProp(centred=True),
+    opt.AdamW(couple=False),
+]
+
+#: Modifiers, not optimisers on their own, and the remaining wrappers.
+OTHER_RULES: list[opt.Rule] = [
+    opt.WeightDecay(),
+    opt.SignDecay(),
+    opt.ClipGrad(),
+    opt.ClipNorm(),
+    opt.OptimiserChain(),
+    opt.AccumGrad(3),
+    opt.MixedPrecision(opt.Momentum()),
+]
+
+
+def _step(backend: Any, rule: opt.Rule, x: Any, dx: Any, dtype: str = "float64") -> np.ndarray:
+    """One ``update`` of a bare array; returns the new parameter as numpy."""
+    backend.require(dtype)
+    xb = backend.asarray(np.asarray(x, dtype=dtype))
+    tree = opt.setup(rule, xb)
+    _, new = opt.update(tree, xb, backend.asarray(np.asarray(dx, dtype=dtype)))
+    return backend.to_numpy(new)
+
+
+# -- OptimiserChain table (runtests.jl) ----------------------------------------
+X3, DX3 = [1.0, 10.0, 100.0], [1.0, 2.0, 3.0]
+CHAIN_CASES = [
+    (opt.WeightDecay(0.1), [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 3]),
+    (opt.SignDecay(0.1), [1 - 0.1 - 1, 10 - 0.1 - 2, 100 - 0.1 - 3]),
+    (opt.ClipGrad(2), [0.0, 8.0, 98.0]),
+    (opt.OptimiserChain(opt.ClipGrad(2), opt.WeightDecay(0.1)), [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 2]),
+    (
+        opt.OptimiserChain(opt.OptimiserChain(opt.ClipGrad(2)), opt.WeightDecay(0.1)),
+        [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 2],
+    ),
+    (opt.OptimiserChain(opt.Descent(0.1)), [0.9, 9.8, 99.7]),
+    (opt.OptimiserChain(), [1 - 1, 10 - 2, 100 - 3]),
+]
+
+
+@pytest.mark.parametrize(("rule", "expected"), CHAIN_CASES, ids=repr)
+def test_chain_table(backend: Any, rule: opt.Rule, expected: list[float]) -> None:
+    np.testing.assert_allclose(_step(backend, rule, X3, DX3), expected, rtol=1e-12)
+
+
+def test_chain_order_matters(backend: Any) -> None:
+    forward = opt.OptimiserChain(opt.ClipGrad(2), opt.WeightDecay(0.1))
+    reverse = opt.OptimiserChain(opt.WeightDecay(0.1), opt.ClipGrad(2))
+    assert not np.array_equal(_step(backend, forward, X3, DX3), _step(backend, reverse, X3, DX3))
+
+
+def test_sign_decay_signs(backend: Any) -> None:
+    got = _step(backend, opt.SignDecay(0.1), [1.0, -10.0, 100.0], [3.0, 2.0, -1.0])
+    np.testing.assert_allclose(got, [1 - 0.1 - 3, -10 + 0.1 - 2, 100 - 0.1 + 1], rtol=1e-12)
+
+
+def test_chain_docstring_example(backend: Any) -> None:
+    rule = opt.OptimiserChain(opt.ClipGrad(1.0), opt.Descent(0.1))
+    got = _step(backend, rule, [0.0, 0.0, 0.0], [0.3, 1.0, 7.0])
+    np.testing.assert_allclose(got, [-0.03, -0.1, -0.1], rtol=1e-12)
+
+
+# -- clipping ------------------------------------------------------------------
+def test_clip_grad(backend: Any) -> None:
+    got = _step(backend, opt.ClipGrad(13), [0.0, 0.0, 0.0], [1.0, 10.0, 100.0])
+    np.testing.assert_array_equal(-got, [1.0, 10.0, 13.0])
+
+
+def test_clip_norm_small_gradient_unchanged(backend: Any) -> None:
+    np.testing.assert_array_equal(-_step(backend, opt.ClipNorm(10), [0.0], [0.1]), [0.1])
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+def test_clip_norm_scales_to_omega(backend: Any, p: float) -> None:
+    g = np.random.default_rng(0).normal(size=100) * 100
+    delta = -_step(backend, opt.ClipNorm(10, p), np.zeros(100), g)
+    np.testing.assert_allclose(np.linalg.norm(delta, p), 10, rtol=1e-12)
+
+
+def test_clip_norm_nan_raises(backend: Any) -> None:
+    with pytest.raises(FloatingPointError, match="norm nan"):
+        _step(backend, opt.ClipNorm(10), [0.0, 0.0], [1.0, math.nan])
+
+
+def test_clip_norm_no_throw(backend: Any) -> None:
+    delta = -_step(backend, opt.ClipNorm(5, 1, throw=False), np.zeros(20), np.arange(20.0))
+    np.testing.assert_allclose(np.abs(delta).sum(), 5, rtol=1e-12)
+    inf = -_step(backend, opt.ClipNorm(5, 1, throw=False), [0.0, 0.0], [1.0, math.inf])
+    assert np.isnan(inf[1])
+
+
+# -- Float16 epsilon (#167) -------------------------------------------------------
+def test_float16_epsilon_keeps_adam_finite(backend: Any) -> None:
+    x = [0.579, -0.729, 0.5493]
+    g = [-0.001497, 0.0001875, -0.013176]
+    got = _step(backend, opt.Adam(1e-4), x, g, dtype="float16")
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got, np.float16([1.835, -0.886, 0.5493]), rtol=1e-3)
+
+
+# -- AccumGrad -------------------------------------------------------------------
+def test_accum_grad_mean_of_n(backend: Any) -> None:
+    rule = opt.OptimiserChain(opt.AccumGrad(3), opt.Descent(0.01))
+    x0 = np.array([1.0, 2.0])
+    grads = [np.array([1.0, 4.0]), np.array([2.0, -8.0]), np.array([6.0, 1.0]), np.array([5.0, 5.0])]
+    model = backend.asarray(x0)
+    tree = opt.setup(rule, model)
+    seen = []
+    for g in grads:
+        tree, model = opt.update(tree, model, backend.asarray(g))
+        seen.append(backend.to_numpy(model))
+    np.testing.assert_array_equal(seen[0], x0)
+    np.testing.assert_array_equal(seen[1], x0)
+    np.testing.assert_allclose(seen[2], x0 - 0.01 * (grads[0] + grads[1] + grads[2]) / 3, rtol=1e-12)
+    np.testing.assert_array_equal(seen[3], seen[2])
+
+
+def test_accum_grad_docstring_example(backend: Any) -> None:
+    rule = opt.OptimiserChain(opt.AccumGrad(2), opt.WeightDecay(0.01), opt.Descent(0.1))
+    model = {"x": backend.asarray(np.float32([1])), "y": backend.asarray(np.float32([2]))}
+    tree = opt.setup(rule, model)
+    f32 = np.float32
+    tree, model = opt.update(tree, model, {"x": backend.asarray(f32([33])), "y": backend.asarray(f32([0]))})
+    assert backend.to_numpy(model["x"])[0] == 1
+    assert backend.to_numpy(model["y"])[0] == 2
+    tree, model = opt.update(tree, model, {"x": backend.asarray(f32([0])), "y": backend.asarray(f32([444]))})
+    np.testing.assert_allclose(backend.to_numpy(model["x"]), f32([-0.651]), rtol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(model["y"]), f32([-20.202002]), rtol=1e-6)
+
+
+# -- MixedPrecision ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mixed_precision_master_copy(backend: Any, dtype: str) -> None:
+    backend.require("float16")
+    rule = opt.MixedPrecision(dtype, opt.Adam(1e-3))
+    rng = np.random.default_rng(1)
+    model = backend.asarray(rng.normal(size=50).astype(np.float16))
+    tree = opt.setup(rule, model)
+    for _ in range(3):
+        g = backend.asarray(rng.normal(size=50).astype(np.float16))
+        tree, model = opt.update(tree, model, g)
+    master = backend.to_numpy(tree.state.master)
+    assert master.dtype == np.dtype(dtype)
+    assert backend.to_numpy(tree.state.state.m).dtype == np.dtype(dtype)
+    new = backend.to_numpy(model)
+    assert new.dtype == np.float16
+    np.testing.assert_array_equal(new, master.astype(np.float16))
+
+
+def test_mixed_precision_adjust_and_chain() -> None:
+    rule = opt.MixedPrecision("float64", opt.Adam(1e-3))
+    adjusted = rule.adjust(2e-3)
+    assert isinstance(adjusted, opt.MixedPrecision)
+    assert adjusted.dtype == "float64"
+    assert adjusted.rule == opt.Adam(2e-3)
+    with pytest.raises(ValueError, match="wrap the whole chain"):
+        opt.OptimiserChain(opt.MixedPrecision(opt.Adam()))
+
+
+# -- documentation values ----------------------------------------------------------
+def test_momentum_update_doc_example(backend: Any) -> None:
+    got = _step(backend, opt.Momentum(1 / 30), [1.0, 2.0], [10.0, 14.0], dtype="float32")
+    np.testing.assert_array_equal(got, np.float32([0.6666666, 1.5333333]))
+
+
+def test_momentum_float16_enzyme_example(backend: Any) -> None:
+    got = _step(backend, opt.Momentum(1 / 9), [1.0, 2.0, 3.0], [1.0, 0.0, -4.0], dtype="float16")
+    np.testing.assert_allclose(got, np.float16([0.8887, 2.0, 3.445]), rtol=1e-3)
+
+
+def test_nesterov_state_is_negative_velocity(backend: Any) -> None:
+    x = backend.asarray(np.array([1.0, 2.0]))
+    tree = opt.setup(opt.Nesterov(), x)
+    tree, _ = opt.update(tree, x, backend.asarray(np.array([16.0, 88.0])))
+    np.testing.assert_allclose(backend.to_numpy(tree.state), [-0.016, -0.088], rtol=1e-12)
+
+
+def test_momentum_state_after_one_step(backend: Any) -> None:
+    x = backend.asarray(np.float32([4, 3, 2]))
+    tree = opt.setup(opt.Momentum(0.1, 0.9), x)
+    tree, new = opt.update(tree, x, backend.asarray(np.float32([1, 10, 100])))
+    np.testing.assert_allclose(backend.to_numpy(tree.state), [0.1, 1, 10], rtol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(new), np.float32([4, 3, 2]) - np.float32([0.1, 1, 10]), rtol=1e-6)
+
+
+# -- complex numbers (Flux#1776) ----------------------------------------------------
+COMPLEX_RULES = [
+    opt.Adam(1e-2),
+    opt.RMSProp(1e-2),
+    opt.RAdam(1e-2),
+    opt.OAdam(1e-2),
+    opt.AdaGrad(1e-2),
+    opt.AdaDelta(0.9, 1e-5),
+    opt.NAdam(1e-2),
+    opt.AdaBelief(1e-2),
+    opt.Descent(1e-2),
+    opt.Momentum(1e-2),
+    opt.Nesterov(1e-2),
+    opt.AdamW(1e-2),
+]
+
+
+@pytest.mark.parametrize("rule", COMPLEX_RULES, ids=repr)
+def test_complex_loss_decreases(backend: Any, rule: opt.Rule) -> None:
+    c = 1 + 1j
+    w = backend.asarray(np.zeros(1, dtype=np.complex128))
+    tree = opt.setup(rule, w)
+
+    def loss(w_np: np.ndarray) -> float:
+        r = w_np * c - np.conj(c)
+        return float(np.sum(r.real**2 + r.imag**2))
+
+    losses = [loss(backend.to_numpy(w))]
+    assert losses[0] == 2.0
+    for _ in range(10):
+        w_np = backend.to_numpy(w)
+        grad = 2 * (w_np * c - np.conj(c)) * np.conj(c)
+        tree, w = opt.update(tree, w, backend.asarray(grad))
+        losses.append(loss(backend.to_numpy(w)))
+    checked = losses[:9] if isinstance(rule, (opt.Momentum, opt.Nesterov)) else losses
+    assert all(b < a for a, b in itertools.pairwise(checked)), losses
+    assert losses[-1] < 1.9
+
+
+# -- convergence: test/rules.jl's "independence" problem ----------------------------
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_independence_converges(rule: opt.Rule) -> None:
+    rng = np.random.default_rng(1)
+    w, w_target = rng.normal(size=(10, 10)), rng.normal(size=(10, 10))
+    tree = opt.setup(rule, w)
+
+    def loss_and_grad(w: np.ndarray) -> tuple[float, np.ndarray]:
+        x = rng.random((10, 20))
+        r = w @ x - w_target @ x
+        return float(np.mean(r**2)), 2 * r @ x.T / r.size
+
+    assert loss_and_grad(w)[0] > 1
+    loss = math.inf
+    for _ in range(10**5):
+        loss, g = loss_and_grad(w)
+        if loss < 0.01:
+            break
+        tree, w = opt.update_(tree, w, g)
+    assert loss < 0.01
+
+
+# -- dtypes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("rule", RULES + OTHER_RULES, ids=repr)
+def test_element_types_preserved(backend: Any, rule: opt.Rule) -> None:
+    backend.require("float16")
+    model = (
+        backend.asarray(np.float32([1, 2])),
+        backend.asarray(np.float64([3, 4])),
+        backend.asarray(np.float16([5, 6])),
+    )
+    tree = opt.setup(rule, model)
+    for _ in range(3):
+        grads = tuple(backend.asarray(np.asarray([0.5, -0.25], dtype=backend.to_numpy(m).dtype)) for m in model)
+        tree, model = opt.update(tree, model, grads)
+    assert [backend.to_numpy(m).dtype for m in model] == [np.float32, np.float64, np.float16]
+
+
+def test_rprop_state_keeps_parameter_dtype(backend: Any) -> None:
+    backend.require("float16")
+    for dtype in ("float16", "float32"):
+        x = backend.asarray(np.asarray([1.0, 2.0], dtype=dtype))
+        tree = opt.setup(opt.Rprop(), x)
+        tree, _ = opt.update(tree, x, backend.asarray(np.asarray([1.0, -1.0], dtype=dtype)))
+        assert backend.to_numpy(tree.state.g_prev).dtype == np.dtype(dtype)
+        assert backend.to_numpy(tree.state.steps).dtype == np.dtype(dtype)
+
+
+def test_descent_default_is_python_float() -> None:
+    assert opt.Descent().eta == 0.1
+    assert type(opt.Descent().eta) is float
+
+
+# -- construction, printing, equality, pickling ---------------------------------------
+def test_repr() -> None:
+    assert repr(opt.Adam(0.001)) == "Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-08)"
+    assert repr(opt.OptimiserChain(opt.ClipGrad(2), opt.Descent())) == (
+        "OptimiserChain(ClipGrad(delta=2.0), Descent(eta=0.1))"
+    )
+    assert repr(opt.ClipNorm()) == "ClipNorm(omega=10.0, p=2.0, throw=True)"
+
+
+def test_keyword_constructors_equal_positional() -> None:
+    assert opt.Nesterov(rho=0.8, eta=0.1) == opt.Nesterov(0.1, 0.8)
+    assert opt.AdamW(lambda_=0.3, eta=0.1) == opt.AdamW(0.1, (0.9, 0.999), 0.3, 1e-8)
+    assert opt.RMSProp(centered=True) == opt.RMSProp(centred=True)
+    assert opt.Adam() != opt.Adam(0.01)
+
+
+def test_integers_become_floats() -> None:
+    rule = opt.ClipGrad(2)
+    assert rule.delta == 2.0
+    assert isinstance(rule.delta, float)
+    assert opt.Adam(1, (0, 1)).beta == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("rule", RULES + OTHER_RULES, ids=repr)
+def test_pickle_round_trip(rule: opt.Rule) -> None:
+    again = pickle.loads(pickle.dumps(rule))
+    assert again == rule
+    assert repr(again) == repr(rule)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: opt.Adam(-1e-3),
+        lambda: opt.Descent(-0.1),
+        lambda: opt.Momentum(eta=-1.0),
+        lambda: opt.RMSProp(-1.0),
+        lambda: opt.AdamW(-1.0),
+        lambda: opt.AccumGrad(0),
+        lambda: opt.AccumGrad(-2),
+    ],
+)
+def test_bad_values_raise_value_error(make: Any) -> None:
+    with pytest.raises(ValueError, match=r"eta must be >= 0|at least one gradient"):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: opt.Adam(1e-3 + 1j),
+        lambda: opt.Adam("0.1"),
+        lambda: opt.Adam(beta=0.9),
+        lambda: opt.Adam(beta=(0.9, 1j)),
+        lambda: opt.Momentum(None),
+        lambda: opt.ClipNorm(throw="yes"),
+        lambda: opt.AccumGrad(2.5),
+        lambda: opt.OptimiserChain(opt.Adam(), "Descent"),
+        lambda: opt.MixedPrecision("int32", opt.Adam()),
+        lambda: opt.Adam().adjust(eta=1j),
+    ],
+)
+def test_bad_types_raise_type_error(make: Any) -> None:
+    with pytest.raises(TypeError):
+        make()
+
+
+def test_rmsprop_centred_cannot_be_adjusted() -> None:
+    with pytest.raises(ValueError, match="centred"):
+        opt.RMSProp().adjust(centred=True)
+
+
+def test_rule_adjust_ignores_unknown_names() -> None:
+    assert opt.ClipGrad(2).adjust(0.5) == opt.ClipGrad(2)
+    assert opt.AdaDelta().adjust(0.5) == opt.AdaDelta()
+    chain = opt.OptimiserChain(opt.ClipGrad(2), opt.Adam())
+    assert chain.adjust(0.2) == opt.OptimiserChain(opt.ClipGrad(2), opt.Adam(0.2))
+    assert chain.adjust(delta=2.5) == opt.OptimiserChain(opt.ClipGrad(2.5), opt.Adam())
