@@ -15,7 +15,7 @@ from typing import Any
 
 SUBMODULES = frozenset({"array_api_strict", "cupy", "jax", "numpy", "torch"})
 
-__all__ = sorted(SUBMODULES)
+__all__ = ["array_api_strict", "cupy", "jax", "numpy", "torch"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,10 @@ Conventions
   with a real array or scalar. Such mixed ``+ - * /`` operate on the real and
   imaginary parts separately (as Julia's ``Complex`` methods do), never by
   promoting the real operand to complex.
+* Every real ``+ - * /`` goes through :meth:`Adapter._apply` (the componentwise
+  complex path and ``abs2`` included), so a backend fixes an operation in one place.
+* NaN: any NaN is as good as any other (backends differ in the sign and payload
+  of the NaN they produce); all other results are exact bits, signed zeros included.
 """
 
 from __future__ import annotations
@@ -141,22 +145,34 @@ class Adapter:
 
     def abs2(self, a: Any) -> Any:
         """``a*a`` for reals, ``re*re + im*im`` for complex (a real array)."""
+        mul = operator.mul
         if self.is_complex(a):
             re, im = self.xp.real(a), self.xp.imag(a)
-            return re * re + im * im
-        return a * a
+            return self._apply(operator.add, self._apply(mul, re, re), self._apply(mul, im, im))
+        return self._apply(mul, a, a)
 
     def sign(self, a: Any) -> Any:
-        """``sign(a)``: -1, 0 or 1 with the sign of zero kept; NaN stays NaN."""
+        """``sign(a)``: -1, +0 or 1; ``sign(-0.0)`` is ``+0.0``; NaN stays NaN.
+
+        This is numpy's convention, the reference; Julia's ``sign(-0.0)`` is
+        ``-0.0`` (it differs only for a parameter at ``-0.0``).
+        """
         return self.xp.sign(a)
 
     def maximum(self, a: Any, b: Any) -> Any:
-        """Elementwise maximum; NaN in either operand gives NaN."""
-        return self.xp.maximum(*self._arrays(a, b))
+        """IEEE 754-2019 ``maximum`` (Julia's ``max``): NaN wins, ``+0 > -0``.
+
+        Backends break the tie between ``+0`` and ``-0`` arbitrarily (numpy
+        returns the first operand in float16 and the second in float32/64, torch
+        depends on the element's position), so ties are settled here.
+        """
+        a, b = self._arrays(a, b)
+        return self._zero_ties(self._max(a, b), a, b, upper=True)
 
     def minimum(self, a: Any, b: Any) -> Any:
-        """Elementwise minimum; NaN in either operand gives NaN."""
-        return self.xp.minimum(*self._arrays(a, b))
+        """IEEE 754-2019 ``minimum`` (Julia's ``min``): NaN wins, ``-0 < +0``."""
+        a, b = self._arrays(a, b)
+        return self._zero_ties(self._min(a, b), a, b, upper=False)
 
     def clip(self, a: Any, lo: Any, hi: Any) -> Any:
         """``min(max(a, lo), hi)`` with NaN passed through (Julia's ``clamp``)."""
@@ -234,11 +250,39 @@ class Adapter:
     def _arrays(self, a: Any, b: Any) -> tuple[Any, Any]:
         return _py(a), _py(b)
 
+    def _apply(self, op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+        """One real (or same-kind complex) ``+ - * /``; backends override this."""
+        return op(a, b)
+
+    def _max(self, a: Any, b: Any) -> Any:
+        """The backend's NaN-propagating maximum (any tie-break between zeros)."""
+        return self.xp.maximum(a, b)
+
+    def _min(self, a: Any, b: Any) -> Any:
+        """The backend's NaN-propagating minimum (any tie-break between zeros)."""
+        return self.xp.minimum(a, b)
+
+    def _zero_ties(self, r: Any, a: Any, b: Any, *, upper: bool) -> Any:
+        """``r`` with the signed zero of ``max``/``min`` where ``a``, ``b`` are zeros."""
+        if (_is_scalar(a) and a != 0) or (_is_scalar(b) and b != 0):
+            return r
+        if _is_scalar(a):
+            both = b == 0
+        elif _is_scalar(b):
+            both = a == 0
+        else:
+            both = self.xp.logical_and(a == 0, b == 0)
+        if upper:  # +0 unless both are -0: (-0) + (-0) = -0, any other sum is +0
+            tie = self._apply(operator.add, a, b)
+        else:  # -0 unless both are +0: -((-a) - b)
+            tie = self.negative(self._apply(operator.sub, self.negative(a), b))
+        return self.where(both, tie, r)
+
     def _binary(self, op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
         a, b = _py(a), _py(b)
         if self._mixed_complex(a, b):
             return self._componentwise(op, a, b)
-        return op(a, b)
+        return self._apply(op, a, b)
 
     def _mixed_complex(self, a: Any, b: Any) -> bool:
         ca = not _is_scalar(a) and self.is_complex(a)
@@ -251,13 +295,15 @@ class Adapter:
             if op in (operator.add, operator.mul):
                 return self._componentwise(op, b, a)
             if op is operator.sub:  # r - z = (r - re) + (-im)i
-                return self.make_complex(op(a, self.xp.real(b)), -self.xp.imag(b))
+                return self.make_complex(
+                    self._apply(op, a, self.xp.real(b)), self.negative(self.xp.imag(b))
+                )
             msg = "dividing a real by a complex array is not an operation of any rule"
             raise TypeError(msg)
         re, im = self.xp.real(a), self.xp.imag(a)
         if op in (operator.add, operator.sub):
-            return self.make_complex(op(re, b), im)
-        return self.make_complex(op(re, b), op(im, b))
+            return self.make_complex(self._apply(op, re, b), im)
+        return self.make_complex(self._apply(op, re, b), self._apply(op, im, b))
 
     def make_complex(self, re: Any, im: Any) -> Any:
         """The complex array ``re + im*i`` with both parts kept exactly."""

@@ -13,7 +13,6 @@ from typing import Any
 
 import array_api_compat.numpy as xp_numpy
 import numpy as np
-
 from agnosticopt.adapters._base import Adapter
 
 __all__ = ["NumpyAdapter", "adapter"]
@@ -54,6 +53,15 @@ class NumpyAdapter(Adapter):
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return np.asarray(a)
+
+    def fast_plan(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
+        """``update_``'s compiled fast path for ``(rule, state, x, grad)`` leaves.
+
+        See :mod:`agnosticopt.adapters._fast`: ``None`` without numba.
+        """
+        from agnosticopt.adapters import _fast
+
+        return _fast.plan(_fast.numpy_arrays(), items)
 
 
 _ADAPTER = NumpyAdapter()
