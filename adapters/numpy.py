@@ -25,7 +25,7 @@ class NumpyAdapter(Adapter):
         super().__init__(xp_numpy, "numpy")
 
     def dtype_name(self, x: Any) -> str:
-        return x.dtype.name  # type: ignore[no-any-return]
+        return x.dtype.name
 
     def dtype(self, name: str) -> Any:
         return np.dtype(name)

@@ -279,7 +279,7 @@ class TorchAdapter(Adapter):
 
     @contextlib.contextmanager
     def computing(self) -> Iterator[None]:
-        with torch.no_grad():
+        with torch.no_grad(), np.errstate(all="ignore"):
             yield
 
     def fast_plan(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
