@@ -29,6 +29,7 @@ from agnosticopt._flat import Restructure, destructure, trainables
 from agnosticopt._norm import norm
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._sgd import Descent, Momentum, Nesterov
+from agnosticopt._speed import set_fast_path
 from agnosticopt._tree import (
     Leaf,
     adjust,
@@ -80,6 +81,7 @@ __all__ = [
     "norm",
     "register_adapter",
     "register_container",
+    "set_fast_path",
     "setup",
     "thaw_",
     "trainables",

@@ -23,6 +23,7 @@ from typing import Any
 
 from agnosticopt._containers import KeyPath, Node, flatten, format_path
 from agnosticopt._rule import Replace, Rule
+from agnosticopt._speed import fast_path_enabled
 from agnosticopt._xp import adapter_for
 
 __all__ = [
@@ -184,6 +185,7 @@ class _Entry:
     state: Any = None
     new_x: Any = None
     write: Any = None  # a step (or Replace) still to be written into x by update_
+    fast: bool = False  # updated by the adapter's compiled fast path (update_ only)
 
 
 class _Plan:
@@ -377,11 +379,19 @@ def _checked_grad(xp: Any, x: Any, g: Any, path: KeyPath) -> Any:
 # -- update: compute and commit ------------------------------------------------------
 
 
-def _compute(entries: list[_Entry], *, in_place: bool) -> None:
-    """Apply every rule, writing nothing: fills ``state``, ``new_x``, ``write``."""
+def _compute(entries: list[_Entry], *, in_place: bool) -> list[Any]:
+    """Apply every rule, writing nothing: fills ``state``, ``new_x``, ``write``.
+
+    With ``in_place``, leaves whose adapter has a fast path are planned by it
+    first; returns those plans, whose kernels :func:`_commit` runs.
+    """
+    plans = _fast_plans(entries) if in_place and fast_path_enabled() else []
     for entry in entries:
         leaf, x, xp = entry.leaf, entry.x, entry.xp
-        entry.state, entry.new_x = leaf.state, x
+        entry.new_x = x
+        if entry.fast:
+            continue
+        entry.state = leaf.state
         if entry.grad is None or leaf.frozen:
             continue
         with xp.computing():
@@ -396,6 +406,36 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> None:
                 entry.write = step
             else:
                 entry.new_x = _stepped(xp, x, step)
+    return plans
+
+
+def _fast_plans(entries: list[_Entry]) -> list[Any]:
+    """Offer the leaves to take a step to their adapter's ``fast_plan``, if any.
+
+    ``fast_plan(items)`` takes ``(rule, state, x, grad)`` per leaf and returns
+    ``None`` or a plan with ``handled`` and ``states`` (one per item) and a
+    ``run()`` that writes the new state arrays and parameters in place. Planning
+    writes nothing and computes the new states, so that an ``update_`` that
+    raises later still changes nothing (see ``adapters/_fast.py``).
+    """
+    by_adapter: dict[int, tuple[Any, list[_Entry]]] = {}
+    for entry in entries:
+        if entry.grad is None or entry.leaf.frozen:
+            continue
+        if getattr(entry.xp, "fast_plan", None) is not None:
+            by_adapter.setdefault(id(entry.xp), (entry.xp, []))[1].append(entry)
+    plans = []
+    for xp, group in by_adapter.values():
+        items = [(e.leaf.rule, e.leaf.state, e.x, e.grad) for e in group]
+        with xp.computing():
+            plan = xp.fast_plan(items)
+        if plan is None:
+            continue
+        for entry, handled, state in zip(group, plan.handled, plan.states, strict=True):
+            if handled:
+                entry.fast, entry.state = True, state
+        plans.append(plan)
+    return plans
 
 
 def _stepped(xp: Any, x: Any, step: Any) -> Any:
@@ -406,8 +446,10 @@ def _stepped(xp: Any, x: Any, step: Any) -> Any:
     return new
 
 
-def _commit(entries: list[_Entry]) -> None:
-    """``update_``'s second phase: store the states, write the parameters."""
+def _commit(entries: list[_Entry], plans: list[Any]) -> None:
+    """``update_``'s second phase: run the fast plans, store the states, write."""
+    for plan in plans:
+        plan.run()
     for entry in entries:
         entry.leaf.state = entry.state
         if entry.write is None:
@@ -513,6 +555,13 @@ def update_(tree: Any, model: Any, grads: Any) -> tuple[Any, Any]:
     adapter says it is writeable (numpy, torch); otherwise (read-only arrays,
     immutable backends) the new array goes into the returned model.
 
+    With numba installed, float32/float64 numpy arrays and CPU torch tensors
+    take a compiled fast path (see :func:`agnosticopt.set_fast_path`): one loop
+    per rule over all leaves, which also writes the new moments into the
+    leaf's existing state arrays, as Optimisers.jl's ``update!`` does. A tree
+    that shares state arrays with this one (from :func:`adjust` or
+    :func:`update`) then sees them change; copy it first to keep both.
+
     Parameters
     ----------
     tree, model, grads
@@ -533,8 +582,8 @@ def update_(tree: Any, model: Any, grads: Any) -> tuple[Any, Any]:
         state and no parameter has changed.
     """
     entries = _plan(tree, model, grads)
-    _compute(entries, in_place=True)
-    _commit(entries)
+    plans = _compute(entries, in_place=True)
+    _commit(entries, plans)
     new_model = _rebuild_model(tree, model, {id(e.leaf): e.new_x for e in entries},
                                reuse=True)
     return tree, new_model
@@ -620,8 +669,8 @@ def adjust(tree: Any, eta: float | None = None, **changes: Any) -> Any:
     -------
     tree
         A new tree of new leaves holding the adjusted rules and the same state
-        (state arrays are shared: rules never write into them). For a rule, the
-        adjusted rule.
+        (state arrays are shared: rules never write into them, but the fast path
+        of :func:`update_` does). For a rule, the adjusted rule.
 
     Raises
     ------

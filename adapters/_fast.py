@@ -1,0 +1,380 @@
+"""The compiled fast path of ``update_`` for numpy arrays and CPU torch tensors.
+
+``update_`` hands the leaves of one adapter to :func:`plan`, which
+
+1. checks each leaf: float32/float64, C-contiguous, on the CPU, state arrays of
+   the parameter's shape; anything else stays on the plain path;
+2. groups the leaves by rule, dtype and the host values of their state (a
+   signature that tells ``-0.0`` from ``0.0``), and records one step of each group
+   with :func:`agnosticopt.adapters._trace.trace`: the recording gives the
+   program, its parameter values and the new host values;
+3. compiles each program once (``adapters/_numba.py``) and builds, per group, a
+   table of the data addresses of every leaf's parameter, gradient and state;
+4. refuses the whole plan if an array written by a kernel overlaps another array.
+
+Nothing is written while planning: rules that raise (a ``ClipNorm`` that finds an
+infinite norm) raise on the plain path, and ``update_`` then changes nothing.
+:meth:`FastPlan.run` runs the kernels in the commit phase; they write the new
+state into the leaf's state arrays and the parameter in place. The new state is
+a new container holding the same arrays and the new host values, the values the
+plain path gives, bit for bit.
+
+A leaf whose recording fails (a reduction, an unknown operation, a Python
+operator applied to an array, a compile error) takes the plain path, which then
+raises whatever the rule raises. Without numba, :func:`plan` returns ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import itertools
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+from agnosticopt.adapters._trace import DTYPES, Trace, Untraceable, flatten_state, trace
+
+from agnosticopt._speed import fast_path_enabled
+
+__all__ = [
+    "SKIP", "FastPlan", "NumpyArrays", "TorchArrays", "available", "counters",
+    "numpy_arrays", "plan", "torch_arrays",
+]
+
+#: A leaf that the plan does not update (it takes the plain path).
+SKIP: Any = object()
+
+#: Leaves updated by kernels and leaves left to the plain path, since import (tests).
+counters = {"fast": 0, "plain": 0}
+
+_numba_ok: bool | None = None
+
+
+def available() -> bool:
+    """Whether the fast path can run: numba imports and the switch is on.
+
+    numba is imported on the first call (a few tenths of a second), not when
+    agnosticopt is.
+    """
+    global _numba_ok
+    if not fast_path_enabled():
+        return False
+    if _numba_ok is None:
+        _numba_ok = False
+        if importlib.util.find_spec("numba") is not None:
+            try:
+                importlib.import_module("agnosticopt.adapters._numba")
+            except Exception as exc:  # noqa: BLE001  (a broken numba: no fast path)
+                warnings.warn(f"agnosticopt: numba cannot be used, no fast path: {exc!r}",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                _numba_ok = True
+    return _numba_ok
+
+
+# -- backends -------------------------------------------------------------------------------------
+
+
+class NumpyArrays:
+    """How the fast path reads and writes numpy arrays."""
+
+    name = "numpy"
+    array_type: type = np.ndarray
+
+    def __init__(self) -> None:
+        self.dtypes = {np.dtype(name): name for name in DTYPES}
+
+    def dtype(self, a: Any) -> str | None:
+        """The dtype of a plain, aligned, C-contiguous float32/float64 ndarray, else None."""
+        if type(a) is not np.ndarray:  # subclasses (masked arrays...) have their own maths
+            return None
+        flags = a.flags
+        if not (flags.c_contiguous and flags.aligned):
+            return None
+        return self.dtypes.get(a.dtype)
+
+    def writeable(self, a: Any) -> bool:
+        """Whether a kernel may write into ``a``."""
+        return bool(a.flags.writeable)
+
+    def address(self, a: Any) -> int:
+        """The address of the first element."""
+        return a.__array_interface__["data"][0]
+
+    def written(self, arrays: list[Any]) -> None:
+        """Called after kernels wrote into ``arrays``."""
+
+
+class TorchArrays:
+    """How the fast path reads and writes CPU torch tensors (``nn.Parameter`` too).
+
+    Tensors are accessed through their data pointers (zero copy). After the
+    kernels, the version counter of every written tensor is bumped, as torch's
+    in-place operations do, so that autograd still detects a stale saved tensor.
+    """
+
+    name = "torch"
+
+    def __init__(self, adapter: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.array_type = torch.Tensor
+        self.adapter = adapter
+        self.dtypes = {torch.float32: "float32", torch.float64: "float64"}
+
+    def dtype(self, t: Any) -> str | None:
+        """The dtype of a contiguous, dense, CPU float32/float64 tensor, else None."""
+        name = self.dtypes.get(t.dtype)
+        if name is None or not t.is_cpu or t.layout != self.torch.strided:
+            return None
+        if not t.is_contiguous() or t.is_neg() or t.is_conj():
+            return None
+        return name
+
+    def writeable(self, t: Any) -> bool:
+        """The adapter's rule for in-place writes, for a contiguous CPU tensor.
+
+        Not a non-leaf tensor that requires grad (its graph would be wrong), not
+        an inference tensor outside inference mode; contiguous tensors have no
+        expanded (stride 0) dimensions.
+        """
+        if t.requires_grad and not t.is_leaf:
+            return False
+        return not t.is_inference() or self.torch.is_inference_mode_enabled()
+
+    def address(self, t: Any) -> int:
+        """The address of the first element."""
+        return t.data_ptr()
+
+    def written(self, tensors: list[Any]) -> None:
+        """Bump the version counters of ``tensors``."""
+        if tensors:
+            self.torch.autograd.graph.increment_version(tensors)
+
+
+Arrays = NumpyArrays | TorchArrays
+
+_backends: dict[str, Any] = {}
+
+
+def numpy_arrays() -> NumpyArrays:
+    """The numpy backend of the fast path (one instance)."""
+    found = _backends.get("numpy")
+    if found is None:
+        found = _backends["numpy"] = NumpyArrays()
+    return found
+
+
+def torch_arrays(adapter: Any) -> TorchArrays:
+    """The CPU torch backend of the fast path for ``adapter`` (one instance)."""
+    found = _backends.get("torch")
+    if found is None or found.adapter is not adapter:
+        found = _backends["torch"] = TorchArrays(adapter)
+    return found
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Launch:
+    """One kernel call: a compiled program over a table of leaves (one row each)."""
+
+    kernel: Any
+    table: np.ndarray
+    sizes: np.ndarray
+    values: tuple[Any, ...]
+    itemsizes: tuple[int, ...]
+    targets: frozenset[int]
+    written: list[Any]
+
+
+@dataclasses.dataclass
+class FastPlan:
+    """What the fast path will do: the new states now, the writes in :meth:`run`.
+
+    Attributes
+    ----------
+    states
+        The new state of each leaf given to :func:`plan`, or :data:`SKIP` for a
+        leaf left to the plain path.
+    """
+
+    states: list[Any]
+    launches: list[_Launch]
+    arrays: Arrays
+
+    @property
+    def handled(self) -> list[bool]:
+        """Whether each leaf is updated by the plan (else: the plain path)."""
+        return [s is not SKIP for s in self.states]
+
+    def run(self) -> None:
+        """Run the kernels: write every new state and parameter in place."""
+        written: list[Any] = []
+        for launch in self.launches:
+            launch.kernel.run(launch.table, launch.sizes, launch.values)
+            written.extend(launch.written)
+        self.arrays.written(written)
+
+
+class _Leaf(NamedTuple):
+    position: int
+    rule: Any
+    state: Any
+    x: Any
+    grad: Any
+    arrays: list[Any]
+    size: int
+
+
+Items = list[tuple[Any, Any, Any, Any]]
+
+
+def plan(arrays: Arrays, items: Items) -> FastPlan | None:
+    """Plan the in-place update of the leaves ``items``: ``(rule, state, x, grad)``.
+
+    Returns ``None`` when the fast path is off or unavailable, or when no leaf
+    can take it. Never writes; raises only on an internal error.
+    """
+    if not available() or not items:
+        return None
+    states: list[Any] = [SKIP] * len(items)
+    launches: list[_Launch] = []
+    with np.errstate(all="ignore"):
+        for key, group in _groups(arrays, items).items():
+            launches.extend(_launches(arrays, key[1], key[3], group, states))
+    if launches and _overlapping(launches):
+        launches = []
+    if not launches:
+        counters["plain"] += len(items)
+        return None
+    fast = sum(s is not SKIP for s in states)
+    counters["fast"] += fast
+    counters["plain"] += len(items) - fast
+    return FastPlan(states, launches, arrays)
+
+
+def _groups(arrays: Arrays, items: Items) -> dict[Any, list[_Leaf]]:
+    """The eligible leaves, by (rule, dtype, state signature, state dtypes)."""
+    groups: dict[Any, list[_Leaf]] = {}
+    dtype_of, array_type = arrays.dtype, arrays.array_type
+    memo: dict[int, Any] = {}  # the states (and so the ids) stay alive meanwhile
+    for k, (rule, state, x, grad) in enumerate(items):
+        dtype = dtype_of(x)
+        if dtype is None or dtype_of(grad) != dtype:
+            continue
+        found: list[Any] = []
+        try:
+            signature = flatten_state(state, array_type, found, memo)
+        except Untraceable:  # a state it cannot describe: plain path
+            signature = SKIP
+        if signature is SKIP:
+            continue
+        shape = x.shape
+        dtypes = tuple([dtype_of(a) if a.shape == shape else None for a in found])
+        if None in dtypes:
+            continue
+        key = (id(rule), dtype, signature, dtypes)
+        leaf = _Leaf(k, rule, state, x, grad, found, math.prod(shape))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [leaf]
+        else:
+            group.append(leaf)
+    return groups
+
+
+def _launches(arrays: Arrays, dtype: str, dtypes: tuple[str, ...], group: list[_Leaf],
+              states: list[Any]) -> list[_Launch]:
+    """Record the group's step, compile it, and tabulate the group's leaves."""
+    recorded = _record(arrays, group[0], dtype, dtypes)
+    if recorded is None:
+        return []
+    if not recorded.shape_used:
+        return _launch(arrays, recorded, group, states)
+    by_shape: dict[tuple[int, ...], list[_Leaf]] = {}  # the rule read a shape
+    for leaf in group:
+        by_shape.setdefault(tuple(leaf.x.shape), []).append(leaf)
+    launches = []
+    for part in by_shape.values():
+        again = recorded if part[0] is group[0] else _record(arrays, part[0], dtype, dtypes)
+        if again is not None:
+            launches.extend(_launch(arrays, again, part, states))
+    return launches
+
+
+def _record(arrays: Arrays, leaf: _Leaf, dtype: str, dtypes: tuple[str, ...]) -> Trace | None:
+    try:
+        return trace(leaf.rule, leaf.state, leaf.arrays, tuple(leaf.x.shape), dtype, dtypes,
+                     arrays.name)
+    except Exception:  # noqa: BLE001  (not recordable: plain path)
+        return None
+
+
+def _launch(arrays: Arrays, recorded: Trace, group: list[_Leaf],
+            states: list[Any]) -> list[_Launch]:
+    program = recorded.program
+    from agnosticopt.adapters._numba import kernel_for  # numba imports: see available()
+
+    try:
+        kernel = kernel_for(program)
+        kernel.prepare(recorded.values)
+    except Exception:  # noqa: BLE001  (cannot compile: plain path)
+        return []
+    targets = frozenset(a for a, _ in program.stores)
+    state_targets = [a - 2 for a in targets if a >= 2]
+    writeable, address, rebuild = arrays.writeable, arrays.address, recorded.rebuild
+    rows, sizes, written = [], [], []
+    for leaf in group:
+        outs = [leaf.arrays[a] for a in state_targets]
+        if 0 in targets:
+            outs.append(leaf.x)
+        if not all(writeable(a) for a in outs):
+            continue
+        rows.append([address(leaf.x), address(leaf.grad), *[address(a) for a in leaf.arrays]])
+        sizes.append(leaf.size)
+        written.extend(outs)
+        states[leaf.position] = rebuild(leaf.arrays)
+    if not rows:
+        return []
+    table = np.array(rows, dtype=np.int64).reshape(len(rows), len(program.inputs))
+    itemsizes = tuple(np.dtype(d).itemsize for d in program.inputs)
+    return [_Launch(kernel, table, np.array(sizes, dtype=np.int64), recorded.values,
+                    itemsizes, targets, written)]
+
+
+def _overlapping(launches: list[_Launch]) -> bool:
+    """Whether an array that a kernel writes overlaps any other array of the plan.
+
+    Reads may overlap reads (one gradient for two parameters); a written array
+    may overlap nothing, else the whole plan goes to the plain path.
+    """
+    if sum(launch.table.size for launch in launches) <= 12:  # a few arrays: pairwise
+        spans = [(row[c], row[c] + size * itemsize, c in launch.targets)
+                 for launch in launches
+                 for row, size in zip(launch.table.tolist(), launch.sizes.tolist(), strict=True)
+                 if size
+                 for c, itemsize in enumerate(launch.itemsizes)]
+        return any((w0 or w1) and s0 < e1 and s1 < e0
+                   for (s0, e0, w0), (s1, e1, w1) in itertools.combinations(spans, 2))
+    starts, ends, writes = [], [], []
+    for launch in launches:
+        full = launch.sizes > 0
+        for column, itemsize in enumerate(launch.itemsizes):
+            start = launch.table[full, column]
+            starts.append(start)
+            ends.append(start + launch.sizes[full] * itemsize)
+            writes.append(np.full(start.shape, column in launch.targets))
+    start, end, write = np.concatenate(starts), np.concatenate(ends), np.concatenate(writes)
+    order = np.lexsort((end, start))
+    start, end, write = start[order], end[order], write[order]
+    reach = np.maximum.accumulate(end)
+    hit = np.zeros(start.shape, dtype=bool)
+    hit[1:] |= start[1:] < reach[:-1]  # overlaps an interval that starts earlier
+    hit[:-1] |= start[1:] < end[:-1]  # overlaps the next interval
+    return bool(np.any(hit & write))

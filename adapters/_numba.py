@@ -1,0 +1,330 @@
+"""Compiling recorded programs (``adapters/_trace.py``) into numba loops.
+
+One kernel per program structure, generated as Python source and compiled by
+numba with ``fastmath=False`` (so no FMA contraction, no reciprocal division, no
+flush to zero) and ``error_model="numpy"`` (division by zero gives inf/NaN):
+
+.. code-block:: python
+
+    def kernel(table, chunks, c0, c1, p0, p1, ...):
+        for c in range(c0, c1):             # a chunk: (leaf row, lo, hi)
+            a0 = carray(<address of table[row, 0] + lo>, (hi - lo,), float32)
+            ...
+            for i in range(hi - lo):
+                v0 = a0[i]; v1 = a1[i]; ...  # load every input at i
+                v7 = p0 * v2                 # each operation in the array dtype
+                ...
+                a2[i] = v9; a0[i] = v12      # store the new state, then x
+
+``table[row]`` holds the data addresses of one leaf's arrays (parameter,
+gradient, state arrays), so one call updates many leaves: a multi-tensor kernel.
+Every value is computed in its array's dtype: parameters arrive as numpy scalars
+of that dtype, constants are cast to it, and each operation is the single IEEE
+operation of the numpy adapter.
+
+The source is written to a cache directory (``AGNOSTICOPT_CACHE_DIR``, else
+``$XDG_CACHE_HOME/agnosticopt`` or ``~/.cache/agnosticopt``) so that numba's disk
+cache keeps the compiled code between runs; when that directory cannot be
+written, kernels are compiled in memory for the session.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import itertools
+import os
+import pathlib
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+from agnosticopt.adapters._trace import Program
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["Kernel", "kernel_for", "source"]
+
+#: Elements per chunk: a chunk's arrays stay in L2 while it is processed.
+CHUNK = 1 << 18
+#: Fewest elements per thread worth a thread hand-off.
+PER_THREAD = 1 << 18
+#: Pieces of work per thread, taken in turn (finer evens out a late thread).
+PIECES = 16
+
+
+@intrinsic
+def _pointer(typingctx: Any, address: Any) -> Any:
+    """The integer ``address`` as a ``void*`` (for ``numba.carray``)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return sig, codegen
+
+
+# -- code generation --------------------------------------------------------------------------
+
+
+def _lower(name: str, dtype: str, args: list[str]) -> str:
+    """One operation as a numba expression, with the numpy adapter's meaning."""
+    t = f"np.{dtype}" if dtype in ("float32", "float64") else ""
+    zero = f"{t}(0.0)"
+    if name in ("add", "sub", "mul", "div", "gt", "lt", "ne"):
+        symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/",
+                  "gt": ">", "lt": "<", "ne": "!="}[name]
+        return f"{args[0]} {symbol} {args[1]}"
+    if name == "neg":
+        return f"-{args[0]}"
+    if name == "sqrt":
+        return f"np.sqrt({args[0]})"
+    if name == "abs":
+        return f"abs({args[0]})"
+    if name == "sign":  # numpy: +0 for both zeros, NaN stays NaN
+        a = args[0]
+        return (f"{t}(1.0) if {a} > {zero} else ({t}(-1.0) if {a} < {zero} "
+                f"else ({zero} if {a} == {zero} else {a}))")
+    if name in ("max", "min"):  # IEEE 754-2019: NaN wins; zeros tie as the base adapter
+        a, b = args
+        if name == "max":
+            tie, pick = f"{a} + {b}", f"{a} if {a} > {b} else {b}"
+        else:
+            tie, pick = f"-((-{a}) - {b})", f"{a} if {a} < {b} else {b}"
+        return (f"{a} if {a} != {a} else ({b} if {b} != {b} else "
+                f"(({tie}) if ({a} == {zero} and {b} == {zero}) else ({pick})))")
+    if name == "isfinite":
+        return f"np.isfinite({args[0]})"
+    if name == "where":
+        return f"{args[1]} if {args[0]} else {args[2]}"
+    if name == "zero":
+        return zero
+    if name in ("fill", "cast"):
+        return f"{t}({args[0]})"
+    msg = f"no lowering for {name}"
+    raise ValueError(msg)
+
+
+def source(program: Program, *, cache: bool) -> str:
+    """The Python source of the numba kernel of ``program``."""
+    n_in = len(program.inputs)
+    params = [f"p{k}" for k in range(len(program.params))]
+    used = {a for a, _ in program.stores}
+    for _, _, *operands in program.ops:
+        used.update(o for o in operands if 0 <= o < n_in)
+    used.update(s for _, s in program.stores if s < n_in)
+
+    def ref(operand: int) -> str:
+        return f"v{operand}" if operand >= 0 else f"p{-1 - operand}"
+
+    lines = [
+        "import numpy as np",
+        "from numba import carray, njit",
+        "from agnosticopt.adapters._numba import _pointer",
+        "",
+        "",
+        (f"@njit(cache={cache}, nogil=True, fastmath=False, error_model='numpy', "
+        "boundscheck=False)"),
+        f"def kernel(table, chunks, c0, c1{''.join(', ' + p for p in params)}):",
+        "    for c in range(c0, c1):",
+        "        row = chunks[c, 0]",
+        "        lo = chunks[c, 1]",
+        "        n = chunks[c, 2] - lo",
+    ]
+    for k in sorted(used):
+        dtype = program.inputs[k]
+        size = np.dtype(dtype).itemsize
+        lines.append(f"        a{k} = carray(_pointer(table[row, {k}] + lo * {size}), (n,), "
+                     f"np.{dtype})")
+    lines.append("        for i in range(n):")
+    lines.extend(f"            v{k} = a{k}[i]" for k in sorted(used))
+    for j, (name, dtype, *operands) in enumerate(program.ops):
+        lines.append(f"            v{n_in + j} = {_lower(name, dtype, [ref(o) for o in operands])}")
+    lines.extend(f"            a{a}[i] = v{s}" for a, s in program.stores)
+    return "\n".join(lines) + "\n"
+
+
+# -- compiling and caching ----------------------------------------------------------------------
+
+
+class Kernel:
+    """A compiled program: call :meth:`run` with a table of leaves.
+
+    Parameters
+    ----------
+    function
+        The numba dispatcher ``kernel(table, chunks, c0, c1, *params)``.
+    """
+
+    def __init__(self, function: Callable[..., None],
+                 fallback: Callable[[], Callable[..., None]] | None = None) -> None:
+        self.function = function
+        self.fallback = fallback
+        self.ready = False
+
+    def prepare(self, values: tuple[Any, ...]) -> None:
+        """Compile (or load from the disk cache) for these parameter types.
+
+        Called while planning, so that a compilation error surfaces before
+        anything is written; numba's warnings are silenced.
+        """
+        if self.ready:
+            return
+        table = np.zeros((1, 1), dtype=np.int64)
+        chunks = np.zeros((1, 3), dtype=np.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                self.function(table, chunks, 0, 0, *values)
+            except Exception:
+                if self.fallback is None:
+                    raise
+                # A disk cache that cannot be loaded (written by another numba,
+                # damaged): compile in memory instead.
+                self.function, self.fallback = self.fallback(), None
+                self.function(table, chunks, 0, 0, *values)
+        self.ready = True
+
+    def run(self, table: np.ndarray, sizes: np.ndarray, values: tuple[Any, ...]) -> None:
+        """Update the leaves of ``table`` (one row each, ``sizes`` elements).
+
+        Large updates are shared between threads (numba's thread count): the
+        chunks are cut into about four pieces per thread, which the threads take
+        in turn, each running the kernel (which releases the GIL) on its piece,
+        so that a thread slowed down by another process does not hold the rest up.
+        """
+        chunks = _chunks(sizes)
+        total = int(sizes.sum())
+        threads = min(_threads(), max(1, total // PER_THREAD), len(chunks))
+        if threads <= 1:
+            self.function(table, chunks, 0, len(chunks), *values)
+            return
+        pieces = min(len(chunks), PIECES * threads)
+        ends = np.cumsum(chunks[:, 2] - chunks[:, 1])
+        marks = [total * t // pieces for t in range(1, pieces)]
+        cuts = [0, *np.searchsorted(ends, marks, side="left").tolist(), len(chunks)]
+        ranges = iter([(a, b) for a, b in itertools.pairwise(cuts) if b > a])
+        lock = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with lock:
+                    piece = next(ranges, None)
+                if piece is None:
+                    return
+                self.function(table, chunks, piece[0], piece[1], *values)
+
+        pool = _pool(threads - 1)
+        futures = [pool.submit(work) for _ in range(threads - 1)]
+        work()
+        for future in futures:
+            future.result()
+
+
+def _chunks(sizes: np.ndarray) -> np.ndarray:
+    """``(row, lo, hi)`` per chunk of at most :data:`CHUNK` elements."""
+    counts = (sizes + (CHUNK - 1)) // CHUNK
+    rows = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    lo = (np.arange(len(rows), dtype=np.int64) - starts) * CHUNK
+    hi = np.minimum(lo + CHUNK, sizes[rows])
+    return np.stack([rows, lo, hi], axis=1)
+
+
+_kernels: dict[Program, Kernel] = {}
+_lock = threading.Lock()
+
+
+def kernel_for(program: Program) -> Kernel:
+    """The compiled kernel of ``program`` (compiled on its first call)."""
+    found = _kernels.get(program)
+    if found is None:
+        with _lock:
+            found = _kernels.get(program)
+            if found is None:
+                found = _kernels[program] = Kernel(_load(program),
+                                                   lambda: _in_memory(program))
+    return found
+
+
+def cache_dir() -> pathlib.Path:
+    """Where kernel sources (and numba's cache of them) are kept."""
+    configured = os.environ.get("AGNOSTICOPT_CACHE_DIR")
+    if configured:
+        return pathlib.Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "agnosticopt"
+
+
+def _load(program: Program) -> Callable[..., None]:
+    """The kernel of ``program`` from a source file in :func:`cache_dir`.
+
+    numba caches the compiled code next to that file, keyed by its path and
+    time stamp: a file is written once and never rewritten.
+    """
+    text = source(program, cache=True)
+    name = f"agnosticopt_kernel_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+    found = sys.modules.get(name)
+    if found is not None:
+        return found.kernel
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.py"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:  # pragma: no cover - not for a .py file
+            raise OSError(path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # numba's cache imports it by name when loading
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    except OSError:  # no writable cache: compile in memory, for this session only
+        return _in_memory(program)
+    return module.kernel
+
+
+def _in_memory(program: Program) -> Callable[..., None]:
+    """The kernel of ``program`` compiled without a disk cache."""
+    namespace: dict[str, Any] = {"__name__": "agnosticopt.adapters._numba_kernels"}
+    code = compile(source(program, cache=False), "<agnosticopt kernel>", "exec")
+    exec(code, namespace)  # noqa: S102  (our own generated source)
+    return namespace["kernel"]
+
+
+_pools: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
+
+
+#: Threads a kernel may use; ``None``: numba's ``NUMBA_NUM_THREADS`` (the CPU count).
+THREADS: int | None = None
+
+
+def _threads() -> int:
+    if THREADS is not None:
+        return max(1, THREADS)
+    return max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of ``workers`` threads, made anew in a forked child (threads do not
+    survive a fork)."""
+    key = (os.getpid(), workers)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools.setdefault(
+            key,
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="agnosticopt"),
+        )
+    return pool

@@ -1,0 +1,581 @@
+"""Recording a rule's step as a program of elementwise operations.
+
+:class:`Recorder` has the methods of an adapter (``adapters/_base.py``), but its
+"arrays" are :class:`Sym` symbols that carry only a dtype and a shape. Running
+``rule.apply(state, x, dx, recorder)`` on symbols records the operations the
+rule makes, in its order; host scalars handed to those operations become the
+program's *parameters*. Rules branch only on host values (RAdam's ρ, AccumGrad's
+counter, a ``None`` step), so the recorded structure depends only on the rule,
+the dtypes and the host values of the state, and can be compiled once and run
+with new parameter values at every step.
+
+Every operation keeps the meaning it has in the numpy adapter, the reference:
+``+ - * /`` and ``sqrt`` are single IEEE operations in the dtype of the array
+operand (a host scalar is first rounded to that dtype, as numpy's weak scalar
+promotion does); ``maximum``/``minimum`` are IEEE 754-2019 (NaN wins, ``+0 > -0``);
+``sign`` gives ``+0`` for ``±0`` and keeps NaN; ``clip`` is ``maximum`` then
+``minimum``. A lowering (``adapters/_numba.py``) must give each the same bits.
+
+Whatever cannot be recorded raises :class:`Untraceable`: reductions (ClipNorm's
+norm), reading an array value on the host, complex or unsupported dtypes, an
+operation the recorder does not know. The caller then takes the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from agnosticopt._rule import Replace
+
+__all__ = ["DTYPES", "Program", "Recorder", "Sym", "Trace", "Untraceable", "trace"]
+
+#: Dtypes a program computes in (``bool`` only for comparison results).
+DTYPES = frozenset({"float32", "float64"})
+
+#: Operations and their number of operands.
+ARITY = {
+    "add": 2, "sub": 2, "mul": 2, "div": 2, "max": 2, "min": 2,
+    "gt": 2, "lt": 2, "ne": 2,
+    "neg": 1, "sqrt": 1, "abs": 1, "sign": 1, "isfinite": 1,
+    "cast": 1, "where": 3, "zero": 0, "fill": 1,
+}
+
+
+class Untraceable(Exception):  # noqa: N818  (a signal, not an error)
+    """The step cannot be recorded; the caller takes the plain path."""
+
+
+class Sym:
+    """A symbolic array: the result (or an input) of a recorded program.
+
+    Converting a symbol to a host value (``bool``, ``float``, ``numpy.asarray``)
+    raises :class:`Untraceable`: its value is not known while recording.
+    """
+
+    __slots__ = ("_recorder", "_shape", "dtype", "id")
+
+    def __init__(self, recorder: Recorder, ident: int, dtype: str, shape: tuple[int, ...]) -> None:
+        self._recorder = recorder
+        self.id = ident
+        self.dtype = dtype
+        self._shape = shape
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape; reading it makes the recording specific to this shape."""
+        self._recorder.shape_used = True
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        """The number of dimensions (see :attr:`shape`)."""
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Sym({self.id}, {self.dtype})"
+
+    def _host(self, *args: Any) -> Any:
+        msg = "a recorded array has no value on the host"
+        raise Untraceable(msg)
+
+    __array__ = __bool__ = __float__ = __int__ = __index__ = __len__ = __iter__ = _host
+    __complex__ = __array_namespace__ = __dlpack__ = _host
+
+
+Operand = int  # >= 0: a symbol's id; < 0: parameter number -1 - operand
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A recorded step, reduced to what its stores need, numbered canonically.
+
+    Attributes
+    ----------
+    inputs
+        Dtypes of the input arrays: the parameter ``x``, the gradient, then the
+        state arrays in the order of :func:`flatten_state`. Input ``k`` is
+        symbol ``k``.
+    ops
+        ``(name, dtype, *operands)``; op ``j`` defines symbol ``len(inputs) + j``.
+        An operand ``>= 0`` is a symbol, ``< 0`` is parameter ``-1 - operand``.
+    params
+        The dtype of each parameter (the dtype of the operation using it).
+    stores
+        ``(input, symbol)``: after the step, input array ``input`` holds the
+        value of ``symbol``; input 0 (the parameter) is stored last.
+    """
+
+    inputs: tuple[str, ...]
+    ops: tuple[tuple[Any, ...], ...]
+    params: tuple[str, ...]
+    stores: tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """One recording: the program, its parameter values and the new state.
+
+    Attributes
+    ----------
+    program
+        The structure (the key of a compiled kernel).
+    values
+        The parameter values, as numpy scalars of their dtypes.
+    rebuild
+        ``rebuild(arrays)`` makes the new state of a leaf whose state arrays
+        (in :func:`flatten_state` order) are ``arrays``: the same arrays, holding
+        the new values once the kernel has run, and the new host values.
+    shape_used
+        Whether the rule read a shape (then the recording holds for that shape).
+    """
+
+    program: Program
+    values: tuple[Any, ...]
+    rebuild: Callable[[list[Any]], Any]
+    shape_used: bool
+
+
+class Recorder:
+    """An adapter whose arrays are :class:`Sym` symbols; it records every operation.
+
+    Parameters
+    ----------
+    name
+        The name of the adapter being stood in for (rules may print it).
+    """
+
+    fixes: tuple[str, ...] = ()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ops: list[tuple[Any, ...]] = []
+        self.values: list[Any] = []
+        self.syms: list[Sym] = []
+        self.shape_used = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names not defined here: an operation not recorded.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        msg = f"the recorder has no operation {name!r}"
+        raise Untraceable(msg)
+
+    def input(self, dtype: str, shape: tuple[int, ...]) -> Sym:
+        """A new input symbol (call before recording any operation)."""
+        if dtype not in DTYPES:
+            msg = f"dtype {dtype} is not compiled"
+            raise Untraceable(msg)
+        return self._sym(dtype, shape)
+
+    # -- dtypes and shapes --------------------------------------------------------------
+    def dtype_name(self, x: Any) -> str:
+        """The dtype of symbol ``x``."""
+        return self._check(x).dtype
+
+    def dtype(self, name: str) -> Any:
+        """The dtype called ``name`` (numpy's)."""
+        return np.dtype(name)
+
+    def is_trainable(self, x: Any) -> bool:
+        """Recorded arrays are all floating point."""
+        return self._check(x).dtype in DTYPES
+
+    def is_complex(self, x: Any) -> bool:
+        """Recorded arrays are never complex."""
+        self._check(x)
+        return False
+
+    def scalar_type(self, x: Any) -> type:
+        """The numpy scalar type of the dtype of ``x``."""
+        return np.dtype(self._check(x).dtype).type
+
+    def shape(self, x: Any) -> tuple[int, ...]:
+        """The shape of ``x``; the recording then holds for this shape only."""
+        return self._check(x).shape
+
+    def size(self, x: Any) -> int:
+        """The number of elements of ``x`` (see :meth:`shape`)."""
+        return int(np.prod(self.shape(x)))
+
+    def astype(self, x: Any, name: str) -> Sym:
+        """``x`` converted to dtype ``name`` (float32/float64), rounded once."""
+        x = self._check(x)
+        if name not in DTYPES:
+            msg = f"conversion to {name} is not compiled"
+            raise Untraceable(msg)
+        return self._op("cast", name, x.id, shape=x._shape)
+
+    # -- creation -------------------------------------------------------------------------
+    def zeros_like(self, x: Any) -> Sym:
+        """``+0`` of the dtype of ``x``."""
+        x = self._check(x)
+        return self._op("zero", x.dtype, shape=x._shape)
+
+    def real_zeros_like(self, x: Any) -> Sym:
+        """``+0`` of the (real) dtype of ``x``."""
+        return self.zeros_like(x)
+
+    def full_like(self, x: Any, value: Any, *, real: bool = False) -> Sym:
+        """``value`` rounded to the dtype of ``x``, everywhere."""
+        x = self._check(x)
+        return self._op("fill", x.dtype, self._param(value, x.dtype), shape=x._shape)
+
+    def copy(self, x: Any) -> Sym:
+        """The same values (a symbol is never written, so no copy is needed)."""
+        return self._check(x)
+
+    # -- elementwise operations ------------------------------------------------------------
+    def add(self, a: Any, b: Any) -> Sym:
+        """``a + b``."""
+        return self._binary("add", a, b)
+
+    def subtract(self, a: Any, b: Any) -> Sym:
+        """``a - b``."""
+        return self._binary("sub", a, b)
+
+    def multiply(self, a: Any, b: Any) -> Sym:
+        """``a * b``."""
+        return self._binary("mul", a, b)
+
+    def divide(self, a: Any, b: Any) -> Sym:
+        """``a / b`` (a true division)."""
+        return self._binary("div", a, b)
+
+    def negative(self, a: Any) -> Sym:
+        """``-a``."""
+        return self._unary("neg", a)
+
+    def sqrt(self, a: Any) -> Sym:
+        """Correctly rounded square root."""
+        return self._unary("sqrt", a)
+
+    def abs(self, a: Any) -> Sym:
+        """``|a|``."""
+        return self._unary("abs", a)
+
+    def abs2(self, a: Any) -> Sym:
+        """``a * a`` (recorded arrays are real)."""
+        return self._binary("mul", a, a)
+
+    def sign(self, a: Any) -> Sym:
+        """-1, +0 or 1; NaN stays NaN (numpy's ``sign``)."""
+        return self._unary("sign", a)
+
+    def maximum(self, a: Any, b: Any) -> Sym:
+        """IEEE 754-2019 maximum: NaN wins, ``+0 > -0``."""
+        return self._binary("max", a, b)
+
+    def minimum(self, a: Any, b: Any) -> Sym:
+        """IEEE 754-2019 minimum: NaN wins, ``-0 < +0``."""
+        return self._binary("min", a, b)
+
+    def clip(self, a: Any, lo: Any, hi: Any) -> Sym:
+        """``minimum(maximum(a, lo), hi)``, as the base adapter."""
+        return self.minimum(self.maximum(a, lo), hi)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Sym:
+        """``a`` where ``cond`` else ``b``."""
+        cond = self._check(cond)
+        if cond.dtype != "bool":
+            msg = "where needs a boolean condition"
+            raise Untraceable(msg)
+        dtype = _common_dtype(a, b)
+        return self._op("where", dtype, cond.id, self._operand(a, dtype),
+                        self._operand(b, dtype), shape=cond._shape)
+
+    def greater(self, a: Any, b: Any) -> Sym:
+        """``a > b``."""
+        return self._binary("gt", a, b, result="bool")
+
+    def less(self, a: Any, b: Any) -> Sym:
+        """``a < b``."""
+        return self._binary("lt", a, b, result="bool")
+
+    def not_equal(self, a: Any, b: Any) -> Sym:
+        """``a != b``."""
+        return self._binary("ne", a, b, result="bool")
+
+    def isfinite(self, a: Any) -> Sym:
+        """Elementwise finiteness."""
+        a = self._check(a)
+        return self._op("isfinite", "bool", a.id, shape=a._shape)
+
+    def writeable(self, x: Any) -> bool:
+        """Symbols are never written by the rules."""
+        return False
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        """Host scalar warnings are silenced by the caller."""
+        yield
+
+    # -- recording ----------------------------------------------------------------------------
+    def _sym(self, dtype: str, shape: tuple[int, ...]) -> Sym:
+        sym = Sym(self, len(self.syms), dtype, shape)
+        self.syms.append(sym)
+        return sym
+
+    def _check(self, x: Any) -> Sym:
+        if not isinstance(x, Sym) or x._recorder is not self:
+            msg = f"not a recorded array: {type(x).__name__}"
+            raise Untraceable(msg)
+        return x
+
+    def _op(self, name: str, dtype: str, *operands: Operand, shape: tuple[int, ...]) -> Sym:
+        self.ops.append((name, dtype, *operands))
+        return self._sym(dtype, shape)
+
+    def _param(self, value: Any, dtype: str) -> Operand:
+        """A host scalar used in ``dtype``: rounded to it, as weak promotion does."""
+        if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)
+        ):
+            msg = f"host value of type {type(value).__name__} in an array operation"
+            raise Untraceable(msg)
+        self.values.append(_SCALAR_TYPES[dtype](value))
+        return -len(self.values)
+
+    def _operand(self, value: Any, dtype: str) -> Operand:
+        if isinstance(value, Sym):
+            if self._check(value).dtype != dtype:
+                msg = "operands of different dtypes"
+                raise Untraceable(msg)
+            return value.id
+        return self._param(value, dtype)
+
+    def _unary(self, name: str, a: Any) -> Sym:
+        a = self._check(a)
+        if a.dtype not in DTYPES:
+            msg = f"{name} of a {a.dtype} array"
+            raise Untraceable(msg)
+        return self._op(name, a.dtype, a.id, shape=a._shape)
+
+    def _binary(self, name: str, a: Any, b: Any, result: str | None = None) -> Sym:
+        if type(a) is Sym and type(b) is Sym and a.dtype == b.dtype in DTYPES:
+            if a._recorder is not self or b._recorder is not self:
+                msg = "not a recorded array"
+                raise Untraceable(msg)
+            return self._op(name, result or a.dtype, a.id, b.id, shape=a._shape)
+        dtype = _common_dtype(a, b)
+        shape = (a if isinstance(a, Sym) else b)._shape
+        return self._op(name, result or dtype, self._operand(a, dtype),
+                        self._operand(b, dtype), shape=shape)
+
+
+def _common_dtype(a: Any, b: Any) -> str:
+    """The dtype of an operation on ``a`` and ``b``: that of its symbol(s)."""
+    dtypes = {s.dtype for s in (a, b) if isinstance(s, Sym)}
+    if len(dtypes) != 1:
+        msg = "an operation needs one array dtype" if dtypes else "an operation on host values"
+        raise Untraceable(msg)
+    (dtype,) = dtypes
+    if dtype not in DTYPES:
+        msg = f"arithmetic on a {dtype} array"
+        raise Untraceable(msg)
+    return dtype
+
+
+# -- state trees --------------------------------------------------------------------------------
+
+
+def flatten_state(state: Any, array_type: type | tuple[type, ...], arrays: list[Any],
+                  memo: dict[int, Any] | None = None) -> Any:
+    """Append the arrays of ``state`` to ``arrays``; return a hashable signature.
+
+    The signature describes the containers (tuples, namedtuples, lists), where
+    the arrays (instances of ``array_type``) are, and every host value exactly
+    (``-0.0`` differs from ``0.0``, NaNs from numbers), so that two states with
+    equal signatures give the same recording. Raises :class:`Untraceable` for a
+    state it cannot describe.
+
+    ``memo`` (``id`` -> signature) remembers tuples without arrays, such as the
+    beta powers that the leaves of one group share, while they are all alive.
+    """
+    kind = type(state)
+    if kind is tuple or (isinstance(state, tuple) and hasattr(kind, "_fields")):
+        if memo is not None:
+            found = memo.get(id(state))
+            if found is not None:
+                return found
+        count = len(arrays)
+        signature = (kind, *[flatten_state(s, array_type, arrays, memo) for s in state])
+        if memo is not None and len(arrays) == count:
+            memo[id(state)] = signature
+        return signature
+    if kind is list:
+        return (kind, *[flatten_state(s, array_type, arrays, memo) for s in state])
+    if isinstance(state, array_type):
+        arrays.append(state)
+        return _ARRAY
+    if kind in _HOST_SCALARS:
+        return (kind, state.tobytes())
+    if state is None or kind is int or kind is str:
+        return state
+    if kind is bool:
+        return (bool, state)
+    if kind is float:
+        return (float, state.hex())
+    if isinstance(state, (np.floating, np.integer)):
+        return (kind, state.tobytes())
+    msg = f"a state holding a {kind.__name__}"
+    raise Untraceable(msg)
+
+
+_SCALAR_TYPES = {"float32": np.float32, "float64": np.float64}
+
+_HOST_SCALARS = frozenset({np.float32, np.float64, np.float16, np.int64, np.int32})
+_ARRAY = ("<array>",)
+
+
+def _builder(state: Any, counter: list[int]) -> tuple[bool, Callable[[list[Any]], Any]]:
+    """``(has_arrays, fn)``: ``fn(arrays)`` rebuilds ``state`` with its ``k``-th
+    symbol (depth first) replaced by ``arrays[k]``; subtrees without symbols are
+    shared as they are (lists are copied)."""
+    if isinstance(state, Sym):
+        k = counter[0]
+        counter[0] += 1
+        return True, lambda arrays: arrays[k]
+    kind = type(state)
+    if isinstance(state, (tuple, list)):
+        parts = [_builder(s, counter) for s in state]
+        if not any(has for has, _ in parts):
+            if kind is list:
+                return False, lambda arrays: list(state)
+            return False, lambda arrays: state
+        fns = [fn for _, fn in parts]
+        if hasattr(kind, "_fields"):
+            return True, lambda arrays: kind(*[fn(arrays) for fn in fns])
+        return True, lambda arrays: kind([fn(arrays) for fn in fns])
+    return False, lambda arrays: state
+
+
+def _output_syms(state: Any, found: list[Sym]) -> None:
+    if isinstance(state, Sym):
+        found.append(state)
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            _output_syms(s, found)
+    elif isinstance(state, Replace):  # pragma: no cover - never a state
+        msg = "a state holding a Replace"
+        raise Untraceable(msg)
+
+
+def trace(rule: Any, state: Any, arrays: list[Any], shape: tuple[int, ...], dtype: str,
+          dtypes: tuple[str, ...], name: str) -> Trace:
+    """Record ``rule.apply`` for a leaf; raise :class:`Untraceable` if it cannot be.
+
+    Parameters
+    ----------
+    rule, state
+        The leaf's rule and state.
+    arrays
+        The state arrays of ``state`` in :func:`flatten_state` order.
+    shape, dtype
+        The parameter's shape and dtype (the gradient's too).
+    dtypes
+        The dtypes of ``arrays``.
+    name
+        The adapter's name.
+    """
+    rec = Recorder(name)
+    sx = rec.input(dtype, shape)
+    sg = rec.input(dtype, shape)
+    inputs = [rec.input(d, shape) for d in dtypes]
+    by_array = {id(a): s for a, s in zip(arrays, inputs, strict=True)}
+    sym_state = _substitute(state, by_array)
+    new_state, step = rule.apply(sym_state, sx, sg, rec)
+
+    outs: list[Sym] = []
+    _output_syms(new_state, outs)
+    if len(outs) != len(inputs):
+        msg = "the new state has other arrays than the old one"
+        raise Untraceable(msg)
+    stores: list[tuple[int, int]] = []
+    for k, (new, old) in enumerate(zip(outs, inputs, strict=True)):
+        rec._check(new)
+        if new.dtype != old.dtype:
+            msg = "a state array changes dtype"
+            raise Untraceable(msg)
+        if new.id != old.id:
+            stores.append((2 + k, new.id))
+    if step is not None:
+        replace = isinstance(step, Replace)
+        value = rec._check(step.value if replace else step)
+        if value.dtype != sx.dtype:
+            msg = "a step of another dtype than the parameter"
+            raise Untraceable(msg)
+        stores.append((0, value.id if replace else rec.subtract(sx, value).id))
+    _, rebuild = _builder(new_state, [0])
+    program, values = _reduce(rec, len(inputs) + 2, stores)
+    return Trace(program, values, rebuild, rec.shape_used)
+
+
+def _substitute(state: Any, by_array: dict[int, Sym]) -> Any:
+    sym = by_array.get(id(state))
+    if sym is not None:
+        return sym
+    if isinstance(state, (tuple, list)):
+        parts = [_substitute(s, by_array) for s in state]
+        kind = type(state)
+        return kind(*parts) if hasattr(kind, "_fields") else kind(parts)
+    return state
+
+
+#: Raw recordings (operations, input dtypes, stores) -> (program, parameters kept).
+_reduced: dict[Any, tuple[Program, tuple[int, ...]]] = {}
+
+
+def _reduce(rec: Recorder, n_inputs: int, stores: list[tuple[int, int]]
+            ) -> tuple[Program, tuple[Any, ...]]:
+    """Keep the operations the stores need; renumber symbols and parameters.
+
+    The result depends only on the recording's structure, which is the same at
+    every step of a rule: it is cached, and only the parameter values are new.
+    """
+    inputs = tuple(s.dtype for s in rec.syms[:n_inputs])
+    key = (inputs, tuple(rec.ops), tuple(stores))
+    found = _reduced.get(key)
+    if found is None:
+        found = _reduced[key] = _reduce_structure(rec, n_inputs, inputs, stores)
+        if len(_reduced) > 4096:  # rules that record a new structure at every step
+            _reduced.clear()
+    program, kept = found
+    return program, tuple(rec.values[k] for k in kept)
+
+
+def _reduce_structure(rec: Recorder, n_inputs: int, inputs: tuple[str, ...],
+                      stores: list[tuple[int, int]]) -> tuple[Program, tuple[int, ...]]:
+    needed = [False] * len(rec.syms)
+    for _, s in stores:
+        needed[s] = True
+    for j in range(len(rec.ops) - 1, -1, -1):
+        if needed[n_inputs + j]:
+            for operand in rec.ops[j][2:]:
+                if operand >= 0:
+                    needed[operand] = True
+    renum = {k: k for k in range(n_inputs)}
+    ops: list[tuple[Any, ...]] = []
+    params: list[str] = []
+    kept: list[int] = []
+    for j, (name, dtype, *operands) in enumerate(rec.ops):
+        if not needed[n_inputs + j]:
+            continue
+        new_operands: list[int] = []
+        for operand in operands:
+            if operand >= 0:
+                new_operands.append(renum[operand])
+            else:
+                params.append(rec.values[-1 - operand].dtype.name)
+                kept.append(-1 - operand)
+                new_operands.append(-len(kept))
+        renum[n_inputs + j] = n_inputs + len(ops)
+        ops.append((name, dtype, *new_operands))
+    program = Program(inputs, tuple(ops), tuple(params),
+                      tuple((a, renum[s]) for a, s in stores))
+    return program, tuple(kept)
+

@@ -1,0 +1,571 @@
+"""The compiled fast path of ``update_`` gives the plain path's bits.
+
+For every rule and chain of the conformance suite, float32 and float64
+parameters of more than 100k elements (with zeros, negative zeros, subnormals,
+huge values, infinities and NaNs in the gradients) take several ``update_``
+steps on numpy and on CPU torch, once with the fast path and once without:
+parameters, every state array and every host scalar must be identical (NaNs
+compare equal whatever their payload). The counters of ``adapters/_fast.py``
+check that the fast path really ran (or really did not, for the cases that must
+fall back: ClipNorm, float16, complex, non-contiguous or read-only arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba", reason="the fast path needs numba (pip install agnosticopt[fast])")
+
+from agnosticopt.adapters import _fast, _numba
+from agnosticopt.conformance._cases import CASES
+from agnosticopt.conformance._data import gradient_pool, initial_parameter
+
+import agnosticopt as opt
+from agnosticopt._rule import hyper
+
+N = 131_072 + 17  # > 100k elements, and several chunks of the kernels
+STEPS = 7  # RAdam switches branch at step 5; AccumGrad(2) and (3) complete periods
+
+NO_TORCH = importlib.util.find_spec("torch") is None
+needs_torch = pytest.mark.skipif(NO_TORCH, reason="torch is not installed")
+BACKENDS = ["numpy", pytest.param("torch", marks=needs_torch)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """torch on one thread: on a busy machine its thread pool is much slower."""
+    if NO_TORCH:
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _has(rule: opt.Rule, kind: type) -> bool:
+    if isinstance(rule, kind):
+        return True
+    if isinstance(rule, opt.OptimiserChain):
+        return any(_has(r, kind) for r in rule.opts)
+    if isinstance(rule, opt.MixedPrecision):
+        return _has(rule.rule, kind)
+    return False
+
+
+# -- data and comparison ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _pool(dtype: str, size: int = N) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """A parameter and gradients with every special value, NaN and inf included."""
+    x = initial_parameter(dtype, size)
+    grads = []
+    for k, g in enumerate(gradient_pool(dtype, "special", size)):
+        g = g.copy()
+        g[k * 101 % size] = np.nan
+        g[(k * 211 + 7) % size] = np.inf if k % 2 else -np.inf
+        grads.append(g)
+    return x, tuple(grads)
+
+
+def _convert(kind: str) -> Callable[[np.ndarray], Any]:
+    if kind == "torch":
+        import torch
+
+        return lambda a: torch.from_numpy(a.copy())
+    return np.copy
+
+
+def _host(a: Any) -> np.ndarray:
+    if type(a).__module__.startswith("torch"):
+        return a.detach().numpy().copy()
+    return np.array(a, copy=True)
+
+
+def _flat(state: Any) -> Iterator[Any]:
+    if isinstance(state, (tuple, list)):
+        for item in state:
+            yield from _flat(item)
+    elif state is None or isinstance(state, (int, float, np.generic)):
+        yield state
+    else:
+        yield _host(state)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    if a.dtype.kind == "c":
+        a = a.view(a.real.dtype)
+    a[np.isnan(a)] = np.nan
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def assert_identical(got: list[Any], want: list[Any], what: str) -> None:
+    """Same bits in every array (NaNs alike) and the same host scalars."""
+    assert len(got) == len(want), f"{what}: state structure differs"
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        if not isinstance(w, np.ndarray):
+            same = type(g) is type(w) and (g == w or (np.isnan(g) and np.isnan(w)))
+            assert same, f"{what}: host value {k}: {g!r} != {w!r}"
+            continue
+        assert g.dtype == w.dtype, f"{what}: array {k} has dtype {g.dtype}, not {w.dtype}"
+        assert g.shape == w.shape, f"{what}: array {k} has shape {g.shape}, not {w.shape}"
+        diff = np.flatnonzero(_bits(g) != _bits(w))
+        if diff.size:
+            i = diff[0]
+            msg = (f"{what}: array {k}: {diff.size} of {w.size} elements differ; first at "
+                   f"[{i}]: {g.reshape(-1)[i]!r} != {w.reshape(-1)[i]!r}")
+            raise AssertionError(msg)
+
+
+def _snapshot(tree: Any, model: Any) -> list[Any]:
+    leaves = [model] if not isinstance(model, dict) else [model[k] for k in sorted(model)]
+    trees = [tree] if not isinstance(tree, dict) else [tree[k] for k in sorted(tree)]
+    out: list[Any] = [_host(x) for x in leaves]
+    for leaf in trees:
+        out.extend(_flat(leaf.state))
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """The end of a run and how many leaves each path took."""
+
+    result: list[Any]
+    fast: int
+    plain: int
+
+
+def _run(rule: opt.Rule, dtype: str, kind: str, *, fast: bool, steps: int = STEPS,
+         size: int = N) -> Run:
+    x0, grads = _pool(dtype, size)
+    convert = _convert(kind)
+    x = convert(x0)
+    gs = [convert(g) for g in grads]
+    tree = opt.setup(rule, x)
+    before = dict(_fast.counters)
+    previous = opt.set_fast_path(fast)
+    try:
+        for step in range(steps):
+            tree, x = opt.update_(tree, x, gs[step % len(gs)])
+    finally:
+        opt.set_fast_path(previous)
+    return Run(_snapshot(tree, x), _fast.counters["fast"] - before["fast"],
+               _fast.counters["plain"] - before["plain"])
+
+
+@functools.cache
+def _plain(rule: opt.Rule, dtype: str, kind: str) -> list[Any]:
+    return _run(rule, dtype, kind, fast=False).result
+
+
+# -- every rule and chain ----------------------------------------------------------------------------
+
+RULE_CASES = [pytest.param(case.rule, id=case.name) for case in CASES]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rule", RULE_CASES)
+def test_fast_path_gives_plain_bits(rule: opt.Rule, dtype: str, kind: str) -> None:
+    got = _run(rule, dtype, kind, fast=True)
+    assert_identical(got.result, _plain(rule, dtype, kind), f"{rule!r} {dtype} {kind}")
+    if _has(rule, opt.ClipNorm):  # a reduction: not recorded, the plain path runs
+        assert (got.fast, got.plain) == (0, STEPS)
+    else:
+        assert (got.fast, got.plain) == (STEPS, 0)
+
+
+# -- falling back ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "complex64"])
+def test_float16_and_complex_take_the_plain_path(dtype: str) -> None:
+    rng = np.random.default_rng(1)
+    x0 = rng.normal(size=1000).astype(dtype)
+    grads = [rng.normal(size=1000).astype(dtype) for _ in range(3)]
+    results = []
+    for fast in (True, False):
+        x = x0.copy()
+        tree = opt.setup(opt.Adam(), x)
+        before = _fast.counters["fast"]
+        opt.set_fast_path(fast)
+        try:
+            for g in grads:
+                tree, x = opt.update_(tree, x, g)
+        finally:
+            opt.set_fast_path(True)
+        assert _fast.counters["fast"] == before
+        results.append(_snapshot(tree, x))
+    assert_identical(results[0], results[1], dtype)
+
+
+def _strided(kind: str, a: np.ndarray) -> Any:
+    """A non-contiguous view holding ``a``'s values."""
+    wide = np.zeros((a.size, 2), dtype=a.dtype)
+    wide[:, 0] = a
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(wide)[:, 0]
+    return wide[:, 0]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("which", ["parameter", "gradient"])
+def test_non_contiguous_arrays_take_the_plain_path(kind: str, which: str) -> None:
+    x0, grads = _pool("float32", 5000)
+    convert = _convert(kind)
+    results = []
+    for fast in (True, False):
+        x = _strided(kind, x0) if which == "parameter" else convert(x0)
+        tree = opt.setup(opt.Adam(), x)
+        before = _fast.counters["fast"]
+        opt.set_fast_path(fast)
+        try:
+            for g in grads[:3]:
+                g = _strided(kind, g) if which == "gradient" else convert(g)
+                tree, x = opt.update_(tree, x, g)
+        finally:
+            opt.set_fast_path(True)
+        assert _fast.counters["fast"] == before
+        results.append(_snapshot(tree, x))
+    assert_identical(results[0], results[1], f"non-contiguous {which}")
+
+
+def test_read_only_arrays_take_the_plain_path() -> None:
+    x0, grads = _pool("float32", 5000)
+    results = []
+    for fast in (True, False):
+        x = x0.copy()
+        x.flags.writeable = False
+        tree = opt.setup(opt.Momentum(), x)
+        tree.state.flags.writeable = False
+        before = _fast.counters["fast"]
+        opt.set_fast_path(fast)
+        try:
+            for g in grads[:3]:
+                tree, x = opt.update_(tree, x, g)
+        finally:
+            opt.set_fast_path(True)
+        results.append(_snapshot(tree, x))
+        # The first step takes the plain path, which returns a new (writeable)
+        # parameter and state: the next two steps can take the fast path.
+        assert _fast.counters["fast"] == before + (2 if fast else 0)
+    assert_identical(results[0], results[1], "read-only")
+
+
+def test_a_gradient_that_is_the_parameter_takes_the_plain_path() -> None:
+    x0, _ = _pool("float64", 5000)
+    results = []
+    for fast in (True, False):
+        x = x0.copy()
+        tree = opt.setup(opt.Adam(), x)
+        before = _fast.counters["fast"]
+        opt.set_fast_path(fast)
+        try:
+            tree, x = opt.update_(tree, x, x)  # the kernel would read what it writes
+        finally:
+            opt.set_fast_path(True)
+        assert _fast.counters["fast"] == before
+        results.append(_snapshot(tree, x))
+    assert_identical(results[0], results[1], "gradient is parameter")
+
+
+def test_a_gradient_that_is_another_parameter_takes_the_plain_path() -> None:
+    rng = np.random.default_rng(4)
+    model0 = {f"w{k}": rng.normal(size=300) for k in range(5)}
+    grads0 = {k: rng.normal(size=300) for k in model0}
+    results = []
+    for fast in (True, False):
+        model = {k: v.copy() for k, v in model0.items()}
+        tree = opt.setup(opt.Adam(), model)
+        grads = {**grads0, "w4": model["w0"]}  # w0 is written while w4's step reads it
+        before = _fast.counters["fast"]
+        opt.set_fast_path(fast)
+        try:
+            tree, model = opt.update_(tree, model, grads)
+        finally:
+            opt.set_fast_path(True)
+        assert _fast.counters["fast"] == before
+        results.append(_snapshot(tree, model))
+    assert_identical(results[0], results[1], "gradient is another parameter")
+
+
+# -- trees: many leaves, groups, ties, mixtures -------------------------------------------------------
+
+
+def _tree_run(kind: str, fast: bool) -> tuple[list[Any], int]:
+    """A model of many shapes, dtypes and rules; one leaf skips a step (its
+    beta powers then differ from the others'), one array is tied."""
+    convert = _convert(kind)
+    rng = np.random.default_rng(3)
+    shapes = [(64, 3, 3, 3), (64,), (128, 64, 3, 3), (10,), (0,), (513,)]
+    model: dict[str, Any] = {f"w{k}": convert(rng.normal(size=s).astype(np.float32))
+                             for k, s in enumerate(shapes)}
+    model["d"] = convert(rng.normal(size=777))  # float64
+    model["h"] = convert(rng.normal(size=99).astype(np.float16))  # plain path
+    model["tied"] = model["w1"]
+    tree = opt.setup(opt.OptimiserChain(opt.ClipGrad(1.0), opt.Adam()), model)
+    tree["w2"] = opt.setup(opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam()), model["w2"])
+    before = _fast.counters["fast"]
+    opt.set_fast_path(fast)
+    try:
+        for step in range(4):
+            grads = {k: convert(rng.normal(size=tuple(v.shape)).astype(_host(v).dtype))
+                     for k, v in model.items()}
+            if step == 0:
+                grads["w3"] = None
+            tree, model = opt.update_(tree, model, grads)
+    finally:
+        opt.set_fast_path(True)
+    assert model["tied"] is model["w1"]
+    keys = [k for k in sorted(model) if k != "tied"]
+    return (_snapshot({k: tree[k] for k in keys}, {k: model[k] for k in keys}),
+            _fast.counters["fast"] - before)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_mixed_tree_gives_plain_bits(kind: str) -> None:
+    fast, count = _tree_run(kind, True)
+    plain, none = _tree_run(kind, False)
+    assert_identical(fast, plain, f"mixed tree on {kind}")
+    assert none == 0
+    assert count == 4 * 6 - 1  # 6 float32/64 leaves take the fast path, w3 misses a step
+
+
+def test_the_state_arrays_are_written_in_place() -> None:
+    x = np.ones(1000, dtype=np.float32)
+    tree = opt.setup(opt.Adam(), x)
+    m, v = tree.state.m, tree.state.v
+    state = tree.state
+    tree, x2 = opt.update_(tree, x, np.full(1000, 0.5, dtype=np.float32))
+    assert x2 is x
+    assert tree.state is not state  # a new state tuple with new beta powers ...
+    assert tree.state.m is m
+    assert tree.state.v is v
+    b1, b2 = np.float32(0.9), np.float32(0.999)
+    assert tree.state.beta_t == (b1 * b1, b2 * b2)
+
+
+@needs_torch
+def test_torch_parameters_keep_no_history_and_get_a_new_version() -> None:
+    import torch
+
+    p = torch.nn.Parameter(torch.ones(1000))
+    tree = opt.setup(opt.Adam(), p)
+    version = p._version
+    before = _fast.counters["fast"]
+    tree, q = opt.update_(tree, p, torch.full((1000,), 0.5))
+    assert _fast.counters["fast"] == before + 1
+    assert q is p
+    assert p.requires_grad
+    assert p.grad_fn is None
+    assert p._version > version
+    assert tree.state.m._version > 0
+    assert float(p.detach()[0]) < 1.0
+
+
+# -- errors change nothing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_an_update_that_raises_changes_nothing(kind: str) -> None:
+    convert = _convert(kind)
+    x0, grads = _pool("float32", 5000)
+    small = np.linspace(-1, 1, 100, dtype=np.float32)
+    model = {"a": convert(x0), "b": convert(small)}
+    tree = {"a": opt.setup(opt.Adam(), model["a"]), "b": opt.setup(opt.ClipNorm(1.0), model["b"])}
+    tree, model = opt.update_(tree, model, {"a": convert(grads[0]), "b": convert(small)})
+    before = _snapshot(tree, model)
+    state = tree["a"].state
+    bad = convert(small)
+    bad[3] = np.inf
+    with pytest.raises(FloatingPointError):
+        opt.update_(tree, model, {"a": convert(grads[1]), "b": bad})
+    assert tree["a"].state is state
+    assert_identical(_snapshot(tree, model), before, "after a raising update_")
+
+
+# -- the recorder: every operation, custom rules --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryOp(opt.Rule):
+    """Uses every operation the recorder knows, on special values."""
+
+    eta: float = 0.5
+
+    def init(self, x: Any, xp: Any) -> Any:
+        return (xp.zeros_like(x), xp.full_like(x, -0.0))
+
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        a, b = state
+        (eta,) = hyper(xp, x, self.eta)
+        hi = xp.maximum(dx, a)  # array ties: max(+0, -0) = +0
+        lo = xp.minimum(dx, b)
+        s = xp.add(xp.sign(dx), xp.sign(xp.negative(x)))
+        c = xp.clip(dx, -eta, eta)
+        w = xp.where(xp.greater(dx, 0), hi, xp.where(xp.less(dx, 0), lo, xp.abs(dx)))
+        f = xp.where(xp.isfinite(dx), xp.maximum(c, 0.0), xp.minimum(0, c))
+        n = xp.where(xp.not_equal(dx, dx), xp.zeros_like(dx), xp.sqrt(xp.abs2(w)))
+        wide = xp.astype(xp.astype(n, "float64"), xp.dtype_name(x))
+        q = xp.divide(xp.subtract(xp.multiply(eta, wide), s), xp.add(f, 2))
+        return (xp.minimum(lo, 0.0), xp.maximum(hi, -0.0)), xp.add(q, xp.divide(2, x))
+
+
+@dataclasses.dataclass(frozen=True)
+class BySize(opt.Rule):
+    """Scales the gradient by 1/size: the recording depends on the shape."""
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        (scale,) = hyper(xp, x, 1 / xp.size(x))
+        return None, xp.multiply(dx, scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class PythonOperators(opt.Rule):
+    """Uses ``*`` on arrays: works on numpy, cannot be recorded."""
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        return None, dx * 0.5
+
+
+def _special(dtype: str, size: int) -> np.ndarray:
+    info = np.finfo(dtype)
+    values = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, info.smallest_subnormal,
+                       -info.smallest_subnormal, info.max, -info.max, 1.0, -1.0, 0.25],
+                      dtype=dtype)
+    rng = np.random.default_rng(5)
+    out = rng.normal(size=size).astype(dtype)
+    out[: size // 2] = rng.choice(values, size=size // 2)
+    return out
+
+
+def _model_run(rule: opt.Rule, model: dict[str, Any], grads: dict[str, Any], fast: bool,
+               steps: int = 2) -> tuple[list[Any], int]:
+    model = {k: v.copy() for k, v in model.items()}
+    tree = opt.setup(rule, model)
+    before = _fast.counters["fast"]
+    opt.set_fast_path(fast)
+    try:
+        for _ in range(steps):
+            tree, model = opt.update_(tree, model, grads)
+    finally:
+        opt.set_fast_path(True)
+    return _snapshot(tree, model), _fast.counters["fast"] - before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_recorded_operation_gives_plain_bits(dtype: str) -> None:
+    model = {"x": _special(dtype, 4000)}
+    grads = {"x": np.roll(_special(dtype, 4000), 7)}
+    fast, count = _model_run(EveryOp(), model, grads, True)
+    plain, _ = _model_run(EveryOp(), model, grads, False)
+    assert count == 2
+    assert_identical(fast, plain, f"every operation, {dtype}")
+
+
+def test_a_rule_that_reads_the_shape_is_recorded_per_shape() -> None:
+    rng = np.random.default_rng(6)
+    model = {"a": rng.normal(size=10), "b": rng.normal(size=1000), "c": rng.normal(size=10)}
+    grads = {k: rng.normal(size=v.shape) for k, v in model.items()}
+    fast, count = _model_run(BySize(), model, grads, True)
+    plain, _ = _model_run(BySize(), model, grads, False)
+    assert count == 6
+    assert_identical(fast, plain, "by size")
+
+
+def test_a_rule_using_python_operators_takes_the_plain_path() -> None:
+    model = {"x": np.linspace(-1, 1, 100)}
+    grads = {"x": np.linspace(2, 3, 100)}
+    fast, count = _model_run(PythonOperators(), model, grads, True)
+    plain, _ = _model_run(PythonOperators(), model, grads, False)
+    assert count == 0
+    assert_identical(fast, plain, "python operators")
+
+
+# -- the switch, the compiler settings, the cache ------------------------------------------------------------
+
+
+def test_the_switch_turns_the_fast_path_off() -> None:
+    assert opt.set_fast_path(False) is True
+    try:
+        assert _fast.plan(_fast.numpy_arrays(), [(opt.Adam(), None, None, None)]) is None
+        run = _run(opt.Adam(), "float32", "numpy", fast=False, steps=2, size=100)
+        assert (run.fast, run.plain) == (0, 0)
+    finally:
+        assert opt.set_fast_path(True) is False
+    with pytest.raises(TypeError):
+        opt.set_fast_path(0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", False), ("off", False), ("1", True)])
+def test_the_environment_variable_sets_the_default(value: str, expected: bool) -> None:
+    code = "import agnosticopt._speed as s; print(s.fast_path_enabled())"
+    env = {**os.environ, "AGNOSTICOPT_FAST": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
+def test_kernels_are_compiled_without_fast_math() -> None:
+    from agnosticopt.adapters._trace import trace
+
+    state = opt.Adam().init(np.zeros(3, dtype=np.float32), opt.adapter_for(np.zeros(1)))
+    recorded = trace(opt.Adam(), state, [state.m, state.v], (3,), "float32",
+                     ("float32", "float32"), "numpy")
+    text = _numba.source(recorded.program, cache=True)
+    assert "fastmath=False" in text
+    assert "error_model='numpy'" in text
+    assert "np.sqrt(" in text
+    assert " / " in text
+
+
+def test_an_unwritable_cache_compiles_in_memory(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Any) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AGNOSTICOPT_CACHE_DIR", str(blocker / "cache"))
+    # Eleven Descents in a chain: a structure no other test compiles.
+    rule = opt.OptimiserChain(*[opt.Descent(0.01 * k) for k in range(1, 12)])
+    model = {"x": np.linspace(-1, 1, 300)}
+    grads = {"x": np.linspace(2, 3, 300)}
+    fast, count = _model_run(rule, model, grads, True)
+    plain, _ = _model_run(rule, model, grads, False)
+    assert count == 2
+    assert_identical(fast, plain, "in-memory kernel")
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_large_updates_shared_between_threads_give_plain_bits(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_numba, "THREADS", 3)  # more threads than pieces of work is fine too
+    rule = opt.OptimiserChain(opt.ClipGrad(0.5), opt.AdamW(lambda_=0.01))
+    size = 5 * _numba.PER_THREAD + 123
+    fast = _run(rule, "float32", kind, fast=True, steps=3, size=size)
+    plain = _run(rule, "float32", kind, fast=False, steps=3, size=size)
+    assert fast.fast == 3
+    assert_identical(fast.result, plain.result, f"threads, {kind}")
