@@ -93,7 +93,22 @@ def backend_info(name: str, backend: Backend) -> dict[str, Any]:
         "deviations": deviations,
         "unsupported": {d: r for d in ("float16", "float64")
                         if (r := backend.unsupported(d))},
+        "fast_path": _fast_path(adapter),
     }
+
+
+def _fast_path(adapter: Any) -> str:
+    """Whether ``update_`` runs compiled kernels on this adapter's arrays, and why not."""
+    if getattr(adapter, "fast_plan", None) is None or adapter.name not in ("numpy", "torch"):
+        return "none (every operation one array-API call)"
+    from agnosticopt._speed import fast_path_enabled
+
+    if importlib.util.find_spec("numba") is None:
+        return "off: numba is not installed (pip install agnosticopt[fast])"
+    if not fast_path_enabled():
+        return "off: switched off (AGNOSTICOPT_FAST or set_fast_path)"
+    return (f"numba {_version('numba')} kernels in update_ for writeable float32/float64 arrays "
+            "(no fast-math: the plain path's bits)")
 
 
 def render_info(infos: list[dict[str, Any]]) -> str:
@@ -119,6 +134,7 @@ def render_info(infos: list[dict[str, Any]]) -> str:
         out += [f"  fix: {fix}" for fix in fixes]
         out += [f"  deviation: {d}" for d in i["deviations"]]
         out += [f"  no {d}: {why}" for d, why in i["unsupported"].items()]
+        out.append(f"  fast path: {i['fast_path']}")
     return "\n".join(out)
 
 
