@@ -218,9 +218,12 @@ class _Plan:
         entry = self.entry(leaf, x, path)
         if g is None:
             return
-        with entry.xp.computing():  # a cast may overflow: no warning, as in a step
-            g = _checked_grad(entry.xp, x, g, path)
-            entry.grad = g if entry.grad is None else entry.xp.add(entry.grad, g)
+        g = _checked_grad(entry.xp, x, g, path)
+        if entry.grad is None:
+            entry.grad = g
+        else:
+            with entry.xp.computing():  # a sum may overflow: no warning, as in a step
+                entry.grad = entry.xp.add(entry.grad, g)
 
     def entry(self, leaf: Leaf, x: Any, path: KeyPath) -> _Entry:
         entry = self.entries.get(id(leaf))
@@ -348,32 +351,33 @@ def _grad_children(g: Any, node: Node, path: KeyPath) -> list[Any]:
 
 def _checked_grad(xp: Any, x: Any, g: Any, path: KeyPath) -> Any:
     """``g`` checked against parameter ``x``, and cast to its dtype."""
-    where = format_path(path)
     gxp = adapter_for(g)
     if gxp is None:
-        msg = f"the gradient at {where} must be an array or None, got {_describe(g)}"
+        msg = f"the gradient at {format_path(path)} must be an array or None, got {_describe(g)}"
         raise TypeError(msg)
     if gxp.name != xp.name:
         msg = (
-            f"the gradient at {where} is a {gxp.name} array, but the parameter "
-            f"is a {xp.name} array"
+            f"the gradient at {format_path(path)} is a {gxp.name} array, but the "
+            f"parameter is a {xp.name} array"
         )
         raise TypeError(msg)
     if gxp.shape(g) != xp.shape(x):
         msg = (
-            f"the gradient at {where} has shape {gxp.shape(g)}, but the parameter "
-            f"has shape {xp.shape(x)}"
+            f"the gradient at {format_path(path)} has shape {gxp.shape(g)}, but the "
+            f"parameter has shape {xp.shape(x)}"
         )
         raise ValueError(msg)
+    g_dtype, x_dtype = gxp.dtype_name(g), xp.dtype_name(x)
+    if g_dtype == x_dtype:
+        return g
     if gxp.is_complex(g) and not xp.is_complex(x):
         msg = (
-            f"the gradient at {where} is complex ({gxp.dtype_name(g)}), but the "
-            f"parameter is real ({xp.dtype_name(x)})"
+            f"the gradient at {format_path(path)} is complex ({g_dtype}), but the "
+            f"parameter is real ({x_dtype})"
         )
         raise TypeError(msg)
-    if gxp.dtype_name(g) != xp.dtype_name(x):
-        return xp.astype(g, xp.dtype_name(x))
-    return g
+    with xp.computing():  # a cast may overflow: no warning, as in a step
+        return xp.astype(g, x_dtype)
 
 
 # -- update: compute and commit ------------------------------------------------------

@@ -19,6 +19,8 @@ _BACKENDS = {
 }
 
 _REGISTERED: list[Callable[[Any], Any]] = []
+#: The built-in adapters' ``adapter(x)`` per array type already met.
+_LOOKUPS: dict[type, Callable[[Any], Any]] = {}
 
 
 def register_adapter(lookup: Callable[[Any], Any]) -> None:
@@ -40,11 +42,15 @@ def adapter_for(x: Any) -> Any:
         found = lookup(x)
         if found is not None:
             return found
-    root = type(x).__module__.partition(".")[0]
-    name = _BACKENDS.get(root)
+    kind = type(x)
+    known = _LOOKUPS.get(kind)
+    if known is not None:  # an array type seen before: its adapter module's lookup
+        return known(x)
+    name = _BACKENDS.get(kind.__module__.partition(".")[0])
     if name is not None:
-        module = importlib.import_module(f"agnosticopt.adapters.{name}")
-        return module.adapter(x)
+        module_lookup = importlib.import_module(f"agnosticopt.adapters.{name}").adapter
+        _LOOKUPS[kind] = module_lookup
+        return module_lookup(x)
     if hasattr(x, "__array_namespace__") and hasattr(x, "dtype"):
         from agnosticopt.adapters._base import Adapter
 
