@@ -65,10 +65,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UsageError(Exception):
+    """A command-line argument names nothing usable (exit status 2, no traceback)."""
+
+
 def _backends(names: Sequence[str] | None, default: Sequence[str]) -> list[Any]:
     from agnosticopt.conformance import get_backend
 
-    return [get_backend(n) for n in (names or default)]
+    try:
+        return [get_backend(n) for n in (names or default)]
+    except (KeyError, ValueError, TypeError, ImportError, AttributeError) as exc:
+        raise _UsageError(exc) from exc
+
+
+def _cases(names: Sequence[str] | None) -> list[Any]:
+    from agnosticopt.conformance import CASES, case_named
+
+    try:
+        return [case_named(n) for n in names] if names else list(CASES)
+    except KeyError as exc:
+        raise _UsageError(exc) from exc
 
 
 def _unavailable(backends: Sequence[Any]) -> dict[str, str]:
@@ -119,12 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
-    from agnosticopt.conformance import (
-        BUILTIN_BACKENDS,
-        CASES,
-        DEFAULT_SIZE,
-        case_named,
-    )
+    from agnosticopt.conformance import BUILTIN_BACKENDS, DEFAULT_SIZE
     from agnosticopt.conformance._progress import Progress
     from agnosticopt.conformance._report import (
         matrix_size,
@@ -134,7 +145,7 @@ def _conformance(args: argparse.Namespace) -> int:
     )
 
     backends = _backends(args.backend, list(BUILTIN_BACKENDS))
-    cases = [case_named(n) for n in args.case] if args.case else list(CASES)
+    cases = _cases(args.case)
     dtypes = args.dtype or ["float32", "float64"]
     datasets = args.dataset or ["normal", "special"]
     size = args.size or DEFAULT_SIZE
@@ -176,6 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"demo": _demo, "conformance": _conformance, "info": _info}[args.command]
     try:
         return run(args)
-    except (KeyError, ValueError, TypeError, ImportError) as exc:
+    except _UsageError as exc:  # errors while running are not hidden: they keep their traceback
         print(f"agnosticopt {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ from agnosticopt.conformance._backends import (
 from agnosticopt.conformance._cases import CASES, Case, case_named, complex_ok
 from agnosticopt.conformance._checks import (
     ALL_CHECKS,
+    PROPERTY_CHECKS,
     ConformanceError,
     KnownDeviation,
     as_case,
@@ -83,6 +84,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "DEFAULT_STEPS",
     "GOLDEN_DTYPES",
+    "PROPERTY_CHECKS",
     "ArrayApiStrictBackend",
     "Backend",
     "Case",

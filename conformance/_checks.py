@@ -43,6 +43,7 @@ import agnosticopt as opt
 
 __all__ = [
     "ALL_CHECKS",
+    "PROPERTY_CHECKS",
     "ConformanceError",
     "KnownDeviation",
     "check_device_preserved",
@@ -264,7 +265,7 @@ def check_dtype_preserved(
         if got != want:
             raise fail.error(f"after {k} steps: {_diff_signatures(got, want)}")
         tree, x = opt.update_(tree, x, grads[k % len(grads)])
-        rtree, rx = opt.update_(rtree, rx, rgrads[k % len(rgrads)])
+        rtree, rx = opt.update(rtree, rx, rgrads[k % len(rgrads)])  # reference: plain path
 
 
 def check_state_structure_stable(
@@ -418,7 +419,7 @@ def check_tied_weights(
         tree, model = opt.update_(tree, model, g)  # the step that counts
         if model["p"] is not model["q"]:
             raise fail.error("update_ untied the array")
-        rtree, rx = opt.update_(rtree, rx, summed[i])
+        rtree, rx = opt.update(rtree, rx, summed[i])  # reference: plain path
     fail.differs("differs from one array updated with the summed gradient",
                  compare(snapshot(b, model["p"], tree["p"]), snapshot(ref, rx, rtree)))
 
@@ -435,4 +436,6 @@ ALL_CHECKS: tuple[Callable[..., Any], ...] = (
     check_none_gradient,
     check_tied_weights,
 )
+#: The checks of one property each (all but the two trajectory comparisons).
+PROPERTY_CHECKS: tuple[Callable[..., Any], ...] = ALL_CHECKS[2:]
 

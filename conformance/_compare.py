@@ -117,7 +117,7 @@ def _show(value: Any) -> str:
 
 def _canonical(a: np.ndarray) -> np.ndarray:
     """``a`` as real floats (complex split into parts), every NaN the same NaN."""
-    a = np.array(a, copy=True)
+    a = np.array(a, copy=True).reshape(-1)  # 1-d: a 0-d complex array has no view
     if a.dtype.kind == "c":
         a = a.view(a.real.dtype)
     if a.dtype.kind == "f":
@@ -191,7 +191,8 @@ def _compare_scalars(path: str, got: Any, want: Any) -> Difference | None:
     if type(got) is not type(want):
         return Difference(path, 1, 1, None, got, want, math.inf,
                           f"got {type(got).__name__} {got!r}, want {type(want).__name__} {want!r}")
-    if isinstance(want, (np.floating, np.complexfloating)):
+    if isinstance(want, (float, complex, np.floating, np.complexfloating)):
+        # bits, not ==: -0.0 differs from 0.0 and NaN matches NaN, as in arrays
         found = _compare_arrays(path, np.asarray(got), np.asarray(want))
         if found is None:
             return None

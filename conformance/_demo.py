@@ -126,12 +126,11 @@ def train(backend: Backend, rule: opt.Rule, *, steps: int, dtype: str = "float32
     params = {k: backend.asarray(v) for k, v in start.items()}
     x, y = backend.asarray(xs), backend.asarray(ys)
     tree = opt.setup(rule, params)
-    first = final = float("nan")
+    first = float("nan")
     for step in range(steps):
         loss, grads = loss_and_grads(params, x, y)
-        final = float(backend.to_numpy(loss).reshape(-1)[0])
-        if step == 0:
-            first = final
+        if step == 0:  # the loss is copied to the host only here and at the end
+            first = float(backend.to_numpy(loss).reshape(-1)[0])
         tree, params = opt.update_(tree, params, grads)
         if progress is not None:
             progress.advance()

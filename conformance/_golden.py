@@ -177,10 +177,16 @@ def golden_snapshot(case: Case, dtype: str) -> tuple[dict[str, Any], dict[str, A
     return meta, snaps[case.name]
 
 
-def golden_trajectory(backend: Backend, case: Case, dtype: str) -> dict[str, Any]:
-    """The snapshot of ``case`` on ``backend`` under the golden file's settings."""
+def golden_trajectory(
+    backend: Backend, case: Case, dtype: str, *, in_place: bool = True
+) -> dict[str, Any]:
+    """The snapshot of ``case`` on ``backend`` under the golden file's settings.
+
+    ``in_place=False`` takes :func:`agnosticopt.update` (the plain path that
+    made the files) instead of ``update_``.
+    """
     meta, _ = load_golden(dtype)
     return run_trajectory(
         backend, case.rule, dtype, meta["dataset"],
-        steps=meta["steps"], size=meta["size"], period=meta["period"],
+        steps=meta["steps"], size=meta["size"], period=meta["period"], in_place=in_place,
     )

@@ -7,7 +7,7 @@ Each setting comes from the command line when the options plugin is loaded
     A built-in backend (``numpy``, ``torch``, ``array_api_strict``, ``jax``,
     ``cupy``, ...) or ``package.module:attribute`` naming a
     :class:`~agnosticopt.conformance.Backend` or a factory returning one.
-    Default: every built-in backend but numpy, the reference (absent ones skip).
+    Default: every built-in backend (absent ones skip); the reference is numpy's plain path.
 ``--case NAME`` / ``AGNOSTICOPT_CASE``
     Only these cases (default: all of ``CASES``).
 ``--dtype NAME`` / ``AGNOSTICOPT_DTYPE``
@@ -53,15 +53,6 @@ def _number(config: pytest.Config, name: str) -> int | None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     config = metafunc.config
-    if "conformance_backend" in metafunc.fixturenames:
-        names = _setting(config, "backend") or [n for n in BUILTIN_BACKENDS if n != "numpy"]
-        params = []
-        for name in names:
-            backend = get_backend(name)
-            why = backend.unavailable()
-            marks = [pytest.mark.skip(reason=f"{backend.name}: {why}")] if why else []
-            params.append(pytest.param(backend, id=backend.name, marks=marks))
-        metafunc.parametrize("conformance_backend", params)
     if "case" in metafunc.fixturenames:
         names = _setting(config, "case")
         cases = [case_named(n) for n in names] if names else list(CASES)
@@ -70,6 +61,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("dtype", _setting(config, "dtype") or _DEFAULT_DTYPES)
     if "dataset" in metafunc.fixturenames:
         metafunc.parametrize("dataset", DATASETS)
+    # The backend last: the innermost loop, so that one (case, dtype, dataset) runs on
+    # every backend in turn and the cached numpy reference is computed once for all.
+    if "conformance_backend" in metafunc.fixturenames:
+        names = _setting(config, "backend") or list(BUILTIN_BACKENDS)
+        params = []
+        for name in names:
+            backend = get_backend(name)
+            why = backend.unavailable()
+            marks = [pytest.mark.skip(reason=f"{backend.name}: {why}")] if why else []
+            params.append(pytest.param(backend, id=backend.name, marks=marks))
+        metafunc.parametrize("conformance_backend", params)
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def _check(dtype: str) -> list[str]:
         except LookupError as exc:
             problems.append(str(exc))
             continue
-        result = compare(golden_trajectory(NumpyBackend(), case, dtype), want)
+        result = compare(golden_trajectory(NumpyBackend(), case, dtype, in_place=False), want)
         if not result.identical:
             problems.append(f"{dtype} {case.name}: {result.describe()}")
     return problems

@@ -130,12 +130,9 @@ def test_fma_fault_is_really_fused() -> None:
 
 
 # -- property checks, every case, on the core backends ---------------------------------
-PROPERTY_CHECKS = [ch for ch in c.ALL_CHECKS if ch not in (c.check_trajectory, c.check_golden)]
-
-
 @pytest.mark.parametrize("kind", backend_params(ALL_BACKENDS))
 @pytest.mark.parametrize("dtype", ["float32", "float64", "complex64"])
-@pytest.mark.parametrize("check", PROPERTY_CHECKS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("check", c.PROPERTY_CHECKS, ids=lambda f: f.__name__)
 def test_property_checks_pass(kind: Backend, dtype: str, check: Callable[..., Any]) -> None:
     helper = BackendHelper(kind)
     helper.require(dtype)
@@ -290,7 +287,7 @@ def test_pytest_entry_point_fails_on_a_broken_backend(tmp_path: Path) -> None:
         tmp_path,
     )
     assert code == 1, out
-    assert "FAILED test_suite.py::test_trajectory[numpy-sqrt-ulp-Adam-float32-normal]" in out
+    assert "FAILED test_suite.py::test_trajectory[Adam-float32-normal-numpy-sqrt-ulp]" in out
     assert "Adam in float32, normal data on numpy-sqrt-ulp" in out
     assert "first at [" in out
     assert "Descent" not in "".join(line for line in out.splitlines() if "FAILED" in line)
