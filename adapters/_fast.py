@@ -133,6 +133,10 @@ class TorchArrays:
             return None
         if not t.is_contiguous() or t.is_neg() or t.is_conj():
             return None
+        try:
+            t.data_ptr()
+        except RuntimeError:  # no storage (functorch's vmap/grad wrappers, fake tensors)
+            return None
         return name
 
     def writeable(self, t: Any) -> bool:
@@ -152,8 +156,9 @@ class TorchArrays:
 
     def written(self, tensors: list[Any]) -> None:
         """Bump the version counters of ``tensors``."""
-        if tensors:
-            self.torch.autograd.graph.increment_version(tensors)
+        bump = self.torch.autograd.graph.increment_version
+        for t in tensors:  # one at a time: torch < 2.5 takes no list
+            bump(t)
 
 
 Arrays = NumpyArrays | TorchArrays

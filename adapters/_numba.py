@@ -195,7 +195,7 @@ class Kernel:
         """Update the leaves of ``table`` (one row each, ``sizes`` elements).
 
         Large updates are shared between threads (numba's thread count): the
-        chunks are cut into about four pieces per thread, which the threads take
+        chunks are cut into about :data:`PIECES` pieces per thread, which the threads take
         in turn, each running the kernel (which releases the GIL) on its piece,
         so that a thread slowed down by another process does not hold the rest up.
         """
@@ -291,8 +291,8 @@ def _load(program: Program) -> Callable[..., None]:
         except BaseException:
             del sys.modules[name]
             raise
-    except OSError:  # no writable cache: compile in memory, for this session only
-        return _in_memory(program)
+    except (OSError, ValueError):  # no writable cache, or a damaged file (undecodable):
+        return _in_memory(program)  # compile in memory, for this session only
     return module.kernel
 
 

@@ -37,14 +37,6 @@ __all__ = ["DTYPES", "Program", "Recorder", "Sym", "Trace", "Untraceable", "trac
 #: Dtypes a program computes in (``bool`` only for comparison results).
 DTYPES = frozenset({"float32", "float64"})
 
-#: Operations and their number of operands.
-ARITY = {
-    "add": 2, "sub": 2, "mul": 2, "div": 2, "max": 2, "min": 2,
-    "gt": 2, "lt": 2, "ne": 2,
-    "neg": 1, "sqrt": 1, "abs": 1, "sign": 1, "isfinite": 1,
-    "cast": 1, "where": 3, "zero": 0, "fill": 1,
-}
-
 
 class Untraceable(Exception):  # noqa: N818  (a signal, not an error)
     """The step cannot be recorded; the caller takes the plain path."""

@@ -383,13 +383,14 @@ def _checked_grad(xp: Any, x: Any, g: Any, path: KeyPath) -> Any:
 # -- update: compute and commit ------------------------------------------------------
 
 
-def _compute(entries: list[_Entry], *, in_place: bool) -> list[Any]:
+def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_Entry]]]:
     """Apply every rule, writing nothing: fills ``state``, ``new_x``, ``write``.
 
     With ``in_place``, leaves whose adapter has a fast path are planned by it
     first; returns those plans, whose kernels :func:`_commit` runs.
     """
     plans = _fast_plans(entries) if in_place and fast_path_enabled() else []
+    params = {id(e.x) for e in entries} if in_place else set()
     for entry in entries:
         leaf, x, xp = entry.leaf, entry.x, entry.xp
         entry.new_x = x
@@ -407,13 +408,17 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[Any]:
             if step is None:
                 continue
             if in_place and xp.writeable(x):
+                value = step.value if isinstance(step, Replace) else step
+                if id(value) in params:  # a step that is a parameter (an empty chain's
+                    value = xp.copy(value)  # step is the gradient): written before it is read
+                    step = Replace(value) if isinstance(step, Replace) else value
                 entry.write = step
             else:
                 entry.new_x = _stepped(xp, x, step)
     return plans
 
 
-def _fast_plans(entries: list[_Entry]) -> list[Any]:
+def _fast_plans(entries: list[_Entry]) -> list[tuple[Any, list[_Entry]]]:
     """Offer the leaves to take a step to their adapter's ``fast_plan``, if any.
 
     ``fast_plan(items)`` takes ``(rule, state, x, grad)`` per leaf and returns
@@ -435,10 +440,12 @@ def _fast_plans(entries: list[_Entry]) -> list[Any]:
             plan = xp.fast_plan(items)
         if plan is None:
             continue
+        taken = []
         for entry, handled, state in zip(group, plan.handled, plan.states, strict=True):
             if handled:
                 entry.fast, entry.state = True, state
-        plans.append(plan)
+                taken.append(entry)
+        plans.append((plan, taken))
     return plans
 
 
@@ -450,10 +457,16 @@ def _stepped(xp: Any, x: Any, step: Any) -> Any:
     return new
 
 
-def _commit(entries: list[_Entry], plans: list[Any]) -> None:
-    """``update_``'s second phase: run the fast plans, store the states, write."""
-    for plan in plans:
+def _commit(entries: list[_Entry], plans: list[tuple[Any, list[_Entry]]]) -> None:
+    """``update_``'s second phase: run the fast plans, store the states, write.
+
+    A plan's leaves get their new state as soon as its kernels have run, so that
+    an error in a later plan leaves no leaf with new arrays and an old state.
+    """
+    for plan, taken in plans:
         plan.run()
+        for entry in taken:
+            entry.leaf.state = entry.state
     for entry in entries:
         entry.leaf.state = entry.state
         if entry.write is None:

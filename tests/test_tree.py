@@ -792,3 +792,25 @@ def test_torch_parameter_updated_in_place() -> None:
     assert w.requires_grad
     np.testing.assert_allclose(w.detach().numpy(), [0.5, 0.5])
     np.testing.assert_allclose(tree["w"].state.detach().numpy(), [0.5, 1.5])
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("order", ["pq", "qp"])
+def test_update__reads_a_parameter_step_before_writing_it(fast: bool, order: str) -> None:
+    # An empty chain's step is its gradient; here that gradient is parameter q,
+    # which the same update_ also writes (on the fast path: from a kernel).
+    def make() -> tuple[dict[str, Any], dict[str, Any]]:
+        model = {k: np.ones(200_000, dtype=np.float32) for k in order}
+        rules = {"p": opt.OptimiserChain(), "q": opt.Descent(0.5)}
+        return model, {k: opt.setup(rules[k], model[k]) for k in order}
+
+    ref_model, ref_tree = make()
+    _, want = opt.update(ref_tree, ref_model, {"p": ref_model["q"], "q": np.ones_like(ref_model["q"])})
+    model, tree = make()
+    previous = opt.set_fast_path(fast)
+    try:
+        opt.update_(tree, model, {"p": model["q"], "q": np.ones_like(model["q"])})
+    finally:
+        opt.set_fast_path(previous)
+    for k in "pq":
+        assert model[k].tobytes() == want[k].tobytes(), k
