@@ -37,6 +37,7 @@ from agnosticopt.conformance._trajectory import (
     reference_trajectory,
     run_trajectory,
     snapshot,
+    snapshot_state,
 )
 
 import agnosticopt as opt
@@ -285,12 +286,15 @@ def check_state_structure_stable(
 
 
 def _state_arrays(state: Any) -> list[Any]:
-    """Every backend array in a (nested) state."""
-    if isinstance(state, (tuple, list)):
-        return [a for item in state for a in _state_arrays(item)]
-    if isinstance(state, dict):
-        return [a for item in state.values() for a in _state_arrays(item)]
-    return [state] if opt.adapter_for(state) is not None else []
+    """Every backend array in a (nested) state, found as the snapshot finds them."""
+    found: list[Any] = []
+
+    def collect(a: Any) -> Any:
+        found.append(a)
+        return a
+
+    snapshot_state(state, collect)
+    return found
 
 
 def check_device_preserved(
