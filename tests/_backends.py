@@ -10,12 +10,15 @@ GPU that is absent, is skipped with that reason (``backend_params``).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+import agnosticopt as opt
 from agnosticopt import conformance
 
 
@@ -81,3 +84,13 @@ def backend_params(kinds: tuple[Backend, ...]) -> list[Any]:
         marks = [pytest.mark.skip(reason=why)] if why else []
         params.append(pytest.param(kind, id=kind.value, marks=marks))
     return params
+
+
+@contextlib.contextmanager
+def fast_path(enabled: bool) -> Iterator[None]:
+    """Run the block with ``update_``'s compiled fast path on or off, then restore it."""
+    previous = opt.set_fast_path(enabled)
+    try:
+        yield
+    finally:
+        opt.set_fast_path(previous)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _backends import fast_path
 
 pytest.importorskip("numba", reason="the fast path needs numba (pip install agnosticopt[fast])")
 
@@ -159,12 +160,9 @@ def _run(rule: opt.Rule, dtype: str, kind: str, *, fast: bool, steps: int = STEP
     gs = [convert(g) for g in grads]
     tree = opt.setup(rule, x)
     before = dict(_fast.counters)
-    previous = opt.set_fast_path(fast)
-    try:
+    with fast_path(fast):
         for step in range(steps):
             tree, x = opt.update_(tree, x, gs[step % len(gs)])
-    finally:
-        opt.set_fast_path(previous)
     return Run(_snapshot(tree, x), _fast.counters["fast"] - before["fast"],
                _fast.counters["plain"] - before["plain"])
 
@@ -204,12 +202,9 @@ def test_float16_and_complex_take_the_plain_path(dtype: str) -> None:
         x = x0.copy()
         tree = opt.setup(opt.Adam(), x)
         before = _fast.counters["fast"]
-        opt.set_fast_path(fast)
-        try:
+        with fast_path(fast):
             for g in grads:
                 tree, x = opt.update_(tree, x, g)
-        finally:
-            opt.set_fast_path(True)
         assert _fast.counters["fast"] == before
         results.append(_snapshot(tree, x))
     assert_identical(results[0], results[1], dtype)
@@ -236,13 +231,10 @@ def test_non_contiguous_arrays_take_the_plain_path(kind: str, which: str) -> Non
         x = _strided(kind, x0) if which == "parameter" else convert(x0)
         tree = opt.setup(opt.Adam(), x)
         before = _fast.counters["fast"]
-        opt.set_fast_path(fast)
-        try:
+        with fast_path(fast):
             for g in grads[:3]:
                 g = _strided(kind, g) if which == "gradient" else convert(g)
                 tree, x = opt.update_(tree, x, g)
-        finally:
-            opt.set_fast_path(True)
         assert _fast.counters["fast"] == before
         results.append(_snapshot(tree, x))
     assert_identical(results[0], results[1], f"non-contiguous {which}")
@@ -257,12 +249,9 @@ def test_read_only_arrays_take_the_plain_path() -> None:
         tree = opt.setup(opt.Momentum(), x)
         tree.state.flags.writeable = False
         before = _fast.counters["fast"]
-        opt.set_fast_path(fast)
-        try:
+        with fast_path(fast):
             for g in grads[:3]:
                 tree, x = opt.update_(tree, x, g)
-        finally:
-            opt.set_fast_path(True)
         results.append(_snapshot(tree, x))
         # The first step takes the plain path, which returns a new (writeable)
         # parameter and state: the next two steps can take the fast path.
@@ -277,11 +266,8 @@ def test_a_gradient_that_is_the_parameter_takes_the_plain_path() -> None:
         x = x0.copy()
         tree = opt.setup(opt.Adam(), x)
         before = _fast.counters["fast"]
-        opt.set_fast_path(fast)
-        try:
+        with fast_path(fast):
             tree, x = opt.update_(tree, x, x)  # the kernel would read what it writes
-        finally:
-            opt.set_fast_path(True)
         assert _fast.counters["fast"] == before
         results.append(_snapshot(tree, x))
     assert_identical(results[0], results[1], "gradient is parameter")
@@ -297,11 +283,8 @@ def test_a_gradient_that_is_another_parameter_takes_the_plain_path() -> None:
         tree = opt.setup(opt.Adam(), model)
         grads = {**grads0, "w4": model["w0"]}  # w0 is written while w4's step reads it
         before = _fast.counters["fast"]
-        opt.set_fast_path(fast)
-        try:
+        with fast_path(fast):
             tree, model = opt.update_(tree, model, grads)
-        finally:
-            opt.set_fast_path(True)
         assert _fast.counters["fast"] == before
         results.append(_snapshot(tree, model))
     assert_identical(results[0], results[1], "gradient is another parameter")
@@ -324,16 +307,13 @@ def _tree_run(kind: str, fast: bool) -> tuple[list[Any], int]:
     tree = opt.setup(opt.OptimiserChain(opt.ClipGrad(1.0), opt.Adam()), model)
     tree["w2"] = opt.setup(opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam()), model["w2"])
     before = _fast.counters["fast"]
-    opt.set_fast_path(fast)
-    try:
+    with fast_path(fast):
         for step in range(4):
             grads = {k: convert(rng.normal(size=tuple(v.shape)).astype(_host(v).dtype))
                      for k, v in model.items()}
             if step == 0:
                 grads["w3"] = None
             tree, model = opt.update_(tree, model, grads)
-    finally:
-        opt.set_fast_path(True)
     assert model["tied"] is model["w1"]
     keys = [k for k in sorted(model) if k != "tied"]
     return (_snapshot({k: tree[k] for k in keys}, {k: model[k] for k in keys}),
@@ -468,12 +448,9 @@ def _model_run(rule: opt.Rule, model: dict[str, Any], grads: dict[str, Any], fas
     model = {k: v.copy() for k, v in model.items()}
     tree = opt.setup(rule, model)
     before = _fast.counters["fast"]
-    opt.set_fast_path(fast)
-    try:
+    with fast_path(fast):
         for _ in range(steps):
             tree, model = opt.update_(tree, model, grads)
-    finally:
-        opt.set_fast_path(True)
     return _snapshot(tree, model), _fast.counters["fast"] - before
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from _backends import ALL_BACKENDS, Backend, BackendHelper, backend_params
+from _backends import ALL_BACKENDS, Backend, BackendHelper, backend_params, fast_path
 
 import agnosticopt as opt
 from agnosticopt import conformance as c
@@ -106,14 +106,12 @@ def test_identical_to_numpy(
         if not fast.available():
             pytest.skip("the fast path needs numba (pip install agnosticopt[fast])")
     before = _fast_counters()
-    previous = opt.set_fast_path(path == "fast")
-    try:
-        c.check_trajectory(helper.conformance, case, dtype, dataset=dataset,
-                           steps=STEPS[dtype, dataset])
-    except c.KnownDeviation as exc:
-        pytest.xfail(str(exc))
-    finally:
-        opt.set_fast_path(previous)
+    with fast_path(path == "fast"):
+        try:
+            c.check_trajectory(helper.conformance, case, dtype, dataset=dataset,
+                               steps=STEPS[dtype, dataset])
+        except c.KnownDeviation as exc:
+            pytest.xfail(str(exc))
     ran = _fast_counters() - before
     assert (ran > 0) == (path == "fast"), f"the fast path ran for {ran} leaves"
 

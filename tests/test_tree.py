@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+from _backends import fast_path
 
 import agnosticopt as opt
 
@@ -807,10 +808,7 @@ def test_update__reads_a_parameter_step_before_writing_it(fast: bool, order: str
     ref_model, ref_tree = make()
     _, want = opt.update(ref_tree, ref_model, {"p": ref_model["q"], "q": np.ones_like(ref_model["q"])})
     model, tree = make()
-    previous = opt.set_fast_path(fast)
-    try:
+    with fast_path(fast):
         opt.update_(tree, model, {"p": model["q"], "q": np.ones_like(model["q"])})
-    finally:
-        opt.set_fast_path(previous)
     for k in "pq":
         assert model[k].tobytes() == want[k].tobytes(), k
