@@ -20,7 +20,8 @@ import agnosticopt as opt
 from agnosticopt import conformance as c
 
 SHAPES = [(300, 200), (40_000,), (7, 11, 13), (1,)]  # > 100k values in all
-STEPS = 25
+STEPS = 25  #: of the full tier (``pytest -m slow``); the default run takes 5
+TIERS = (pytest.param(5, id="quick"), pytest.param(STEPS, id="full", marks=pytest.mark.slow))
 
 ELEMENTWISE = [pytest.param(case.rule, id=case.name) for case in c.CASES
                if "ClipNorm(" not in repr(case.rule)]
@@ -36,10 +37,12 @@ def _bits(helper: BackendHelper, arrays: list[Any]) -> list[bytes]:
     return [helper.to_numpy(a).tobytes() for a in arrays]
 
 
+@pytest.mark.parametrize("steps", TIERS)
 @pytest.mark.parametrize("kind", WRITEABLE)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("rule", ELEMENTWISE)
-def test_one_buffer_steps_like_the_arrays(kind: Backend, dtype: str, rule: opt.Rule) -> None:
+def test_one_buffer_steps_like_the_arrays(kind: Backend, dtype: str, rule: opt.Rule,
+                                          steps: int) -> None:
     helper = BackendHelper(kind)
     model, grads = _model(helper, dtype, 0), _model(helper, dtype, 1)
     per_array = [helper.asarray(helper.to_numpy(a)) for a in model]
@@ -49,9 +52,9 @@ def test_one_buffer_steps_like_the_arrays(kind: Backend, dtype: str, rule: opt.R
     gflat, _ = opt.destructure(grads)
     views, gviews = restructure(flat), restructure(gflat)
     flat_tree = opt.setup(rule, flat)
-    for k in range(STEPS):
+    for k in range(steps):
         for g, gv in zip(grads, gviews, strict=True):  # the loop writes new gradients
-            scale = helper.asarray(np.asarray(1.0 + k / STEPS, dtype=dtype))
+            scale = helper.asarray(np.asarray(1.0 + k / steps, dtype=dtype))
             gv[...] = g * scale
         tree, per_array = opt.update_(tree, per_array, [g * scale for g in grads])
         flat_tree, new_flat = opt.update_(flat_tree, flat, gflat)

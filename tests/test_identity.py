@@ -15,10 +15,12 @@ it in ``flushes_subnormals``. A difference on ``special`` data in those dtypes
 is an expected failure whose reason names the deviation and the first
 differing element; where the data meets no subnormal the bits must still match.
 
-Lengths: 1000 steps in float32 on normal data, shorter elsewhere to keep the
-suite fast (numpy's float16 arithmetic is ten times slower than float32's).
-``agnosticopt conformance --dtype float16 --dtype float32 ...`` runs the whole
-matrix at the full default lengths.
+Lengths: the ``full`` tier (``pytest -m slow``, which ``.ci/run`` also runs)
+takes 1000 steps in float32 on normal data and shorter elsewhere (numpy's
+float16 arithmetic is ten times slower than float32's); the ``quick`` tier of
+the default run takes the same matrix at a tenth of those lengths (at least 5
+steps). ``agnosticopt conformance --dtype float16 --dtype float32 ...`` runs the
+whole matrix at the CLI's default lengths.
 
 Backends: every one but numpy (the reference) and read-only numpy, whose
 arithmetic *is* numpy's; what read-only arrays test (no write into an input,
@@ -44,7 +46,8 @@ from _backends import ALL_BACKENDS, Backend, BackendHelper, backend_params, fast
 import agnosticopt as opt
 from agnosticopt import conformance as c
 
-#: Steps per (dtype, data set); every run has c.DEFAULT_SIZE (> 100k) elements.
+#: Steps per (dtype, data set) of the full tier; every run has c.DEFAULT_SIZE
+#: (> 100k) elements.
 STEPS = {
     ("float32", "normal"): 1000,
     ("float32", "special"): 100,
@@ -55,6 +58,13 @@ STEPS = {
     ("complex64", "normal"): 50,
     ("complex128", "normal"): 50,
 }
+
+#: Steps of the quick tier (the default run): a tenth, at least 5.
+QUICK_STEPS = {key: max(5, n // 10) for key, n in STEPS.items()}
+TIERS = (
+    pytest.param("quick", id="quick"),
+    pytest.param("full", id="full", marks=pytest.mark.slow),
+)
 
 PLAIN_BACKENDS = [
     p for p in backend_params(ALL_BACKENDS)
@@ -96,8 +106,9 @@ def test_the_trajectories_are_long_and_wide() -> None:
 
 
 @pytest.mark.parametrize(("case", "dtype", "dataset", "kind", "path"), _params())
+@pytest.mark.parametrize("tier", TIERS)
 def test_identical_to_numpy(
-    kind: Backend, case: c.Case, dtype: str, dataset: str, path: str
+    kind: Backend, case: c.Case, dtype: str, dataset: str, path: str, tier: str
 ) -> None:
     helper = BackendHelper(kind)
     helper.require(dtype)
@@ -109,7 +120,7 @@ def test_identical_to_numpy(
     with fast_path(path == "fast"):
         try:
             c.check_trajectory(helper.conformance, case, dtype, dataset=dataset,
-                               steps=STEPS[dtype, dataset])
+                               steps=(STEPS if tier == "full" else QUICK_STEPS)[dtype, dataset])
         except c.KnownDeviation as exc:
             pytest.xfail(str(exc))
     ran = _fast_counters() - before
