@@ -36,9 +36,10 @@ rules hand in scalars already rounded to float16, this is numpy's result (float3
 has more than ``2*11 + 2`` bits, so the double rounding is innocuous). The same
 holds for bfloat16, which only torch supports here: its reference is numpy with
 ``ml_dtypes.bfloat16`` (also float32 arithmetic, rounded once). bfloat16 host
-scalars are ``ml_dtypes.bfloat16`` when ml_dtypes is installed (it comes with
-JAX); without it they are float32 values, so host scalar arithmetic is then in
-float32 and each scalar reaches torch unrounded to bfloat16.
+scalars are always ``ml_dtypes.bfloat16`` (a dependency of the ``torch`` extra;
+JAX ships it too), so hyperparameters are rounded to bfloat16 and host scalar
+arithmetic is bfloat16 arithmetic. Without ml_dtypes a bfloat16 tensor raises
+``ImportError`` rather than silently computing its scalars in float32.
 """
 
 from __future__ import annotations
@@ -55,12 +56,25 @@ from agnosticopt.adapters._base import Adapter, _py
 
 __all__ = ["TorchAdapter", "TorchCudaAdapter", "adapter"]
 
-try:  # bfloat16 on the host (ml_dtypes ships with JAX; torch does not need it)
+try:  # bfloat16 on the host: a dependency of the torch extra (JAX ships it too)
     import ml_dtypes
 
     _BFLOAT16: type | None = ml_dtypes.bfloat16
 except ImportError:  # pragma: no cover - depends on the environment
     _BFLOAT16 = None
+
+
+def _bfloat16() -> type:
+    """``ml_dtypes.bfloat16``, the host scalar type of bfloat16 tensors."""
+    if _BFLOAT16 is None:
+        msg = (
+            "bfloat16 tensors need the ml_dtypes package for exact bfloat16 host "
+            "scalars (without it the results would differ): pip install ml_dtypes, "
+            "or install agnosticopt[torch]"
+        )
+        raise ImportError(msg)
+    return _BFLOAT16
+
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _NUMPY_SQRT = (torch.float32, torch.float64)
@@ -128,7 +142,7 @@ class TorchAdapter(Adapter):
 
     def scalar_type(self, x: Any) -> type:
         if x.dtype == torch.bfloat16:
-            return _BFLOAT16 if _BFLOAT16 is not None else np.float32
+            return _bfloat16()
         return super().scalar_type(x)
 
     def astype(self, x: Any, name: str) -> Any:
@@ -241,9 +255,7 @@ class TorchAdapter(Adapter):
     def to_numpy(self, a: Any) -> np.ndarray:
         t = a.detach().cpu().resolve_conj().resolve_neg()
         if t.dtype == torch.bfloat16:
-            if _BFLOAT16 is None:  # float32 holds every bfloat16 exactly
-                return t.to(torch.float32).numpy().copy()
-            return t.view(torch.int16).numpy().view(_BFLOAT16).copy()
+            return t.view(torch.int16).numpy().view(_bfloat16()).copy()
         return t.numpy().copy()
 
     # -- writing --------------------------------------------------------------------
