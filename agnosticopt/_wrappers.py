@@ -150,7 +150,10 @@ class MixedPrecision(Rule):
     .. math:: x_T \\leftarrow x_T - u, \\qquad x \\leftarrow \\operatorname{round}(x_T)
 
     Meant for float16 or bfloat16 parameters. It must be the outermost rule:
-    wrap a chain in it, never the reverse.
+    wrap a chain in it, never the reverse. It is the remedy the rules name
+    when a hyperparameter degenerates in the parameter dtype (for example
+    Adam's β2 = 0.999, which is 1 in bfloat16): the inner rule's
+    hyperparameters are then rounded to ``dtype`` instead.
 
     Notes
     -----
