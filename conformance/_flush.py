@@ -58,7 +58,6 @@ class FlushingAdapter(NumpyAdapter):
         The ndarray subclass it serves (its results are views of that type).
     """
 
-    fast_plan = None  # one numpy operation at a time (no compiled fast path)
     #: The dtypes it flushes.
     dtypes: frozenset[str] = FLUSHED
 
@@ -66,6 +65,10 @@ class FlushingAdapter(NumpyAdapter):
         super().__init__()
         self.name = name
         self.array_type = array_type
+
+    def fast_plan(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
+        """No compiled fast path: one flushed numpy operation at a time."""
+        return None
 
     # -- flushing ---------------------------------------------------------------------
     def _wrap(self, r: Any) -> Any:
