@@ -20,6 +20,7 @@ import functools
 import itertools
 import math
 import numbers
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -160,12 +161,32 @@ def _hints(cls: type) -> dict[str, Any]:
     """The resolved annotations of a rule class (strings under PEP 563 included)."""
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001  (a name only a type checker sees: check the rest)
+            hints = _hints_one_by_one(cls)
+        _HINTS[cls] = hints
+    return hints
+
+
+def _hints_one_by_one(cls: type) -> dict[str, Any]:
+    """Each field's annotation that resolves on its own; the others are unchecked."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        namespace = vars(sys.modules.get(klass.__module__, types.ModuleType("_")))
+        for name, annotation in vars(klass).get("__annotations__", {}).items():
+            holder = types.SimpleNamespace(__annotations__={name: annotation})
+            try:
+                hints[name] = typing.get_type_hints(holder, namespace)[name]
+            except Exception:  # noqa: BLE001
+                hints[name] = Any
     return hints
 
 
 def _check_value(where: str, tp: Any, value: Any) -> Any:
     """``value`` checked against the annotation ``tp``; ints become floats for floats."""
+    if tp is Any:
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:

@@ -10,7 +10,7 @@ import dataclasses
 import itertools
 import math
 import pickle
-from typing import Any, Optional, Tuple  # noqa: UP035  (typing spellings tested)
+from typing import TYPE_CHECKING, Any, Optional, Tuple  # noqa: UP035  (typing spellings tested)
 
 import numpy as np
 import pytest
@@ -519,6 +519,31 @@ def test_validation_follows_typing_annotations() -> None:
         _Annotated(either="no")
     with pytest.raises(TypeError, match=r"_Annotated\.count must be an integer"):
         _Annotated(count=1.5)
+
+
+if TYPE_CHECKING:  # a name only the type checker sees
+    from collections.abc import Sequence as OnlyForTypes
+
+
+@dataclasses.dataclass(frozen=True)
+class _HalfResolvable(opt.Rule):
+    """A user rule with one annotation that cannot be resolved at run time."""
+
+    eta: float = 0.1
+    extra: OnlyForTypes[float] | None = None
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        return None, dx
+
+
+def test_an_unresolvable_annotation_leaves_the_other_fields_checked() -> None:
+    assert _HalfResolvable(1).eta == 1.0
+    assert _HalfResolvable(extra=[1.0]).extra == [1.0]
+    with pytest.raises(TypeError, match=r"_HalfResolvable\.eta must be a real number"):
+        _HalfResolvable("fast")
 
 
 # -- hyperparameters that degenerate in the parameter dtype (issue 9, item 5) ----------
