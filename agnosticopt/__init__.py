@@ -22,6 +22,7 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
+from agnosticopt._checkpoint import load_state_dict, state_dict
 from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
@@ -78,11 +79,13 @@ __all__ = [
     "adjust_",
     "destructure",
     "freeze_",
+    "load_state_dict",
     "norm",
     "register_adapter",
     "register_container",
     "set_fast_path",
     "setup",
+    "state_dict",
     "thaw_",
     "trainables",
     "update",
