@@ -22,7 +22,7 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
-from agnosticopt._checkpoint import load_state_dict, state_dict
+from agnosticopt._checkpoint import convert, load, load_state_dict, save, state_dict
 from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
@@ -77,12 +77,15 @@ __all__ = [
     "adapter_for",
     "adjust",
     "adjust_",
+    "convert",
     "destructure",
     "freeze_",
+    "load",
     "load_state_dict",
     "norm",
     "register_adapter",
     "register_container",
+    "save",
     "set_fast_path",
     "setup",
     "state_dict",
