@@ -46,6 +46,9 @@ from agnosticopt._xp import adapter_for, register_adapter
 
 __version__ = "0.1.0"
 
+if "jax" in __import__("sys").modules:  # JAX already imported: state trees are pytrees now
+    import agnosticopt.adapters.jax  # noqa: F401  (registers Leaf; else done at the first JAX array)
+
 __all__ = [
     "AMSGrad",
     "AccumGrad",

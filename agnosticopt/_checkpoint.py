@@ -323,6 +323,11 @@ def _is_numpy_generic(value: Any) -> bool:
     return isinstance(value, np.generic)
 
 
+def _is_float_scalar(value: Any) -> bool:
+    """A host numpy scalar of a floating-point dtype (ml_dtypes' bfloat16 included)."""
+    return _is_numpy_generic(value) and (value.dtype.kind in "fc" or "float" in value.dtype.name)
+
+
 def _plain(value: Any) -> Any:
     """A host numpy scalar as the Python number of the same value."""
     if _is_numpy_generic(value):
@@ -360,19 +365,19 @@ def leaf_entries(leaf: Leaf, *, raw: bool = False) -> dict[str, Any]:
 
 
 def _describe_value(value: Any) -> str:
+    if _is_numpy_generic(value):
+        return f"a numpy {value.dtype.name} scalar"
     xp = adapter_for(value)
     if xp is not None:
         return f"a {xp.name} {xp.dtype_name(value)} array of shape {xp.shape(value)}"
-    if _is_numpy_generic(value):
-        return f"a numpy {value.dtype.name} scalar"
     return f"a {type(value).__name__}"
 
 
 def _slot_kind(template: Any) -> str:
+    if _is_numpy_generic(template):  # before adapter_for: numpy scalars have a namespace
+        return "scalar" if _is_float_scalar(template) else "int"
     if adapter_for(template) is not None:
         return "array"
-    if _is_numpy_generic(template):
-        return "int" if template.dtype.kind in "iub" else "scalar"
     if isinstance(template, bool):
         return "bool"
     if isinstance(template, int):
@@ -409,7 +414,7 @@ def _restore_scalar(kind: type, value: Any, where: str, problems: list[str]) -> 
     import numpy as np
 
     expected = np.dtype(kind).name
-    xp = adapter_for(value)
+    xp = None if _is_numpy_generic(value) else adapter_for(value)
     if xp is not None:  # a 0-d array (a file's tensor, a state from jax.jit)
         if xp.shape(value) != () or xp.dtype_name(value) != expected:
             problems.append(
@@ -438,7 +443,19 @@ def _restore_scalar(kind: type, value: Any, where: str, problems: list[str]) -> 
 
 def _restore_array(template: Any, value: Any, where: str, problems: list[str]) -> Any:
     txp = adapter_for(template)
-    vxp = adapter_for(value)
+    if txp.shape(template) == () and (_is_numpy_generic(value) or (
+            isinstance(value, numbers.Real) and not isinstance(value, bool))):
+        # a host scalar that jax.jit made a 0-d array: a number fits it
+        kind = txp.scalar_type(template)
+        scalar = _restore_scalar(kind, value, where, problems) if not txp.is_complex(
+            template) else None
+        if scalar is None:
+            problems.append(f"{where}: mis-typed, expected {_describe_value(template)}")
+            return template
+        import numpy as np
+
+        return _from_numpy(np.asarray(scalar), template)
+    vxp = None if _is_numpy_generic(value) else adapter_for(value)
     if vxp is None:
         problems.append(
             f"{where}: mis-typed, expected {_describe_value(template)}, got {_describe_value(value)}"
@@ -996,7 +1013,7 @@ def save(path: Any, tree: Any) -> None:
         for name, value in entries.items():
             full = f"{key}{SEP}{name}"
             if adapter_for(value) is not None or _is_numpy_generic(value):
-                if _is_numpy_generic(value) and value.dtype.kind not in "fc":
+                if _is_numpy_generic(value) and not _is_float_scalar(value):
                     info["values"][name] = _metadata_value(_plain(value), full)
                     continue
                 code, shape, data, is_complex = _tensor_bytes(_host_numpy(value))
