@@ -174,12 +174,14 @@ _DYNAMIC = ("dynamic",)
 
 
 def _dynamic(value: Any) -> bool:
-    """Arrays (JAX, tracers, numpy) and host float scalars are traced children."""
-    if isinstance(value, (jax.Array, jax.core.Tracer, np.ndarray)):
-        return True
-    return isinstance(value, np.generic) and (
-        value.dtype.kind in "fc" or "float" in value.dtype.name  # bfloat16's kind is "V"
-    )
+    """Everything but Python ints and strings is a child that ``jax.jit`` traces.
+
+    Arrays and host float scalars (``beta_t``) are traced; what JAX puts in
+    their place (tracers, ``ShapeDtypeStruct`` of ``eval_shape``, placeholders
+    of ``tree_map``) stays a child. Ints (``AccumGrad``'s counter, ``RAdam``'s
+    ``t``, on which rules branch on the host) and strings are static.
+    """
+    return not isinstance(value, (int, str))
 
 
 def _split(state: Any, name: str, keys: list[Any], children: list[Any]) -> Any:
