@@ -575,3 +575,21 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_checkpoint_docs_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    pytest.importorskip("torch", reason="the examples move a state to torch")
+    import re
+
+    text = (DOCS / "checkpoints.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {"__name__": "docs"}
+    for block in blocks:  # one namespace: the page is one session
+        exec(compile(block, str(DOCS / "checkpoints.md"), "exec"), scope)  # noqa: S102
+    assert (tmp_path / "optimiser.safetensors").exists()

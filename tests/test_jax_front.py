@@ -150,31 +150,6 @@ def test_a_jitted_state_saves_and_resumes_eagerly(tmp_path: Any) -> None:
     assert (_u32(back["w"].state.m) == _u32(tree["w"].state.m)).all()
 
 
-def test_a_jitted_training_step_learns() -> None:
-    """The example of docs/jax.md: a linear model fitted with a jitted step."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((256, 8)).astype(np.float32))
-    y = x @ jnp.arange(8.0, dtype=jnp.float32) + 1.0
-
-    def loss(params: Any) -> Any:
-        return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
-
-    @jax.jit
-    def train_step(tree: Any, params: Any) -> Any:
-        value, grads = jax.value_and_grad(loss)(params)
-        tree, params = opt.update(tree, params, grads)
-        return tree, params, value
-
-    params = {"w": jnp.zeros(8), "b": jnp.zeros(())}
-    tree = opt.setup(opt.Adam(0.1), params)
-    first = None
-    for _ in range(300):
-        tree, params, value = train_step(tree, params)
-        first = value if first is None else first
-    assert float(value) < 1e-3 * float(first)
-    assert train_step._cache_size() <= 2
-
-
 REGISTRATION = textwrap.dedent("""
     import sys
     order = sys.argv[1]
@@ -205,3 +180,14 @@ def test_leaves_are_registered_whichever_is_imported_first(order: str) -> None:
                           text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"{order} ok"
+
+
+def test_the_jax_docs_run_as_written() -> None:
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "jax.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), {"__name__": "docs"})  # noqa: S102
