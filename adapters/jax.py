@@ -91,9 +91,13 @@ class JaxAdapter(Adapter):
         "bfloat16", "float32", "float64", "complex64", "complex128",
     )
 
-    def __init__(self, platform: str = "cpu") -> None:
+    def __init__(self, platform: str = "cpu", *, traced: bool = False) -> None:
         super().__init__(jnp, "jax" if platform == "cpu" else f"jax-{platform}")
         self.platform = platform
+        #: The adapter of tracers (inside ``jax.jit``): they have no device to
+        #: compare (``jit`` places them), so device checks are skipped.
+        self.traced = traced
+        self.one_device = traced
         if platform != "cpu":  # XLA's GPU default is ``xla_gpu_ftz=false``
             self.flushes_subnormals = ()
 
@@ -148,7 +152,7 @@ class JaxAdapter(Adapter):
         return super().to_host(a)
 
 
-_ADAPTERS: dict[str, JaxAdapter] = {}
+_ADAPTERS: dict[tuple[str, bool], JaxAdapter] = {}
 
 
 def _platform(x: Any) -> str:
@@ -161,10 +165,10 @@ def adapter(x: Any) -> Adapter | None:
     """The JAX adapter for a ``jax.Array`` or a tracer, by device platform."""
     if not isinstance(x, (jax.Array, jax.core.Tracer)):
         return None
-    platform = _platform(x)
-    found = _ADAPTERS.get(platform)
+    key = (_platform(x), _traced(x))
+    found = _ADAPTERS.get(key)
     if found is None:
-        found = _ADAPTERS[platform] = JaxAdapter(platform)
+        found = _ADAPTERS[key] = JaxAdapter(key[0], traced=key[1])
     return found
 
 
