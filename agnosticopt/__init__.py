@@ -22,7 +22,8 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
-from agnosticopt._checkpoint import convert, load, load_state_dict, save, state_dict
+from agnosticopt._checkpoint import convert, load_state_dict, state_dict
+from agnosticopt._checkpoint_file import load, save
 from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay

@@ -279,6 +279,11 @@ def test_rule_descriptions_build_only_public_rule_classes() -> None:
                                "fields": {"eta": -1.0, "beta": [0.9, 0.9], "epsilon": 0.0}})
     with pytest.raises(ValueError, match="a rule description is a dict with 'class'"):
         rule_from_description({"class": "Descent", "fields": {"eta": {"x": 1}}})
+    deep: dict[str, Any] = {"class": "Descent", "fields": {"eta": 0.1}}
+    for _ in range(sys.getrecursionlimit()):
+        deep = {"class": "OptimiserChain", "fields": {"opts": [deep]}}
+    with pytest.raises(ValueError, match="nested too deeply"):
+        rule_from_description(deep)
 
 
 def test_a_rule_of_another_class_is_restored_into_a_target_with_the_same_rule() -> None:
@@ -559,12 +564,13 @@ def test_resume_in_a_fresh_process(backend: str, saved_at_k: tuple[Path, Any]) -
     path, expected = saved_at_k
     script = path.parent / "resume.py"
     script.write_text(RESUME)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
-                                                       os.environ.get("PYTHONPATH", "")]),
-               JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), JAX_ENABLE_X64="1",
+               JAX_PLATFORMS="cpu")
     out = path.parent / f"{backend}.npz"
     done = subprocess.run([sys.executable, str(script), backend, str(path), str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+                          capture_output=True, text=True, timeout=300, env=env, check=False,
+                          cwd=path.parent)  # not the repository root: the installed package
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(out) as f:
         got = dict(f)

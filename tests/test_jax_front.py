@@ -174,10 +174,11 @@ REGISTRATION = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("order", ["jax first", "agnosticopt first"])
-def test_leaves_are_registered_whichever_is_imported_first(order: str) -> None:
+def test_leaves_are_registered_whichever_is_imported_first(order: str, tmp_path: Any) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", REGISTRATION, order], capture_output=True,
-                          text=True, timeout=120, env=env, check=False)
+                          text=True, timeout=120, env=env, check=False,
+                          cwd=tmp_path)  # not the repository root: the installed package
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"{order} ok"
 
