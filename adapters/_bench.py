@@ -13,7 +13,9 @@ Implementations: agnosticopt ``update_`` on a numpy list and on a list of torch
 ``nn.Parameter`` (fast path on, and the plain path), the flat-buffer mode (the
 arrays and gradients are views of one buffer each, see the README; one leaf per
 step), ``torch.optim`` for-loop,
-foreach and fused, and optax (``jax.jit`` with donated buffers) when installed.
+foreach and fused, optax (``jax.jit`` with donated buffers) when installed, and
+agnosticopt's ``update`` on JAX arrays under ``jax.jit`` the same way ("jax jit";
+its bits are XLA's, see :mod:`agnosticopt.adapters.jax`).
 
 Extra peak memory of a step (memory allocated during the step beyond what was
 in use before it) is measured two ways: with ``tracemalloc`` for numpy (numpy
@@ -88,7 +90,7 @@ RULES: dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]] = {
 
 IMPLEMENTATIONS = (
     "numpy fast", "numpy plain", "numpy flat", "torch fast", "torch plain", "torch flat",
-    "torch for-loop", "torch foreach", "torch fused", "optax",
+    "torch for-loop", "torch foreach", "torch fused", "optax", "jax jit",
 )
 
 
@@ -222,6 +224,25 @@ def _optax(rule: str, shapes: list[tuple[int, ...]]) -> Step | None:
     return step
 
 
+def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
+    """agnosticopt's ``update`` on JAX arrays inside ``jax.jit`` (buffers donated)."""
+    if importlib.util.find_spec("jax") is None:
+        return None
+    import jax
+
+    params, grads = _data(shapes)
+    state = {"params": [jax.numpy.asarray(p) for p in params]}
+    jgrads = [jax.numpy.asarray(g) for g in grads]
+    state["tree"] = opt.setup(rule, state["params"])
+    update = jax.jit(opt.update, donate_argnums=(0, 1))  # parameters and state in place
+
+    def step() -> None:
+        state["tree"], state["params"] = update(state["tree"], state["params"], jgrads)
+        jax.block_until_ready(state["params"])
+
+    return step
+
+
 def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
            ) -> dict[str, Step | None]:
     ours, name, keywords, clip = RULES[rule]
@@ -236,6 +257,7 @@ def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
         "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes),
         "torch fused": lambda: _torch("fused", name, keywords, clip, shapes),
         "optax": lambda: _optax(rule, shapes),
+        "jax jit": lambda: _jax_jit(ours, shapes),
     }
     return {impl: makers[impl]() for impl in impls}
 

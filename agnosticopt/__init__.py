@@ -22,6 +22,8 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
+from agnosticopt._checkpoint import convert, load_state_dict, state_dict
+from agnosticopt._checkpoint_file import load, save
 from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
@@ -44,6 +46,9 @@ from agnosticopt._wrappers import AccumGrad, MixedPrecision, OptimiserChain
 from agnosticopt._xp import adapter_for, register_adapter
 
 __version__ = "0.1.0"
+
+if "jax" in __import__("sys").modules:  # JAX already imported: state trees are pytrees now
+    import agnosticopt.adapters.jax  # noqa: F401  (registers Leaf; else done at the first JAX array)
 
 __all__ = [
     "AMSGrad",
@@ -76,13 +81,18 @@ __all__ = [
     "adapter_for",
     "adjust",
     "adjust_",
+    "convert",
     "destructure",
     "freeze_",
+    "load",
+    "load_state_dict",
     "norm",
     "register_adapter",
     "register_container",
+    "save",
     "set_fast_path",
     "setup",
+    "state_dict",
     "thaw_",
     "trainables",
     "update",
