@@ -45,6 +45,19 @@ from agnosticopt._tree import (
 from agnosticopt._wrappers import AccumGrad, MixedPrecision, OptimiserChain
 from agnosticopt._xp import adapter_for, register_adapter
 
+#: Public names whose module imports a backend: loaded on first access only.
+_LAZY = {"TorchOptimizer": "agnosticopt.adapters.torch_optim"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'agnosticopt' has no attribute {name!r}"
+        raise AttributeError(msg)
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __version__ = "0.1.0"
 
 if "jax" in __import__("sys").modules:  # JAX already imported: state trees are pytrees now
