@@ -39,9 +39,15 @@ from typing import Any
 import torch
 
 import agnosticopt as opt
+from agnosticopt._checkpoint import (
+    describe_rule,
+    leaf_entries,
+    leaf_from_entries,
+    rule_from_description,
+)
 from agnosticopt._rule import Rule
 
-__all__ = ["TORCH_NAMES", "TorchOptimizer"]
+__all__ = ["TORCH_NAMES", "TorchOptimizer", "param_entries"]
 
 #: torch's name -> the rule field, for every rule with such a field (by field name).
 _BY_FIELD = {"eta": "lr", "beta": "betas", "epsilon": "eps"}
@@ -149,157 +155,28 @@ def _shape(rule: Any) -> Any:
     return (type(rule), fixed)
 
 
-# -- rule descriptions (plain data, for state_dict) --------------------------------------------------
+# -- a Leaf's entries in a state dict (agnosticopt's checkpoint format) ------------------------------
 
 
-def describe_rule(rule: Any) -> dict[str, Any]:
-    """A rule as plain data: ``{"type": name, field: value, ...}``, inner rules nested."""
-    if not dataclasses.is_dataclass(rule):
-        msg = f"cannot describe the rule {rule!r}: it is not a dataclass"
-        raise TypeError(msg)
-    out: dict[str, Any] = {"type": type(rule).__name__}
-    for f in dataclasses.fields(rule):
-        value = getattr(rule, f.name)
-        if isinstance(value, Rule):
-            out[f.name] = describe_rule(value)
-        elif isinstance(value, tuple) and any(isinstance(v, Rule) for v in value):
-            out[f.name] = [describe_rule(v) for v in value]
-        else:
-            out[f.name] = value
-    return out
+def param_entries(leaf: Any) -> dict[str, Any]:
+    """One parameter's entry of ``state_dict()["state"]``: :func:`leaf_entries` less ``rule``.
+
+    ``{"state.m": tensor, "state.beta_t.0": 0.9, ..., "frozen": False}``: the
+    live state tensors (as torch's ``state_dict``), host scalars as Python
+    numbers; the rule is described once per group instead.
+    """
+    entries = leaf_entries(leaf)
+    del entries["rule"]
+    return entries
 
 
 def _restored_rule(current: Any, saved: Any, where: str) -> Any:
-    """``current`` with the hyperparameters of the description ``saved``.
-
-    The kind, nesting and fixed fields must be the same (the state depends on
-    them); everything else is taken from ``saved``.
-    """
-    name = type(current).__name__
-    if not isinstance(saved, Mapping) or saved.get("type") != name:
-        got = saved.get("type") if isinstance(saved, Mapping) else saved
-        msg = f"{where}: the state dict has the rule {got!r}, this optimizer {name}"
+    """The rule a saved group describes; its kind, nesting and fixed fields: ``current``'s."""
+    rule = rule_from_description(saved, like=current, where=where)
+    if _shape(rule) != _shape(current):
+        msg = f"{where}: the state dict is for {rule!r}, this optimizer's rule is {current!r}"
         raise ValueError(msg)
-    if isinstance(current, opt.OptimiserChain):
-        opts = saved.get("opts")
-        if not isinstance(opts, (list, tuple)) or len(opts) != len(current.opts):
-            msg = f"{where}: the state dict's chain is not {current!r}"
-            raise ValueError(msg)
-        return opt.OptimiserChain(*(_restored_rule(c, s, f"{where}, rule {k}")
-                                    for k, (c, s) in enumerate(zip(current.opts, opts,
-                                                                    strict=True))))
-    if isinstance(current, opt.MixedPrecision):
-        if saved.get("dtype") != current.dtype:
-            msg = (f"{where}: the state dict's MixedPrecision is {saved.get('dtype')!r}, "
-                   f"this optimizer's {current.dtype!r}")
-            raise ValueError(msg)
-        return opt.MixedPrecision(current.dtype,
-                                  _restored_rule(current.rule, saved.get("rule"), where))
-    changes: dict[str, Any] = {}
-    fixed: frozenset[str] = getattr(current, "fixed_fields", frozenset())
-    for f in dataclasses.fields(current):
-        if f.name not in saved:
-            msg = f"{where}: the state dict's {name} has no {f.name!r}"
-            raise ValueError(msg)
-        old, new = getattr(current, f.name), saved[f.name]
-        if isinstance(old, tuple) and isinstance(new, list):
-            new = tuple(new)
-        if isinstance(old, Rule):
-            new = _restored_rule(old, new, where)
-        if f.name in fixed:
-            if new != old:
-                msg = (f"{where}: the state dict's {name} has {f.name}={new!r}, this "
-                       f"optimizer's {old!r}; the state differs")
-                raise ValueError(msg)
-        elif new != old or type(new) is not type(old):
-            changes[f.name] = new
-    return current.adjust(**changes) if changes else current
-
-
-# -- a Leaf's state as a flat dict of tensors and numbers ----------------------------------------------
-
-
-def flatten_state(state: Any, prefix: str = "") -> dict[str, Any]:
-    """A Leaf's state as ``{"m": tensor, "beta_t.0": 0.9, ...}``.
-
-    Named tuples are keyed by field name, tuples and lists by position, joined
-    with ``.``; arrays stay (the live state tensors, not copies), host numpy
-    scalars become Python floats or ints (exact), ``None`` is left out.
-    """
-    out: dict[str, Any] = {}
-    fields = getattr(type(state), "_fields", None)
-    if isinstance(state, (tuple, list)):
-        keys = fields if fields is not None else range(len(state))
-        for key, child in zip(keys, state, strict=True):
-            out.update(flatten_state(child, f"{prefix}{key}."))
-    elif state is not None:
-        out[prefix[:-1]] = _plain(state)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (torch.Tensor, bool, int, float)):
-        return value
-    if type(value).__module__ in ("numpy", "ml_dtypes"):
-        item = value.item()
-        return float(item) if isinstance(item, float) or "float" in type(value).__name__ \
-            else item
-    msg = f"cannot put {type(value).__name__} {value!r} of a Leaf state in a state dict"
-    raise TypeError(msg)
-
-
-def _load_state(template: Any, flat: Mapping[str, Any], where: str,
-                errors: list[str]) -> Any:
-    """A new state like ``template`` from ``flat``; problems go to ``errors``."""
-    wanted = flatten_state(template)
-    for key in sorted(set(flat) - set(wanted), key=str):
-        errors.append(f"{where}: unexpected entry {key!r}")
-    for key in sorted(set(wanted) - set(flat), key=str):
-        errors.append(f"{where}: missing entry {key!r}")
-
-    def build(t: Any, prefix: str) -> Any:
-        fields = getattr(type(t), "_fields", None)
-        if isinstance(t, (tuple, list)):
-            keys = fields if fields is not None else range(len(t))
-            children = [build(c, f"{prefix}{k}.") for k, c in zip(keys, t, strict=True)]
-            if fields is not None:
-                return type(t)._make(children)  # type: ignore[union-attr]
-            return type(t)(children)
-        if t is None:
-            return None
-        key = prefix[:-1]
-        if key not in flat:
-            return t
-        return _loaded_value(t, flat[key], f"{where}, entry {key!r}", errors)
-
-    return build(template, "")
-
-
-def _loaded_value(t: Any, v: Any, where: str, errors: list[str]) -> Any:
-    if isinstance(t, torch.Tensor):
-        if not isinstance(v, torch.Tensor):
-            errors.append(f"{where}: expected a tensor, got {type(v).__name__}")
-        elif tuple(v.shape) != tuple(t.shape):
-            errors.append(f"{where}: shape {tuple(v.shape)}, expected {tuple(t.shape)}")
-        elif v.dtype != t.dtype:
-            errors.append(f"{where}: dtype {v.dtype}, expected {t.dtype}")
-        else:
-            return v.detach().to(device=t.device, copy=True)
-        return t
-    if isinstance(t, bool) or isinstance(v, torch.Tensor):
-        if type(v) is not type(t):
-            errors.append(f"{where}: expected {type(t).__name__}, got {type(v).__name__}")
-            return t
-        return v
-    if isinstance(t, int):
-        if isinstance(v, bool) or not isinstance(v, int):
-            errors.append(f"{where}: expected an integer, got {v!r}")
-            return t
-        return v
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        errors.append(f"{where}: expected a real number, got {v!r}")
-        return t
-    return type(t)(v)
+    return rule
 
 
 # -- the optimizer ------------------------------------------------------------------------------------
@@ -330,7 +207,7 @@ class _States(Mapping[torch.Tensor, Mapping[str, Any]]):
     def __getitem__(self, p: torch.Tensor) -> Mapping[str, Any]:
         for q, leaf in self._leaves():
             if q is p:
-                return types.MappingProxyType(flatten_state(leaf.state))
+                return types.MappingProxyType(param_entries(leaf))
         raise KeyError(p)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -404,7 +281,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # -- torch.optim.Optimizer's state, as a view of the Leaves ----------------------------
     @property  # type: ignore[override]
     def state(self) -> Mapping[torch.Tensor, Mapping[str, Any]]:
-        """Parameter -> its state as a read-only dict (live tensors; see flatten_state)."""
+        """Parameter -> its state as a read-only dict (live tensors; see param_entries)."""
         return _States(self)
 
     @state.setter
@@ -530,7 +407,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         Returns
         -------
         dict
-            ``{"state": {index: {"m": tensor, "beta_t.0": 0.9, ...}},
+            ``{"state": {index: {"state.m": tensor, "state.beta_t.0": 0.9, ...}},
             "param_groups": [{"lr": ..., "rule": {...}, "params": [indices],
             "param_names": [...] (given named_parameters())}, ...]}``: tensors
             (the live state tensors, as torch's), numbers, strings, tuples, lists
@@ -548,7 +425,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             packed["params"] = list(range(start, start + len(group["params"])))
             for i, leaf in enumerate(info.leaves, start):
                 if leaf is not None:
-                    state[i] = flatten_state(leaf.state)
+                    state[i] = param_entries(leaf)
             start += len(group["params"])
             groups.append(packed)
         state_dict: dict[str, Any] = {"state": state, "param_groups": groups}
@@ -596,7 +473,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                                                         strict=True):
             for leaf, new in zip(info.leaves, states, strict=True):
                 if leaf is not None:
-                    leaf.rule, leaf.state = rule, new
+                    leaf.rule, leaf.state, leaf.frozen = rule, new.state, new.frozen
             keep: dict[str, Any] = {k: group[k] for k in ("params", "param_names")
                                     if k in group}
             group.clear()
@@ -645,13 +522,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             if leaf is None:
                 states.append(None)
                 continue
-            flat = saved_state.get(sid)
-            if not isinstance(flat, Mapping):
+            entries = saved_state.get(sid)
+            if not isinstance(entries, Mapping):
                 errors.append(f"{where}, parameter {label}: no state (index {sid!r})")
-                states.append(leaf.state)
+                states.append(leaf)
                 continue
-            states.append(_load_state(leaf.state, flat, f"{where}, parameter {label}",
-                                      errors))
+            states.append(leaf_from_entries(leaf, entries, f"{where}, parameter {label}",
+                                            problems=errors, rule=rule or leaf.rule))
         packed = {key: v for key, v in saved.items()
                   if key not in ("params", "param_names", "rule")}
         return rule, states, packed
