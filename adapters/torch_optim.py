@@ -311,15 +311,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         values = _values(rule, where)
         param_group.update(values)
         param_group["rule"] = rule
+        given_params = param_group.get("params")
+        if isinstance(given_params, torch.Tensor):
+            given_params = [given_params]
+        elif given_params is not None and not isinstance(given_params, set):
+            given_params = list(given_params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in given_params]
+            if len({id(p) for p in tensors}) != len(tensors):
+                msg = f"{where} has a parameter twice (its gradient would count twice)"
+                raise ValueError(msg)
+        param_group["params"] = given_params
         super().add_param_group(param_group)
         for name in TORCH_NAMES - set(values):  # a default of another group's rule
             if name not in given:
                 param_group.pop(name, None)
         params = param_group["params"]
-        if len({id(p) for p in params}) != len(params):
-            self.param_groups.pop()
-            msg = f"{where} has a parameter twice (its gradient would count twice)"
-            raise ValueError(msg)
         for p in params:
             if p.layout != torch.strided:
                 self.param_groups.pop()
