@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import agnosticopt as opt  # noqa: E402
+import agnosticopt as opt
 
 lr_scheduler = torch.optim.lr_scheduler
 
@@ -187,7 +187,8 @@ def test_torch_named_hyperparameters_set_the_rule_and_groups_override() -> None:
     assert (first["lr"], first["betas"], first["weight_decay"]) == (0.5, (0.8, 0.9), 0.1)
     assert second["rule"] == opt.Momentum(0.2, 0.8)
     assert (second["lr"], second["momentum"]) == (0.2, 0.8)
-    assert "betas" not in second and "weight_decay" not in second
+    assert "betas" not in second
+    assert "weight_decay" not in second
     assert optimizer.defaults["betas"] == (0.8, 0.9)
 
 
@@ -433,7 +434,7 @@ def test_state_dict_round_trip_into_reordered_model_is_bitwise_uninterrupted() -
     saved = through_torch_save({"model": first.state_dict(), "optim": o2.state_dict(),
                                 "sched": s2.state_dict()})
     resumed = fresh(reverse=True, seed=5)
-    assert [n for n, _ in resumed.named_parameters()][0] == "second.weight"
+    assert next(n for n, _ in resumed.named_parameters()) == "second.weight"
     resumed.load_state_dict(saved["model"])
     o3, s3 = make(resumed)
     o3.load_state_dict(saved["optim"])
