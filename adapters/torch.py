@@ -54,7 +54,9 @@ import numpy as np
 import torch
 from agnosticopt.adapters._base import Adapter, _py
 
-__all__ = ["TorchAdapter", "TorchCudaAdapter", "adapter"]
+from agnosticopt._containers import Node
+
+__all__ = ["TorchAdapter", "TorchCudaAdapter", "adapter", "container_flattener"]
 
 try:  # bfloat16 on the host: a dependency of the torch extra (JAX ships it too)
     import ml_dtypes
@@ -344,3 +346,22 @@ def adapter(x: Any) -> Adapter | None:
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
     return found
+
+
+def container_flattener(cls: type) -> Callable[[Any], Node] | None:
+    """How the tree interface takes an ``nn.Module`` apart (None for other types).
+
+    A module is a container of its ``named_parameters()`` (tied parameters
+    once, under their first name; buffers are not parameters), keyed by their
+    dotted names; without gradients given, their ``.grad`` are used.
+    """
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        return _module_node
+    return None
+
+
+def _module_node(module: Any) -> Node:
+    pairs = list(module.named_parameters())
+    params = tuple(p for _, p in pairs)
+    return Node(module, "module", tuple(n for n, _ in pairs), params,
+                grads=tuple(p.grad for p in params))

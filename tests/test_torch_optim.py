@@ -636,3 +636,72 @@ def test_digits_cnn_with_beta_cycling_both_learn() -> None:
     out = train_digits("OneCycleLR", epochs=15, cycle=True)
     assert min(out["accuracy"]) > 0.95
     assert out["diff"] > DIGITS_TOLERANCE  # the documented difference of bias corrections
+
+
+# -- an nn.Module as a tree of its named parameters --------------------------------------------------
+
+
+def small_net() -> Any:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.BatchNorm1d(400),
+                               torch.nn.Tanh(), torch.nn.Linear(400, 3))
+
+
+def test_setup_of_a_module_has_its_named_parameters_not_its_buffers() -> None:
+    net = small_net()
+    tree = opt.setup(opt.Adam(), net)
+    assert list(tree) == [n for n, _ in net.named_parameters()]
+    assert all(isinstance(leaf, opt.Leaf) for leaf in tree.values())
+    assert "1.running_mean" not in tree
+
+
+def test_update_of_a_module_reads_grad_bitwise_as_the_dict_form() -> None:
+    net, ref = small_net(), small_net()
+    x, y = data()
+    tree = opt.setup(opt.AdamW(1e-3, lambda_=0.1), net)
+    params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    ref_tree = opt.setup(opt.AdamW(1e-3, lambda_=0.1), params)
+    for _ in range(3):
+        net.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        tree, same = opt.update_(tree, net, None)
+        assert same is net
+        ref_tree, params = opt.update_(ref_tree, params, grads)
+    for name, p in net.named_parameters():
+        assert same_bits(p, params[name]), name
+    net.zero_grad()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    del grads["0.bias"]  # given gradients win over .grad; a missing one is no step
+    opt.update_(tree, net, grads)
+    assert same_bits(net[0].bias, before["0.bias"])
+    assert not same_bits(net[0].weight, before["0.weight"])
+
+
+def test_functional_update_of_a_module_says_what_to_do_and_changes_nothing() -> None:
+    net = small_net()
+    tree = opt.setup(opt.Adam(), net)
+    x, y = data()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    state = tree["0.weight"].state
+    with pytest.raises(TypeError, match=r"use update_ .* dict\(module.named_parameters\(\)\)"):
+        opt.update(tree, net, None)
+    assert tree["0.weight"].state is state
+    assert all(same_bits(p, before[n]) for n, p in net.named_parameters())
+
+
+def test_a_module_inside_a_model_and_tied_parameters() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    net[1].weight = net[0].weight  # tied: one parameter, named once
+    model = {"net": net, "scale": torch.ones(4, requires_grad=True)}
+    tree = opt.setup(opt.Descent(0.5), model)
+    assert list(tree["net"]) == ["0.weight", "0.bias", "1.bias"]
+    (net(torch.ones(1, 4)) * model["scale"]).sum().backward()
+    weight = net[0].weight.detach().clone()
+    grad = net[0].weight.grad.clone()
+    opt.update_(tree, model, {"net": None, "scale": None})
+    assert torch.equal(net[0].weight, weight - grad * 0.5)
+    assert torch.equal(model["scale"], torch.ones(4))  # None there: no step
