@@ -12,7 +12,8 @@ kernel, its fastest other step, marked ``*``).
 Implementations: agnosticopt ``update_`` on a numpy list and on a list of torch
 ``nn.Parameter`` (fast path on, and the plain path), the flat-buffer mode (the
 arrays and gradients are views of one buffer each, see the README; one leaf per
-step), ``torch.optim`` for-loop,
+step), the ``torch.optim`` drop-in (``agnosticopt.TorchOptimizer.step()`` on
+parameters whose ``.grad`` is set), ``torch.optim`` for-loop,
 foreach and fused, optax (``jax.jit`` with donated buffers) when installed, and
 agnosticopt's ``update`` on JAX arrays under ``jax.jit`` the same way ("jax jit";
 its bits are XLA's, see :mod:`agnosticopt.adapters.jax`).
@@ -90,7 +91,7 @@ RULES: dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]] = {
 
 IMPLEMENTATIONS = (
     "numpy fast", "numpy plain", "numpy flat", "torch fast", "torch plain", "torch flat",
-    "torch for-loop", "torch foreach", "torch fused", "optax", "jax jit",
+    "torch drop-in", "torch for-loop", "torch foreach", "torch fused", "optax", "jax jit",
 )
 
 
@@ -164,6 +165,22 @@ def _agnostic_flat(backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]]) 
 
     def step() -> None:
         opt.update_(tree, flat, gflat)
+
+    return step
+
+
+def _dropin(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
+    """``agnosticopt.TorchOptimizer``'s ``step()`` over ``nn.Parameter`` with ``.grad``."""
+    import torch
+
+    params, grads = _data(shapes)
+    tensors = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
+    for t, g in zip(tensors, grads, strict=True):
+        t.grad = torch.from_numpy(g)
+    optimizer = opt.TorchOptimizer(tensors, rule)
+
+    def step() -> None:
+        optimizer.step()
 
     return step
 
@@ -253,6 +270,7 @@ def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
         "torch fast": lambda: _agnostic("torch", ours, shapes, True),
         "torch flat": lambda: _agnostic_flat("torch", ours, shapes),
         "torch plain": lambda: _agnostic("torch", ours, shapes, False),
+        "torch drop-in": lambda: _dropin(ours, shapes),
         "torch for-loop": lambda: _torch("for-loop", name, keywords, clip, shapes),
         "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes),
         "torch fused": lambda: _torch("fused", name, keywords, clip, shapes),
