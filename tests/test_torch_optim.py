@@ -705,3 +705,29 @@ def test_a_module_inside_a_model_and_tied_parameters() -> None:
     opt.update_(tree, model, {"net": None, "scale": None})
     assert torch.equal(net[0].weight, weight - grad * 0.5)
     assert torch.equal(model["scale"], torch.ones(4))  # None there: no step
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_torch_distributed_checkpoint_round_trip(tmp_path: Any) -> None:
+    """get/set_optimizer_state_dict and dcp.save/load (one process, no process group)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    net = fresh(width=4)
+    optimizer = opt.TorchOptimizer(net.named_parameters(), opt.AdamW(0.01, lambda_=0.1))
+    x, y = data()
+    train_step(net, optimizer, x, y)
+    dcp.save({"optim": get_optimizer_state_dict(net, optimizer)}, checkpoint_id=str(tmp_path))
+    other = fresh(width=4)
+    again = opt.TorchOptimizer(other.named_parameters(), opt.AdamW(0.01, lambda_=0.1))
+    target = {"optim": get_optimizer_state_dict(other, again)}
+    dcp.load(target, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(other, again, target["optim"])
+    for (name, p), q in zip(net.named_parameters(), other.parameters(), strict=True):
+        for key, value in optimizer.state[p].items():
+            got = again.state[q][key]
+            assert same_bits(value, got) if isinstance(value, torch.Tensor) else value == got, \
+                (name, key)
