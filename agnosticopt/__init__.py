@@ -11,6 +11,8 @@ One definition of every rule, run unchanged on numpy, torch, array-api-strict
 array([0., 0.])
 """
 
+from typing import Any as _Any
+
 from agnosticopt._adam import (
     AdaBelief,
     Adam,
@@ -49,7 +51,7 @@ from agnosticopt._xp import adapter_for, register_adapter
 _LAZY = {"TorchOptimizer": "agnosticopt.adapters.torch_optim"}
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> _Any:
     module = _LAZY.get(name)
     if module is None:
         msg = f"module 'agnosticopt' has no attribute {name!r}"
