@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 import textwrap
@@ -630,8 +629,6 @@ def test_digits_cnn_drop_in_tracks_torch_adamw(schedule: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("AGNOSTICOPT_SLOW"),
-                    reason="slow (about a minute): set AGNOSTICOPT_SLOW=1 to run it")
 def test_digits_cnn_with_beta_cycling_both_learn() -> None:
     out = train_digits("OneCycleLR", epochs=15, cycle=True)
     assert min(out["accuracy"]) > 0.95
