@@ -193,31 +193,31 @@ class _Group:
 
 
 class _States(Mapping[torch.Tensor, Mapping[str, Any]]):
-    """``optimizer.state``: parameter -> its Leaf's state as a read-only flat dict."""
+    """``optimizer.state``: parameter -> its Leaf's entries, read-only (a snapshot of
+    which parameters there are; the values are read on access)."""
 
     def __init__(self, owner: TorchOptimizer) -> None:
-        self._owner = owner
-
-    def _leaves(self) -> Iterator[tuple[torch.Tensor, Any]]:
-        for group, info in zip(self._owner.param_groups, self._owner._groups, strict=True):
+        self._leaves: dict[int, tuple[torch.Tensor, Any]] = {}
+        for group, info in zip(owner.param_groups, owner._groups, strict=True):
             for p, leaf in zip(group["params"], info.leaves, strict=True):
                 if leaf is not None:
-                    yield p, leaf
+                    self._leaves[id(p)] = (p, leaf)
 
     def __getitem__(self, p: torch.Tensor) -> Mapping[str, Any]:
-        for q, leaf in self._leaves():
-            if q is p:
-                return types.MappingProxyType(param_entries(leaf))
-        raise KeyError(p)
+        found = self._leaves.get(id(p))
+        if found is None or found[0] is not p:
+            raise KeyError(p)
+        return types.MappingProxyType(param_entries(found[1]))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return (p for p, _ in self._leaves())
+        return (p for p, _ in self._leaves.values())
 
     def __len__(self) -> int:
-        return sum(1 for _ in self._leaves())
+        return len(self._leaves)
 
     def __contains__(self, p: object) -> bool:
-        return any(q is p for q, _ in self._leaves())
+        found = self._leaves.get(id(p))
+        return found is not None and found[0] is p
 
     def __repr__(self) -> str:
         return f"<state of {len(self)} parameters>"
@@ -331,7 +331,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self.param_groups.pop()
                 msg = f"{where}: {p.layout} parameters are not supported"
                 raise TypeError(msg)
-        tree = opt.setup(rule, list(params)) if _any_trainable(params) else [None] * len(params)
+        try:
+            tree = (opt.setup(rule, list(params)) if _any_trainable(params)
+                    else [None] * len(params))
+        except BaseException:
+            self.param_groups.pop()
+            raise
         self._tree.append(tree)
         self._groups.append(_Group(rule, _normal_values(values, where), tree, _shape(rule)))
 
@@ -534,7 +539,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 states.append(leaf)
                 continue
             states.append(leaf_from_entries(leaf, entries, f"{where}, parameter {label}",
-                                            problems=errors, rule=rule or leaf.rule))
+                                            problems=errors,
+                                            rule=leaf.rule if rule is None else rule))
         packed = {key: v for key, v in saved.items()
                   if key not in ("params", "param_names", "rule")}
         return rule, states, packed
