@@ -261,9 +261,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise TypeError(msg)
         if rule is not None:
             _check_rule(rule, "TorchOptimizer")
+            _check_names(rule, hyperparameters, "TorchOptimizer")
             rule = _with_values(rule, {k: _normal(k, v, "TorchOptimizer")
                                        for k, v in hyperparameters.items()})
-            _check_names(rule, hyperparameters, "TorchOptimizer")
             defaults: dict[str, Any] = {"rule": rule, **_values(rule, "TorchOptimizer")}
         elif hyperparameters:
             msg = "TorchOptimizer: hyperparameters given, but no rule to give them to"
@@ -272,7 +272,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             defaults = {}
         self._groups: list[_Group] = []
         self._tree: list[list[Any]] = []
-        self._adding = False
         super().__init__(params, defaults)
         for group in self.param_groups:  # schedulers look for "betas"/"momentum" here
             for name in _values(group["rule"], "TorchOptimizer"):
