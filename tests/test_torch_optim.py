@@ -728,3 +728,17 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path: Any) -> None:
             got = again.state[q][key]
             assert same_bits(value, got) if isinstance(value, torch.Tensor) else value == got, \
                 (name, key)
+
+
+def test_the_torch_docs_run_as_written() -> None:
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "torch.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    assert len(blocks) >= 3
+    scope: dict[str, Any] = {"__name__": "docs"}
+    for block in blocks:  # one page, one scope: later blocks use earlier names
+        exec(compile(textwrap.dedent(block), str(page), "exec"), scope)  # noqa: S102
+    assert isinstance(scope["optimizer"], torch.optim.Optimizer)
+    assert list(scope["tree"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
