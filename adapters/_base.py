@@ -223,6 +223,32 @@ class Adapter:
         """A numpy copy of ``a`` (for tests, reports and checkpoints)."""
         return np.asarray(a)
 
+    def device(self, x: Any) -> Any:
+        """The device of ``x`` (compared with ``==``; ``None`` if it has none)."""
+        return getattr(x, "device", None)
+
+    def rewrap(self, old: Any, new: Any) -> Any:
+        """``new``, a new value of parameter ``old``, as the same kind of array.
+
+        ``update`` calls it on each new parameter; the torch adapter keeps an
+        ``nn.Parameter`` a Parameter (and ``requires_grad``). Here: ``new``.
+        """
+        return new
+
+    # -- memory ---------------------------------------------------------------------
+    def memory_key(self, x: Any) -> Any:
+        """A hashable naming the buffer that ``x`` views, or ``None`` (not checked).
+
+        Arrays with different keys never share memory; ``update_`` compares the
+        arrays of one key with :meth:`overlaps`. ``None`` (the default: arrays
+        that are never written in place) means no overlap check.
+        """
+        return None
+
+    def overlaps(self, a: Any, b: Any) -> bool:
+        """Whether ``a`` and ``b`` (of one :meth:`memory_key`) share an element."""
+        return True
+
     # -- writing --------------------------------------------------------------------
     def writeable(self, x: Any) -> bool:
         """Whether ``x`` can be updated in place."""
