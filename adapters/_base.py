@@ -48,6 +48,9 @@ class Adapter:
     #: Exactness fixes this adapter applies (reported by ``agnosticopt info``).
     fixes: tuple[str, ...] = ()
 
+    #: Whether all arrays of this adapter are on one device (no device check).
+    one_device: bool = False
+
     def __init__(self, xp: Any, name: str) -> None:
         self.xp = xp
         self.name = name

@@ -42,6 +42,8 @@ def _nd(result: Any, *operands: Any) -> Any:
 class NumpyAdapter(Adapter):
     """Adapter for ``numpy.ndarray`` (and ``numpy.memmap``)."""
 
+    one_device = True
+
     def __init__(self) -> None:
         super().__init__(xp_numpy, "numpy")
 

@@ -286,16 +286,16 @@ class TorchAdapter(Adapter):
         return new.as_subclass(type(old))
 
     def memory_key(self, x: Any) -> Any:
-        """The device and address of the storage ``x`` views (None: empty, no storage)."""
-        if x.numel() == 0 or x.layout != torch.strided:
-            return None
+        """The address of the storage ``x`` views (None: empty, no storage)."""
         try:
-            return (x.device, x.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):  # vmap / fake tensors: no storage
+            return x.untyped_storage().data_ptr() if x.numel() else None
+        except (RuntimeError, NotImplementedError):  # sparse, vmap, fake tensors
             return None
 
     def overlaps(self, a: Any, b: Any) -> bool:
         """Whether the element spans of ``a`` and ``b`` meet (exact on the CPU)."""
+        if a.device != b.device or a.layout != torch.strided or b.layout != torch.strided:
+            return a.device == b.device
         sa, sb = _span(a), _span(b)
         if sa[1] <= sb[0] or sb[1] <= sa[0]:
             return False

@@ -26,8 +26,8 @@ from agnosticopt._xp import adapter_for
 
 __all__ = ["Written", "check_state", "check_step", "overlapping_parameters"]
 
-#: (id(rule), id(adapter), shape, dtype) -> (rule kept alive, spec).
-_SPECS: dict[tuple[int, int, tuple[int, ...], str], tuple[Any, Any]] = {}
+#: (id(rule), array type, shape, id(dtype)) -> (rule and dtype kept alive, spec).
+_SPECS: dict[tuple[int, type, tuple[int, ...], int], tuple[Any, Any, Any]] = {}
 _MAX_SPECS = 4096
 
 _CONVERT_HINT = (
@@ -37,42 +37,49 @@ _CONVERT_HINT = (
 
 
 class _Array:
-    """The spec of one state array: backend name, same device as x, shape, dtype."""
+    """The spec of one state array: its type, shape, dtype, and device (if x's)."""
 
-    __slots__ = ("dtype", "name", "on_x_device", "shape")
+    __slots__ = ("dtype", "kind", "name", "on_x_device", "shape")
 
-    def __init__(self, name: str, on_x_device: bool, shape: tuple[int, ...], dtype: str) -> None:
-        self.name, self.on_x_device, self.shape, self.dtype = name, on_x_device, shape, dtype
+    def __init__(self, a: Any, axp: Any, x: Any, xp: Any) -> None:
+        self.kind, self.name = type(a), axp.name
+        self.shape, self.dtype = axp.shape(a), a.dtype
+        self.on_x_device = (axp.name == xp.name and not xp.one_device
+                            and axp.device(a) == xp.device(x))
 
     def describe(self) -> str:
-        return f"a {self.name} {self.dtype} array of shape {self.shape}"
+        dtype = str(self.dtype).rpartition(".")[2]
+        return f"a {self.name} {dtype} array of shape {self.shape}"
 
 
 def _spec(state: Any, x: Any, xp: Any) -> Any:
-    """The spec of ``state``: containers mirrored, arrays described, others ``None``."""
-    if isinstance(state, tuple):
-        return (type(state), tuple(_spec(s, x, xp) for s in state))
-    if isinstance(state, list):
-        return (list, tuple(_spec(s, x, xp) for s in state))
+    """The spec of ``state``: containers mirrored, arrays described, others ``None``.
+
+    A container holding nothing to check (host scalars only) is ``None`` too.
+    """
+    if isinstance(state, (tuple, list)):
+        inner = tuple(_spec(s, x, xp) for s in state)
+        if all(s is None for s in inner) and type(state) in (tuple, list):
+            return None
+        return (type(state), inner)
     if isinstance(state, Mapping):
         return (dict, {k: _spec(v, x, xp) for k, v in state.items()})
     axp = adapter_for(state)
     if axp is None:
         return None  # host scalars, None, anything else: not checked
-    same = axp.name == xp.name and axp.device(state) == xp.device(x)
-    return _Array(axp.name, same, axp.shape(state), axp.dtype_name(state))
+    return _Array(state, axp, x, xp)
 
 
 def _spec_for(leaf: Any, x: Any, xp: Any) -> Any:
-    key = (id(leaf.rule), id(xp), xp.shape(x), xp.dtype_name(x))
+    key = (id(leaf.rule), type(x), tuple(x.shape), id(x.dtype))  # a dtype's hash is slow
     hit = _SPECS.get(key)
     if hit is not None:
-        return hit[1]
+        return hit[2]
     with xp.computing():
         spec = _spec(leaf.rule.init(x, xp), x, xp)
     if len(_SPECS) >= _MAX_SPECS:
         _SPECS.clear()
-    _SPECS[key] = (leaf.rule, spec)
+    _SPECS[key] = (leaf.rule, x.dtype, spec)
     return spec
 
 
@@ -94,8 +101,12 @@ def check_state(leaf: Any, x: Any, xp: Any, path: KeyPath) -> None:
 def _check(spec: Any, state: Any, x: Any, xp: Any, path: KeyPath, where: tuple[Any, ...]) -> None:
     if spec is None:
         return
-    if isinstance(spec, _Array):
-        _check_array(spec, state, x, xp, path, where)
+    if type(spec) is _Array:
+        if (type(state) is not spec.kind
+                or (state.dtype is not spec.dtype and state.dtype != spec.dtype)
+                or state.shape != spec.shape
+                or (spec.on_x_device and state.device != x.device)):
+            _check_array(spec, state, x, xp, path, where)
         return
     kind, inner = spec
     if kind is dict:
@@ -107,12 +118,14 @@ def _check(spec: Any, state: Any, x: Any, xp: Any, path: KeyPath, where: tuple[A
     if type(state) is not kind or len(state) != len(inner):
         _fail(TypeError, path, where, state, f"a {kind.__name__} of {len(inner)} entries")
     fields = getattr(kind, "_fields", None)
-    for i, (s, v) in enumerate(zip(inner, state, strict=True)):
-        _check(s, v, x, xp, path, (*where, fields[i] if fields else i))
+    for i, s in enumerate(inner):
+        if s is not None:
+            _check(s, state[i], x, xp, path, (*where, fields[i] if fields else i))
 
 
 def _check_array(spec: _Array, a: Any, x: Any, xp: Any, path: KeyPath,
                  where: tuple[Any, ...]) -> None:
+    """The slow check of a state array that differs from the spec in type or more."""
     axp = adapter_for(a)
     if axp is None or axp.name != spec.name:
         _fail(TypeError, path, where, a, spec.describe())
@@ -122,7 +135,7 @@ def _check_array(spec: _Array, a: Any, x: Any, xp: Any, path: KeyPath,
             f"{axp.device(a)}, but the parameter is on {xp.device(x)}; {_CONVERT_HINT}"
         )
         raise TypeError(msg)
-    if axp.shape(a) != spec.shape or axp.dtype_name(a) != spec.dtype:
+    if axp.shape(a) != spec.shape or a.dtype != spec.dtype:
         _fail(ValueError, path, where, a, spec.describe())
 
 
@@ -143,6 +156,10 @@ def _where(where: tuple[Any, ...]) -> str:
 
 def check_step(step: Any, x: Any, xp: Any, path: KeyPath, rule: Any) -> None:
     """Raise if ``step`` cannot be written into (or subtracted from) parameter ``x``."""
+    if (type(step) is type(x) and (step.dtype is x.dtype or step.dtype == x.dtype)
+            and step.shape == x.shape
+            and (xp.one_device or step.device == x.device)):
+        return  # the usual step: an array like the parameter
     from agnosticopt._tree import _describe
 
     sxp = adapter_for(step)
