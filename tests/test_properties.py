@@ -331,9 +331,7 @@ def test_jax_gives_numpy_bits_where_no_subnormal_occurs(kind: Backend, problem: 
 
 
 @pytest.mark.slow
-def test_soak_hundred_thousand_steps_numpy_and_torch_agree(request: Any) -> None:
-    if "slow" not in (request.config.option.markexpr or ""):
-        pytest.skip("a 10^5-step soak (minutes): runs with -m slow")
+def test_soak_hundred_thousand_steps_numpy_and_torch_agree() -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(9)
     shapes = [(), (3,), (2, 2), (0,)]
