@@ -248,6 +248,10 @@ class Adapter:
         """
         return None
 
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        """The byte range ``[start, end)`` that ``x``'s elements lie in, or ``None``."""
+        return None
+
     def overlaps(self, a: Any, b: Any) -> bool:
         """Whether ``a`` and ``b`` (of one :meth:`memory_key`) share an element."""
         return True

@@ -110,6 +110,12 @@ class NumpyAdapter(Adapter):
             root = root.base
         return id(root if root.base is None else root.base)
 
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        from numpy.lib.array_utils import byte_bounds
+
+        low, high = byte_bounds(x)
+        return int(low), int(high)
+
     def overlaps(self, a: Any, b: Any) -> bool:
         """Exact: ``np.shares_memory`` (views of one buffer only, so rarely called)."""
         return bool(np.shares_memory(a, b))

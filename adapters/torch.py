@@ -292,6 +292,9 @@ class TorchAdapter(Adapter):
         except (RuntimeError, NotImplementedError):  # sparse, vmap, fake tensors
             return None
 
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        return _span(x) if x.layout == torch.strided else None
+
     def overlaps(self, a: Any, b: Any) -> bool:
         """Whether the element spans of ``a`` and ``b`` meet (exact on the CPU)."""
         if a.device != b.device or a.layout != torch.strided or b.layout != torch.strided:

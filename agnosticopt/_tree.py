@@ -594,7 +594,11 @@ def _interrupts_deferred() -> Iterator[None]:
         yield
         return
     caught: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    except ValueError:  # not the main interpreter: signals are not ours to hold
+        yield
+        return
     try:
         yield
     finally:

@@ -39,10 +39,10 @@ _CONVERT_HINT = (
 class _Array:
     """The spec of one state array: its type, shape, dtype, and device (if x's)."""
 
-    __slots__ = ("dtype", "kind", "name", "on_x_device", "shape")
+    __slots__ = ("adapter", "dtype", "kind", "name", "on_x_device", "shape")
 
     def __init__(self, a: Any, axp: Any, x: Any, xp: Any) -> None:
-        self.kind, self.name = type(a), axp.name
+        self.kind, self.name, self.adapter = type(a), axp.name, axp
         self.shape, self.dtype = axp.shape(a), a.dtype
         self.on_x_device = (axp.name == xp.name and not xp.one_device
                             and axp.device(a) == xp.device(x))
@@ -127,7 +127,7 @@ def _check_array(spec: _Array, a: Any, x: Any, xp: Any, path: KeyPath,
                  where: tuple[Any, ...]) -> None:
     """The slow check of a state array that differs from the spec in type or more."""
     axp = adapter_for(a)
-    if axp is None or axp.name != spec.name:
+    if axp is None or not _related(axp, spec.adapter):
         _fail(TypeError, path, where, a, spec.describe())
     if spec.on_x_device and axp.device(a) != xp.device(x):
         msg = (
@@ -137,6 +137,20 @@ def _check_array(spec: _Array, a: Any, x: Any, xp: Any, path: KeyPath,
         raise TypeError(msg)
     if axp.shape(a) != spec.shape or a.dtype != spec.dtype:
         _fail(ValueError, path, where, a, spec.describe())
+
+
+def _related(a: Any, b: Any) -> bool:
+    """Whether adapters ``a`` and ``b`` are of one backend.
+
+    The same adapter, or one a subclass of the other's class (a registered numpy
+    adapter for an ndarray subclass takes numpy results; torch's CUDA adapter is
+    torch's, and the device is checked apart). The generic array-API adapter is
+    related to nothing but an adapter of its own name.
+    """
+    if a is b or a.name == b.name:
+        return True
+    generic = len(type(a).__mro__) <= 2 or len(type(b).__mro__) <= 2
+    return not generic and (isinstance(a, type(b)) or isinstance(b, type(a)))
 
 
 def _fail(kind: type[Exception], path: KeyPath, where: tuple[Any, ...], found: Any,
@@ -164,7 +178,7 @@ def check_step(step: Any, x: Any, xp: Any, path: KeyPath, rule: Any) -> None:
 
     sxp = adapter_for(step)
     problem = None
-    if sxp is None or sxp.name != xp.name or sxp.device(step) != xp.device(x):
+    if sxp is None or not _related(sxp, xp) or sxp.device(step) != xp.device(x):
         problem = "an array of the parameter's backend and device"
     elif sxp.shape(step) != xp.shape(x):
         problem = f"of the parameter's shape {xp.shape(x)}"
@@ -194,18 +208,32 @@ def overlapping_parameters(items: list[tuple[Any, Any, KeyPath, bool]]) -> None:
         if key is not None:
             groups.setdefault(key, []).append(item)
     for group in groups.values():
-        if len(group) < 2:
-            continue
-        for i, (a, axp, apath, aw) in enumerate(group):
-            for b, _, bpath, bw in group[i + 1:]:
-                if (aw or bw) and axp.overlaps(a, b):
-                    msg = (
-                        f"the parameters at {format_path(apath)} and {format_path(bpath)} "
-                        "share memory (views of one buffer) but are different arrays: "
-                        "an in-place update would step the shared elements twice. Tie "
-                        "them (the same array object at both places) or make copies"
-                    )
-                    raise ValueError(msg)
+        if len(group) > 1:
+            _check_group(group)
+
+
+def _check_group(group: list[tuple[Any, Any, KeyPath, bool]]) -> None:
+    """Compare the parameters of one buffer whose byte ranges meet (a sweep by start)."""
+    spans = [item[1].memory_span(item[0]) for item in group]
+    if any(span is None for span in spans):  # no ranges: every pair
+        pairs = [(a, b) for i, a in enumerate(group) for b in group[i + 1:]]
+    else:
+        order = sorted(range(len(group)), key=lambda i: spans[i])
+        pairs, open_ = [], []
+        for i in order:
+            start = spans[i][0]
+            open_ = [j for j in open_ if spans[j][1] > start]
+            pairs.extend((group[j], group[i]) for j in open_)
+            open_.append(i)
+    for (a, axp, apath, aw), (b, _, bpath, bw) in pairs:
+        if (aw or bw) and axp.overlaps(a, b):
+            msg = (
+                f"the parameters at {format_path(apath)} and {format_path(bpath)} "
+                "share memory (views of one buffer) but are different arrays: "
+                "an in-place update would step the shared elements twice. Tie "
+                "them (the same array object at both places) or make copies"
+            )
+            raise ValueError(msg)
 
 
 class Written:

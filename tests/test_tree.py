@@ -1156,3 +1156,18 @@ def test_gradient_that_views_a_parameter_reads_its_old_values(kind: str, fast: b
         opt.update_(tree, model, grads)
     for k in "pq":
         assert [float(v) for v in model[k]] == [float(v) for v in want[k]], k
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_many_views_of_one_buffer_are_swept_not_compared_pairwise(kind: str) -> None:
+    # slices of one buffer: the overlap test sorts them by address (no n^2 pairs)
+    # and finds the one slice that meets two others
+    buf = np.zeros(64 * 8) if kind == "numpy" else pytest.importorskip("torch").zeros(64 * 8)
+    model = {f"w{i}": buf[8 * i:8 * (i + 1)] for i in range(64)}
+    tree = opt.setup(opt.Descent(0.5), model)
+    opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
+    assert float(buf.sum()) == -0.5 * 64 * 8
+    model["late"] = buf[100:110]
+    tree = opt.setup(opt.Descent(0.5), model)
+    with pytest.raises(ValueError, match=r"\('w12',\) and \('late',\) share memory"):
+        opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
