@@ -219,7 +219,8 @@ def _check_group(group: list[tuple[Any, Any, KeyPath, bool]]) -> None:
         pairs = [(a, b) for i, a in enumerate(group) for b in group[i + 1:]]
     else:
         order = sorted(range(len(group)), key=lambda i: spans[i])
-        pairs, open_ = [], []
+        open_: list[int] = []
+        pairs = []
         for i in order:
             start = spans[i][0]
             open_ = [j for j in open_ if spans[j][1] > start]
