@@ -31,8 +31,9 @@ _SPECS: dict[tuple[int, type, tuple[int, ...], int], tuple[Any, Any, Any]] = {}
 _MAX_SPECS = 4096
 
 _CONVERT_HINT = (
-    "was the tree made by setup for this model? A tree saved from another "
-    "backend, device or dtype must be converted first (opt.load / opt.convert)"
+    "was the tree made by setup for this model? A tree of another backend, "
+    "device or dtype must be converted first: opt.convert(tree, like=model), "
+    "or opt.load(path, like=model) for a saved one"
 )
 
 

@@ -999,6 +999,9 @@ def test_state_of_another_backend_names_the_path_and_convert() -> None:
     with pytest.raises(TypeError, match=r"at \('w',\) the state\['m'\] is a numpy.*opt.convert"):
         opt.update_(tree, model, {"w": torch.ones(3, dtype=torch.float64)})
     assert isinstance(tree["w"].state.m, np.ndarray)
+    converted = opt.convert(tree, like=model)  # what the message points to
+    opt.update_(converted, model, {"w": torch.ones(3, dtype=torch.float64)})
+    assert float(model["w"][0]) < 1.0
 
 
 class _NumpyHelper:
