@@ -48,6 +48,9 @@ class Adapter:
     #: Exactness fixes this adapter applies (reported by ``agnosticopt info``).
     fixes: tuple[str, ...] = ()
 
+    #: Whether all arrays of this adapter are on one device (no device check).
+    one_device: bool = False
+
     def __init__(self, xp: Any, name: str) -> None:
         self.xp = xp
         self.name = name
@@ -222,6 +225,36 @@ class Adapter:
     def to_numpy(self, a: Any) -> np.ndarray:
         """A numpy copy of ``a`` (for tests, reports and checkpoints)."""
         return np.asarray(a)
+
+    def device(self, x: Any) -> Any:
+        """The device of ``x`` (compared with ``==``; ``None`` if it has none)."""
+        return getattr(x, "device", None)
+
+    def rewrap(self, old: Any, new: Any) -> Any:
+        """``new``, a new value of parameter ``old``, as the same kind of array.
+
+        ``update`` calls it on each new parameter; the torch adapter keeps an
+        ``nn.Parameter`` a Parameter (and ``requires_grad``). Here: ``new``.
+        """
+        return new
+
+    # -- memory ---------------------------------------------------------------------
+    def memory_key(self, x: Any) -> Any:
+        """A hashable naming the buffer that ``x`` views, or ``None`` (not checked).
+
+        Arrays with different keys never share memory; ``update_`` compares the
+        arrays of one key with :meth:`overlaps`. ``None`` (the default: arrays
+        that are never written in place) means no overlap check.
+        """
+        return None
+
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        """The byte range ``[start, end)`` that ``x``'s elements lie in, or ``None``."""
+        return None
+
+    def overlaps(self, a: Any, b: Any) -> bool:
+        """Whether ``a`` and ``b`` (of one :meth:`memory_key`) share an element."""
+        return True
 
     # -- writing --------------------------------------------------------------------
     def writeable(self, x: Any) -> bool:

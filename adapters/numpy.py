@@ -5,10 +5,22 @@ NumPy is the reference backend: no fix is needed for the operations rules use
 weak promotion, so a float32 array times an already-rounded float32 value stays a
 float32 product). Floating-point warnings are silenced during an update, as
 Julia does not warn on overflow or 0/0 either.
+
+0-d arrays: a numpy ufunc applied to 0-d arrays returns a numpy *scalar*, which
+the generic adapter would then hand on as a Python float (float64 arithmetic).
+Every operation here gives a result of an array operand back as an array
+(:func:`_nd`), so a 0-d parameter stays a 0-d array of its dtype ``T``.
+
+Only ``numpy.ndarray`` and ``numpy.memmap`` are numpy arrays here: other
+subclasses (``np.ma.MaskedArray``, ``np.matrix``, unit-carrying arrays) change
+what the operations mean (masks, ``*`` as a matrix product), so they get no
+adapter and ``setup`` refuses them, naming the key path; register an adapter
+(:func:`agnosticopt.register_adapter`) for a subclass whose maths is numpy's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.numpy as xp_numpy
@@ -20,8 +32,17 @@ __all__ = ["NumpyAdapter", "adapter"]
 _DTYPE_NAMES: dict[Any, str] = {}
 
 
+def _nd(result: Any, *operands: Any) -> Any:
+    """``result`` as an ndarray when an operand was one (ufuncs give 0-d scalars)."""
+    if isinstance(result, np.generic) and any(isinstance(o, np.ndarray) for o in operands):
+        return np.asarray(result)
+    return result
+
+
 class NumpyAdapter(Adapter):
-    """Adapter for ``numpy.ndarray``."""
+    """Adapter for ``numpy.ndarray`` (and ``numpy.memmap``)."""
+
+    one_device = True
 
     def __init__(self) -> None:
         super().__init__(xp_numpy, "numpy")
@@ -41,7 +62,63 @@ class NumpyAdapter(Adapter):
         return np.array(x, copy=True)
 
     def sign(self, a: Any) -> Any:
-        return np.sign(a)
+        return _nd(np.sign(a), a)
+
+    def _apply(self, op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+        return _nd(op(a, b), a, b)
+
+    def negative(self, a: Any) -> Any:
+        return _nd(-a, a)
+
+    def sqrt(self, a: Any) -> Any:
+        return _nd(np.sqrt(a), a)
+
+    def abs(self, a: Any) -> Any:
+        return _nd(np.abs(a), a)
+
+    def _max(self, a: Any, b: Any) -> Any:
+        return _nd(np.maximum(a, b), a, b)
+
+    def _min(self, a: Any, b: Any) -> Any:
+        return _nd(np.minimum(a, b), a, b)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        a, b = self._arrays(a, b)
+        return _nd(np.where(cond, a, b), cond, a, b)
+
+    def greater(self, a: Any, b: Any) -> Any:
+        return _nd(super().greater(a, b), a)
+
+    def less(self, a: Any, b: Any) -> Any:
+        return _nd(super().less(a, b), a)
+
+    def not_equal(self, a: Any, b: Any) -> Any:
+        return _nd(super().not_equal(a, b), a)
+
+    def pow(self, a: Any, q: Any) -> Any:
+        return _nd(super().pow(a, q), a)
+
+    def isfinite(self, a: Any) -> Any:
+        return _nd(np.isfinite(a), a)
+
+    def memory_key(self, x: Any) -> Any:
+        """The id of the object owning ``x``'s memory (views share their owner's)."""
+        if x.size == 0:
+            return None
+        root = x
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        return id(root if root.base is None else root.base)
+
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        from numpy.lib.array_utils import byte_bounds
+
+        low, high = byte_bounds(x)
+        return int(low), int(high)
+
+    def overlaps(self, a: Any, b: Any) -> bool:
+        """Exact: ``np.shares_memory`` (views of one buffer only, so rarely called)."""
+        return bool(np.shares_memory(a, b))
 
     def writeable(self, x: Any) -> bool:
         return bool(x.flags.writeable)
@@ -75,5 +152,9 @@ _ADAPTER = NumpyAdapter()
 
 
 def adapter(x: Any) -> Adapter | None:
-    """The numpy adapter for an ``ndarray`` (numpy scalars are not arrays)."""
-    return _ADAPTER if isinstance(x, np.ndarray) else None
+    """The numpy adapter for an ``ndarray`` or ``memmap`` (numpy scalars are not arrays).
+
+    Other ndarray subclasses get none (see the module docstring).
+    """
+    kind = type(x)
+    return _ADAPTER if kind is np.ndarray or kind is np.memmap else None

@@ -279,10 +279,44 @@ class TorchAdapter(Adapter):
             stride == 0 and n > 1 for stride, n in zip(x.stride(), x.shape, strict=True)
         )
 
+    def rewrap(self, old: Any, new: Any) -> Any:
+        """``new`` as ``old``'s class: an ``nn.Parameter`` stays one, with ``requires_grad``."""
+        if type(old) is torch.Tensor:
+            return new.requires_grad_(True) if old.requires_grad and new.is_leaf else new
+        if isinstance(old, torch.nn.Parameter):
+            return torch.nn.Parameter(new, requires_grad=old.requires_grad)
+        return new.as_subclass(type(old))
+
+    def memory_key(self, x: Any) -> Any:
+        """The address of the storage ``x`` views (None: empty, no storage)."""
+        try:
+            return x.untyped_storage().data_ptr() if x.numel() else None
+        except (RuntimeError, NotImplementedError):  # sparse, vmap, fake tensors
+            return None
+
+    def memory_span(self, x: Any) -> tuple[int, int] | None:
+        return _span(x) if x.layout == torch.strided else None
+
+    def overlaps(self, a: Any, b: Any) -> bool:
+        """Whether the element spans of ``a`` and ``b`` meet (exact on the CPU)."""
+        if a.device != b.device or a.layout != torch.strided or b.layout != torch.strided:
+            return a.device == b.device
+        sa, sb = _span(a), _span(b)
+        if sa[1] <= sb[0] or sb[1] <= sa[0]:
+            return False
+        if a.device.type != "cpu":
+            return True  # interleaved views on a GPU: counted as overlapping
+        try:
+            return bool(np.shares_memory(_memory(a), _memory(b)))
+        except (RuntimeError, TypeError):
+            return True
+
     def subtract_(self, x: Any, step: Any) -> None:
         step = _d(step)
         with torch.no_grad():
-            if _complex(x):  # see _apply: complex sub_ leaks NaN between parts
+            if x.is_conj() or x.is_neg():  # no real view: copy the exact difference
+                x.copy_(self.subtract(x, step))
+            elif _complex(x):  # see _apply: complex sub_ leaks NaN between parts
                 torch.view_as_real(x).sub_(_as_real(step))
             else:
                 x.sub_(step)  # alpha = 1: an exact negation, no FMA rounding
@@ -306,6 +340,23 @@ class TorchAdapter(Adapter):
         from agnosticopt.adapters import _fast
 
         return _fast.plan(_fast.torch_arrays(self), items)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range from the first to one past the last element of ``t``."""
+    start = t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
+    return start, start + (last + 1) * t.element_size()
+
+
+def _memory(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of ``t``'s memory (conjugate and negative bits ignored)."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.conj()  # the conjugate of a conjugate view: the memory as stored
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.numpy()
 
 
 class TorchCudaAdapter(TorchAdapter):

@@ -16,14 +16,24 @@ as ``('layers', 1, 'w')``: the same form :func:`agnosticopt.trainables` returns.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import sys
+import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, Node, flatten, format_path
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._speed import fast_path_enabled
+from agnosticopt._validate import (
+    Written,
+    check_state,
+    check_step,
+    overlapping_parameters,
+)
 from agnosticopt._xp import adapter_for
 
 __all__ = [
@@ -110,7 +120,13 @@ def setup(rule: Rule, model: Any) -> Any:
     Raises
     ------
     TypeError
-        If ``rule`` is not a rule (has no ``init`` and ``apply``).
+        If ``rule`` is not a rule (has no ``init`` and ``apply``; a rule class
+        such as ``Adam`` instead of ``Adam()``), or if the model holds an
+        array-like object of a floating-point (or unknown) dtype that no adapter
+        handles (a dask array, an ``np.ma.MaskedArray``...), naming its key path.
+    ValueError
+        If the model contains itself, or is nested more than :data:`MAX_DEPTH`
+        containers deep.
 
     Examples
     --------
@@ -119,6 +135,12 @@ def setup(rule: Rule, model: Any) -> Any:
     >>> tree["n"] is None, tree["w"].state
     (True, array([0., 0.]))
     """
+    if isinstance(rule, type):
+        msg = (
+            f"setup(rule, model): the first argument is the class {rule.__name__}, "
+            f"not a rule; did you mean {rule.__name__}()?"
+        )
+        raise TypeError(msg)
     if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))):
         msg = (
             "setup(rule, model): the first argument must be a rule, "
@@ -149,10 +171,13 @@ class _Setup:
             return hit[1]
         node = flatten(x)
         if node is not None:
+            _check_depth(path, "setup")
             out = self.container(node, path)
         else:
             xp = trainable_adapter(x)
             if xp is None:
+                if adapter_for(x) is None and _foreign_array(x):
+                    raise TypeError(_foreign_message(x, path))
                 return None
             out = Leaf(self.rule, self.rule.init(x, xp))
             self.count += 1
@@ -168,6 +193,62 @@ class _Setup:
         children = [self.walk(c, (*path, k)) for k, c in pairs]
         self.open.discard(id(node.obj))
         return node.mirror(children)
+
+
+#: The deepest nest of containers that the tree functions walk (they recurse).
+MAX_DEPTH = 200
+
+
+def _check_depth(path: KeyPath, caller: str) -> None:
+    if len(path) >= MAX_DEPTH:
+        head, tail = format_path(path[:3])[:-1], format_path(path[-2:])[1:]
+        msg = (
+            f"{caller}: the model is nested more than {MAX_DEPTH} containers deep "
+            f"(at {head}, ..., {tail}, {len(path)} keys); agnosticopt walks nests "
+            f"recursively, up to agnosticopt._tree.MAX_DEPTH levels"
+        )
+        raise ValueError(msg)
+
+
+def _foreign_array(x: Any) -> bool:
+    """Whether ``x`` looks like a trainable array that no adapter handles.
+
+    An object with ``__array_namespace__``, ``__dlpack__``, ``__array__`` or both
+    ``shape`` and ``dtype``, whose dtype is floating-point, complex or absent.
+    Numbers (numpy scalars included) are not arrays.
+    """
+    if isinstance(x, (int, float, complex, str, bytes)):
+        return False
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(x, np.generic):
+        return False
+    try:
+        like = (hasattr(x, "__array_namespace__") or hasattr(x, "__dlpack__")
+                or hasattr(x, "__array__") or (hasattr(x, "shape") and hasattr(x, "dtype")))
+        if not like:
+            return False
+        dtype = getattr(x, "dtype", None)
+    except Exception:  # noqa: BLE001  (an attribute that raises: not an array)
+        return False
+    name = str(dtype)
+    return dtype is None or "float" in name or "complex" in name
+
+
+def _foreign_message(x: Any, path: KeyPath) -> str:
+    cls = type(x)
+    kind = f"{cls.__module__}.{cls.__qualname__}"
+    hint = ""
+    if cls.__module__.startswith("numpy"):
+        hint = (
+            " (numpy subclasses such as MaskedArray and matrix change what the "
+            "arithmetic means: pass a plain ndarray, e.g. np.asarray(x) or x.data)"
+        )
+    return (
+        f"setup: the model has a {kind} at {format_path(path)}, an array that no "
+        f"agnosticopt adapter handles{hint}, so it would never be trained; convert "
+        "it to a supported array (numpy, torch, JAX, CuPy, array-api-strict) or "
+        "register an adapter with agnosticopt.register_adapter"
+    )
 
 
 # -- update: check and collect ------------------------------------------------------
@@ -208,6 +289,7 @@ class _Plan:
                     f"but the model has {_describe(x)}"
                 )
                 raise ValueError(msg)
+            _check_depth(path, "update")
             subtrees = _tree_children(tree, node, path)
             grads = _grad_children(g, node, path)
             parts = zip(node.keys, subtrees, node.children, grads, strict=True)
@@ -384,13 +466,28 @@ def _checked_grad(xp: Any, x: Any, g: Any, path: KeyPath) -> Any:
 
 
 def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_Entry]]]:
-    """Apply every rule, writing nothing: fills ``state``, ``new_x``, ``write``.
+    """Check and apply every rule, writing nothing: fills ``state``, ``new_x``, ``write``.
 
-    With ``in_place``, leaves whose adapter has a fast path are planned by it
-    first; returns those plans, whose kernels :func:`_commit` runs.
+    Every leaf that takes a step has its state checked against its parameter
+    first, every step is checked after its rule (:mod:`agnosticopt._validate`);
+    with ``in_place``, parameters that share memory raise, and a step that shares
+    memory with a parameter to be written is copied. Leaves whose adapter has a
+    fast path are planned by it (after the state checks); returns those plans,
+    whose kernels :func:`_commit` runs.
     """
+    stepping = [e for e in entries if e.grad is not None and not e.leaf.frozen]
+    for entry in stepping:
+        check_state(entry.leaf, entry.x, entry.xp, entry.path)
+    written = Written()
+    if in_place:
+        writes = [e.grad is not None and not e.leaf.frozen and e.xp.writeable(e.x)
+                  for e in entries]
+        overlapping_parameters([(e.x, e.xp, e.path, w)
+                                for e, w in zip(entries, writes, strict=True)])
+        for e, w in zip(entries, writes, strict=True):
+            if w:
+                written.add(e.x, e.xp)
     plans = _fast_plans(entries) if in_place and fast_path_enabled() else []
-    params = {id(e.x) for e in entries} if in_place else set()
     for entry in entries:
         leaf, x, xp = entry.leaf, entry.x, entry.xp
         entry.new_x = x
@@ -407,10 +504,11 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_
                 raise
             if step is None:
                 continue
+            value = step.value if isinstance(step, Replace) else step
+            check_step(value, x, xp, entry.path, leaf.rule)
             if in_place and xp.writeable(x):
-                value = step.value if isinstance(step, Replace) else step
-                if id(value) in params:  # a step that is a parameter (an empty chain's
-                    value = xp.copy(value)  # step is the gradient): written before it is read
+                if written.overlaps(value, xp):  # e.g. a step that is (a view of) a
+                    value = xp.copy(value)  # parameter: written before it is read
                     step = Replace(value) if isinstance(step, Replace) else value
                 entry.write = step
             else:
@@ -450,33 +548,63 @@ def _fast_plans(entries: list[_Entry]) -> list[tuple[Any, list[_Entry]]]:
 
 
 def _stepped(xp: Any, x: Any, step: Any) -> Any:
-    """A new array ``x - step`` (or the ``Replace`` value) in the dtype of ``x``."""
+    """A new array ``x - step`` (or the ``Replace`` value) in the dtype and class of ``x``."""
     new = xp.copy(step.value) if isinstance(step, Replace) else xp.subtract(x, step)
     if xp.dtype_name(new) != xp.dtype_name(x):
         new = xp.astype(new, xp.dtype_name(x))
-    return new
+    return xp.rewrap(x, new)
 
 
 def _commit(entries: list[_Entry], plans: list[tuple[Any, list[_Entry]]]) -> None:
-    """``update_``'s second phase: run the fast plans, store the states, write.
+    """``update_``'s second phase: run the fast plans, write, store the states.
 
-    A plan's leaves get their new state as soon as its kernels have run, so that
-    an error in a later plan leaves no leaf with new arrays and an old state.
+    Everything written here was checked by :func:`_compute`. A Ctrl-C during
+    the commit is held back until it ends (:func:`_interrupts_deferred`), so an
+    interrupted ``update_`` has either not started writing or finished. Each
+    leaf's parameter is written before its state is replaced, and a plan's leaves
+    get their new state right after its kernels: should a write still fail (out
+    of memory), the leaves before it are updated and the others untouched, and
+    no leaf has a new state with an old parameter.
     """
-    for plan, taken in plans:
-        plan.run()
-        for entry in taken:
+    with _interrupts_deferred():
+        for plan, taken in plans:
+            plan.run()
+            for entry in taken:
+                entry.leaf.state = entry.state
+        for entry in entries:
+            if entry.write is not None:
+                xp = entry.xp
+                with xp.computing():
+                    if isinstance(entry.write, Replace):
+                        xp.assign_(entry.x, entry.write.value)
+                    else:
+                        xp.subtract_(entry.x, entry.write)
             entry.leaf.state = entry.state
-    for entry in entries:
-        entry.leaf.state = entry.state
-        if entry.write is None:
-            continue
-        xp = entry.xp
-        with xp.computing():
-            if isinstance(entry.write, Replace):
-                xp.assign_(entry.x, entry.write.value)
-            else:
-                xp.subtract_(entry.x, entry.write)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a SIGINT (Ctrl-C) back until the block ends, then raise KeyboardInterrupt.
+
+    Only in the main thread (where Python runs signal handlers) and only when
+    SIGINT has Python's default handler; otherwise the block runs as it is.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[Any] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    except ValueError:  # not the main interpreter: signals are not ours to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -614,7 +742,7 @@ def _leaves(tree: Any) -> list[Leaf]:
     found: dict[int, Leaf] = {}
     seen: set[int] = set()
 
-    def walk(t: Any) -> None:
+    def walk(t: Any, path: KeyPath) -> None:
         if isinstance(t, Leaf):
             found.setdefault(id(t), t)
             return
@@ -622,11 +750,12 @@ def _leaves(tree: Any) -> list[Leaf]:
             return
         node = flatten(t)
         if node is not None:
+            _check_depth(path, "a state tree walk")
             seen.add(id(t))
-            for child in node.children:
-                walk(child)
+            for key, child in zip(node.keys, node.children, strict=True):
+                walk(child, (*path, key))
 
-    walk(tree)
+    walk(tree, ())
     return list(found.values())
 
 
@@ -697,8 +826,8 @@ def adjust(tree: Any, eta: float | None = None, **changes: Any) -> Any:
     TypeError
         If neither ``eta`` nor a keyword is given, or ``tree`` holds no Leaf.
     """
-    if isinstance(tree, Rule):
-        return tree.adjust(eta, **changes)
+    if isinstance(tree, Rule):  # checked as a tree is: an unknown keyword raises
+        return _adjusted_rules([Leaf(tree, None)], eta, changes)[id(tree)]
     rules = _adjusted_rules(_tree_leaves(tree, "adjust"), eta, changes)
     return _map_leaves(tree, lambda leaf: Leaf(rules[id(leaf.rule)], leaf.state, leaf.frozen))
 
@@ -725,7 +854,7 @@ def adjust_(tree: Any, eta: float | None = None, **changes: Any) -> Any:
         As for :func:`adjust`; then no Leaf has changed.
     """
     if isinstance(tree, Rule):
-        return tree.adjust(eta, **changes)
+        return _adjusted_rules([Leaf(tree, None)], eta, changes)[id(tree)]
     leaves = _tree_leaves(tree, "adjust_")
     rules = _adjusted_rules(leaves, eta, changes)
     for leaf in leaves:

@@ -46,7 +46,11 @@ def adapter_for(x: Any) -> Any:
     known = _LOOKUPS.get(kind)
     if known is not None:  # an array type seen before: its adapter module's lookup
         return known(x)
-    name = _BACKENDS.get(kind.__module__.partition(".")[0])
+    name = None
+    for cls in kind.__mro__[:-1]:  # a subclass (of torch.Tensor...) made elsewhere
+        name = _BACKENDS.get(cls.__module__.partition(".")[0])
+        if name is not None:
+            break
     if name is not None:
         module_lookup = importlib.import_module(f"agnosticopt.adapters.{name}").adapter
         _LOOKUPS[kind] = module_lookup

@@ -812,3 +812,365 @@ def test_update__reads_a_parameter_step_before_writing_it(fast: bool, order: str
         opt.update_(tree, model, {"p": model["q"], "q": np.ones_like(model["q"])})
     for k in "pq":
         assert model[k].tobytes() == want[k].tobytes(), k
+
+
+# -- issue 9: no silent wrong result, no half-written update, clear errors ------------------
+
+
+def _bits(backend: Any, a: Any) -> bytes:
+    return backend.to_numpy(a).tobytes()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_zero_d_parameter_same_bits_as_one_element(backend: Any, fast: bool) -> None:
+    # numpy ufuncs give 0-d arrays back as numpy scalars; the adapter used to hand
+    # those on as Python floats, so numpy's plain path went float64 (issue 9.1).
+    rule = opt.Nesterov(0.1, 0.9)
+    x0, g = np.float32(0.7), np.float32(-0.3)
+    ref = np.array([x0])
+    ref_tree = opt.setup(rule, ref)
+    for _ in range(20):
+        ref_tree, ref = opt.update(ref_tree, ref, np.array([g]))
+    for fn in (opt.update, opt.update_):
+        x = backend.asarray(np.array(x0))
+        tree = opt.setup(rule, x)
+        with fast_path(fast):
+            for _ in range(20):
+                tree, x = fn(tree, x, backend.asarray(np.array(g)))
+        assert type(x) is type(backend.asarray(np.array(x0)))
+        assert backend.to_numpy(x).shape == ()
+        assert backend.to_numpy(x).dtype == np.float32
+        assert _bits(backend, x) == ref.tobytes(), fn.__name__
+        assert backend.to_numpy(tree.state).shape == ()
+
+
+@pytest.mark.parametrize("rule", [
+    opt.AdaDelta(), opt.AccumGrad(2), opt.MixedPrecision("float64", opt.Adam(0.1)),
+    opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam(0.1)), opt.Rprop(), opt.Lion(),
+], ids=repr)
+def test_zero_d_parameter_every_rule(backend: Any, rule: Any) -> None:
+    ref = np.array([0.7], dtype=np.float32)
+    ref_tree = opt.setup(rule, ref)
+    x = backend.asarray(np.array(0.7, dtype=np.float32))
+    tree = opt.setup(rule, x)
+    for k in range(4):
+        g = np.float32(0.3 - 0.2 * k)
+        ref_tree, ref = opt.update(ref_tree, ref, np.array([g]))
+        tree, x = opt.update(tree, x, backend.asarray(np.array(g)))
+        assert backend.to_numpy(x).shape == ()
+        assert _bits(backend, x) == ref.tobytes()
+
+
+def test_numpy_subclasses_and_scalars() -> None:
+    with pytest.raises(TypeError, match=r"MaskedArray at \('a', 0\).*np.asarray"):
+        opt.setup(opt.Adam(), {"a": [np.ma.array(np.ones(2, np.float32))]})
+    with pytest.warns(PendingDeprecationWarning):  # numpy warns on making a matrix
+        matrix = np.asmatrix(np.ones((2, 2)))
+    with pytest.raises(TypeError, match=r"matrix at \('m',\)"):
+        opt.setup(opt.Adam(), {"m": matrix, "w": np.ones(1)})
+    # numpy scalars are numbers (not trainable), as Python floats are; memmaps are arrays
+    tree = opt.setup(opt.Adam(), {"s": np.float32(1.5), "w": np.ones(1)})
+    assert tree["s"] is None
+    assert isinstance(tree["w"], opt.Leaf)
+
+
+def test_memmap_parameter(tmp_path: Any) -> None:
+    w = np.memmap(tmp_path / "w.bin", dtype=np.float32, mode="w+", shape=(3,))
+    w[:] = 1.0
+    tree = opt.setup(opt.Descent(0.5), w)
+    opt.update_(tree, w, np.ones(3, np.float32))
+    assert w.tolist() == [0.5, 0.5, 0.5]
+
+
+class _ForeignArray:
+    """An array-like (``shape``, ``dtype``, ``__array__``) of a library without adapter."""
+
+    def __init__(self, dtype: str) -> None:
+        self.shape, self.dtype = (2,), np.dtype(dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.ones(self.shape, self.dtype)
+
+
+def test_setup_refuses_an_array_it_cannot_train() -> None:
+    # it used to warn "no trainable parameters" and then train nothing (issue 13.4)
+    with pytest.raises(TypeError, match=r"_ForeignArray at \('layer', 'w'\).*register_adapter"):
+        opt.setup(opt.Adam(), {"layer": {"w": _ForeignArray("float32")}, "b": np.ones(1)})
+    tree = opt.setup(opt.Adam(), {"i": _ForeignArray("int64"), "b": np.ones(1)})
+    assert tree["i"] is None  # an integer array-like is not trainable anyway
+
+
+def test_setup_does_not_take_a_torch_module_for_a_foreign_array() -> None:
+    torch = pytest.importorskip("torch")
+    from agnosticopt._tree import _foreign_array
+
+    assert not _foreign_array(torch.nn.Linear(2, 2))
+
+
+def test_setup_with_a_rule_class() -> None:
+    with pytest.raises(TypeError, match=r"did you mean Adam\(\)\?"):
+        opt.setup(opt.Adam, {"w": np.ones(2)})  # type: ignore[arg-type]
+
+
+def test_deep_nest_gives_a_clear_error() -> None:
+    def nest(depth: int) -> Any:
+        model: Any = {"w": np.ones(2)}
+        for _ in range(depth):
+            model = {"a": model}
+        return model
+
+    with pytest.raises(ValueError, match="nested more than 200 containers deep"):
+        opt.setup(opt.Descent(0.5), nest(2000))
+    model = nest(150)  # deep, but within the limit
+    tree = opt.setup(opt.Descent(0.5), model)
+    grads = opt.update(tree, model, model)[1]  # a gradient tree of the same shape
+    assert opt.trainables(grads)[0].tolist() == [0.5, 0.5]
+
+
+def test_functional_update_keeps_the_parameter_class() -> None:
+    torch = pytest.importorskip("torch")
+
+    class Tagged(torch.Tensor):
+        pass
+
+    model = {
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "f": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "t": torch.ones(2, requires_grad=True),
+        "s": torch.ones(2).as_subclass(Tagged),
+        "m": torch.nn.Parameter(torch.ones(2, dtype=torch.float16)),
+    }
+    rules = {k: opt.Adam(0.1) for k in model}
+    rules["m"] = opt.MixedPrecision("float32", opt.Adam(0.1))
+    tree = {k: opt.setup(rules[k], v) for k, v in model.items()}
+    _, new = opt.update(tree, model, {k: torch.ones_like(v) for k, v in model.items()})
+    for k, v in model.items():
+        assert type(new[k]) is type(v), k
+        assert new[k].requires_grad == v.requires_grad, k
+        assert new[k] is not v, k
+        assert new[k].is_leaf, k
+    assert new["p"].detach().tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_adjust_bare_rule_refuses_an_unknown_keyword() -> None:
+    with pytest.raises(ValueError, match="'rho'"):
+        opt.adjust(opt.Adam(), rho=0.5)
+    with pytest.raises(ValueError, match="'rho'"):
+        opt.adjust_(opt.Adam(), rho=0.5)
+    assert opt.adjust(opt.Momentum(), rho=0.5) == opt.Momentum(rho=0.5)
+
+
+def _state_cases() -> dict[str, Any]:
+    def other_shape(m: Any) -> Any:
+        return opt.setup(opt.Adam(), {"a": m["a"], "b": np.ones(1, np.float32)})
+
+    def float64(m: Any) -> Any:
+        return opt.setup(opt.Adam(), {k: v.astype(np.float64) for k, v in m.items()})
+
+    def broadcastable(m: Any) -> Any:  # Adam's m of shape (1,) would broadcast
+        return opt.setup(opt.Adam(), {"a": m["a"], "b": np.ones(1, np.float32)})
+
+    def other_rule(m: Any) -> Any:
+        tree = opt.setup(opt.Adam(), m)
+        tree["b"].state = opt.setup(opt.Momentum(), m["b"]).state
+        return tree
+
+    return {"other_shape": other_shape, "float64": float64, "broadcastable": broadcastable,
+            "other_rule_state": other_rule}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("case", sorted(_state_cases()))
+def test_state_that_does_not_fit_raises_and_writes_nothing(case: str, fast: bool) -> None:
+    model = {"a": np.ones(3, np.float32), "b": np.ones(4, np.float32)}
+    tree = _state_cases()[case](model)
+    grads = {k: np.full_like(v, 0.5) for k, v in model.items()}
+    before = snapshot(_NP, (tree, model))
+    for fn in (opt.update, opt.update_):
+        with fast_path(fast), pytest.raises((TypeError, ValueError), match=r"at \('[ab]',\) the state"):
+            fn(tree, model, grads)
+        assert snapshot(_NP, (tree, model)) == before
+
+
+def test_state_of_another_backend_names_the_path_and_convert() -> None:
+    torch = pytest.importorskip("torch")
+    tree = opt.setup(opt.Adam(), {"w": np.ones(3)})  # numpy state ...
+    model = {"w": torch.ones(3, dtype=torch.float64)}  # ... for torch parameters
+    with pytest.raises(TypeError, match=r"at \('w',\) the state\['m'\] is a numpy.*opt.convert"):
+        opt.update_(tree, model, {"w": torch.ones(3, dtype=torch.float64)})
+    assert isinstance(tree["w"].state.m, np.ndarray)
+    converted = opt.convert(tree, like=model)  # what the message points to
+    opt.update_(converted, model, {"w": torch.ones(3, dtype=torch.float64)})
+    assert float(model["w"][0]) < 1.0
+
+
+class _NumpyHelper:
+    def to_numpy(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+
+_NP = _NumpyHelper()
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepRule(opt.Rule):
+    """A custom rule whose step is ``make(dx, xp)``; its state counts the calls."""
+
+    make: Any = None
+
+    def init(self, x: Any, xp: Any) -> Any:
+        return xp.zeros_like(x)
+
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        return xp.add(state, 1.0), self.make(dx, xp)
+
+
+def _bad_steps() -> dict[str, Any]:
+    torch = pytest.importorskip("torch")
+    return {
+        "wrong_shape": lambda dx, xp: xp.flatten(dx)[:1],
+        "broadcast": lambda dx, xp: np.ones((2, 3), np.float32),
+        "other_backend": lambda dx, xp: torch.ones(3),
+        "complex_for_real": lambda dx, xp: dx.astype(np.complex64),
+        "python_float": lambda dx, xp: 0.5,
+        "integer": lambda dx, xp: np.ones(3, np.int64),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_steps()))
+def test_bad_step_raises_before_anything_is_written(case: str) -> None:
+    model = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
+    tree = {"a": opt.setup(opt.Descent(0.5), model["a"]),
+            "b": opt.setup(_StepRule(_bad_steps()[case]), model["b"])}
+    grads = {k: np.full_like(v, 0.5) for k, v in model.items()}
+    before = snapshot(_NP, (tree, model))
+    for fn in (opt.update, opt.update_):
+        with pytest.raises((TypeError, ValueError), match=r"at \('b',\) the rule _StepRule"):
+            fn(tree, model, grads)
+        assert snapshot(_NP, (tree, model)) == before
+
+
+def test_torch_conjugate_view_updated_in_place_like_numpy() -> None:
+    torch = pytest.importorskip("torch")
+    values = np.array([1 + 2j, 3 - 1j, -0.0 + 0.0j], dtype=np.complex64)
+    grad = np.array([0.5 + 0.25j, -1j, 0.0 - 0.0j], dtype=np.complex64)
+    ref = values.conj()
+    ref_tree = opt.setup(opt.Momentum(0.1), ref)
+    z = torch.from_numpy(values.copy()).conj()
+    tree = opt.setup(opt.Momentum(0.1), z)
+    for _ in range(3):
+        ref_tree, ref = opt.update(ref_tree, ref, grad)
+        tree, z2 = opt.update_(tree, z, torch.from_numpy(grad))
+        assert z2 is z
+        assert z.is_conj()
+    assert z.resolve_conj().numpy().tobytes() == ref.tobytes()
+
+
+class _InterruptArray(np.ndarray):
+    pass
+
+
+class _InterruptingAdapter(type(opt.adapter_for(np.ones(1)))):  # type: ignore[misc]
+    """The numpy adapter for ``_InterruptArray``; its first write sends a SIGINT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.armed = "numpy-interrupting", False
+
+    def subtract_(self, x: Any, step: Any) -> None:
+        if self.armed:
+            self.armed = False
+            import signal
+
+            signal.raise_signal(signal.SIGINT)
+        super().subtract_(x, step)
+
+
+_INTERRUPTING = _InterruptingAdapter()
+opt.register_adapter(lambda x: _INTERRUPTING if type(x) is _InterruptArray else None)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="raise_signal(SIGINT) is POSIX here")
+def test_interrupt_during_the_commit_leaves_every_leaf_consistent() -> None:
+    def make() -> tuple[Any, Any]:
+        model = {k: np.arange(3.0).view(_InterruptArray) for k in "abc"}
+        return opt.setup(opt.Momentum(0.1, 0.9), model), model
+
+    grads = {k: np.full(3, 0.5).view(_InterruptArray) for k in "abc"}
+    ref_tree, ref_model = make()
+    ref_tree, ref_model = opt.update(ref_tree, ref_model, grads)
+    tree, model = make()
+    _INTERRUPTING.armed = True
+    with pytest.raises(KeyboardInterrupt):  # held back until the commit is done
+        opt.update_(tree, model, grads)
+    for k in "abc":  # every leaf: new state and new parameter
+        assert np.asarray(model[k]).tobytes() == np.asarray(ref_model[k]).tobytes(), k
+        assert np.asarray(tree[k].state).tobytes() == np.asarray(ref_tree[k].state).tobytes(), k
+
+
+def _views(kind: str) -> tuple[Any, Any, Any]:
+    """Two parameters overlapping in memory, and one buffer of disjoint interleaved views."""
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        base = torch.ones(6)
+        return base[:4], base[2:], torch.ones(8)
+    base = np.ones(6)
+    return base[:4], base[2:], np.ones(8)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_overlapping_parameters_raise_naming_both(kind: str) -> None:
+    p, q, buffer = _views(kind)
+    model = {"p": p, "q": q}
+    tree = opt.setup(opt.Descent(0.5), model)
+    grads = {"p": p * 0 + 1, "q": q * 0 + 1}
+    with pytest.raises(ValueError, match=r"\('p',\) and \('q',\) share memory"):
+        opt.update_(tree, model, grads)
+    assert float(p.sum()) == 4.0
+    # disjoint views of one buffer are fine: each element stepped once
+    model = {"even": buffer[::2], "odd": buffer[1::2]}
+    tree = opt.setup(opt.Descent(0.5), model)
+    opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
+    assert [float(v) for v in buffer] == [0.5] * 8
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("order", ["pq", "qp"])
+def test_gradient_that_views_a_parameter_reads_its_old_values(kind: str, fast: bool,
+                                                              order: str) -> None:
+    # p's step is its gradient (an empty chain), a view of parameter q, which the
+    # same update_ writes: p must see q's values from before the call.
+    def make() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        if kind == "torch":
+            torch = pytest.importorskip("torch")
+            q = torch.arange(8.0)
+        else:
+            q = np.arange(8.0)
+        model = {k: q if k == "q" else q[4:] * 0 + 10 for k in order}
+        rules = {"p": opt.OptimiserChain(), "q": opt.Descent(0.5)}
+        grads = {k: model["q"][4:] if k == "p" else model["q"] * 0 + 1 for k in order}
+        return model, {k: opt.setup(rules[k], model[k]) for k in order}, grads
+
+    ref_model, ref_tree, ref_grads = make()
+    _, want = opt.update(ref_tree, ref_model, ref_grads)
+    model, tree, grads = make()
+    with fast_path(fast):
+        opt.update_(tree, model, grads)
+    for k in "pq":
+        assert [float(v) for v in model[k]] == [float(v) for v in want[k]], k
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_many_views_of_one_buffer_are_swept_not_compared_pairwise(kind: str) -> None:
+    # slices of one buffer: the overlap test sorts them by address (no n^2 pairs)
+    # and finds the one slice that meets two others
+    buf = np.zeros(64 * 8) if kind == "numpy" else pytest.importorskip("torch").zeros(64 * 8)
+    model = {f"w{i}": buf[8 * i:8 * (i + 1)] for i in range(64)}
+    tree = opt.setup(opt.Descent(0.5), model)
+    opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
+    assert float(buf.sum()) == -0.5 * 64 * 8
+    model["late"] = buf[100:110]
+    tree = opt.setup(opt.Descent(0.5), model)
+    with pytest.raises(ValueError, match=r"\('w12',\) and \('late',\) share memory"):
+        opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
