@@ -30,7 +30,8 @@ from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
-from agnosticopt._norm import norm
+from agnosticopt._global import ClipGlobalNorm, SkipNonFinite
+from agnosticopt._norm import NUMERICS_VERSION, norm
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
@@ -66,6 +67,7 @@ if "jax" in __import__("sys").modules:  # JAX already imported: state trees are 
     import agnosticopt.adapters.jax  # noqa: F401  (registers Leaf; else done at the first JAX array)
 
 __all__ = [
+    "NUMERICS_VERSION",
     "AMSGrad",
     "AccumGrad",
     "AdaBelief",
@@ -74,6 +76,7 @@ __all__ = [
     "AdaMax",
     "Adam",
     "AdamW",
+    "ClipGlobalNorm",
     "ClipGrad",
     "ClipNorm",
     "Descent",
@@ -92,6 +95,7 @@ __all__ = [
     "Rprop",
     "Rule",
     "SignDecay",
+    "SkipNonFinite",
     "WeightDecay",
     "adapter_for",
     "adjust",
