@@ -3,7 +3,8 @@
 For each parameter set (``big``: one 4096×4096 float32 array; ``resnet``: the 62
 parameter arrays of torchvision's ResNet-18, 11.7M values, written out by hand;
 ``tiny``: 200 arrays of 32×32) and each rule (Adam, AdamW, Momentum, RMSProp,
-ClipGrad then Adam), every implementation takes warm-up steps, then timed steps
+ClipGrad then Adam, ClipGlobalNorm or ClipNorm then AdamW against
+``clip_grad_norm_`` then AdamW), every implementation takes warm-up steps, then timed steps
 in interleaved rounds (one step of each implementation per round, so that a
 machine that gets busier slows them all alike); the median is reported, with
 the ratio to ``torch.optim``'s ``fused=True`` step (or, where torch has no fused
@@ -87,7 +88,17 @@ RULES: dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]] = {
                 None),
     "ClipGrad+Adam": (opt.OptimiserChain(opt.ClipGrad(1.0), opt.Adam(1e-3)), "Adam",
                       {"lr": 1e-3}, 1.0),
+    "ClipGlobalNorm+AdamW": (
+        opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.AdamW(1e-3, lambda_=0.01)), "AdamW",
+        {"lr": 1e-3, "weight_decay": 0.01}, None),
+    "ClipNorm+AdamW": (
+        opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3, lambda_=0.01)), "AdamW",
+        {"lr": 1e-3, "weight_decay": 0.01}, None),
 }
+
+#: Rules whose torch.optim counterpart runs ``clip_grad_norm_(max_norm)`` first (a
+#: global norm; torch has no per-array one, so ClipNorm is compared with it too).
+NORM_CLIPS: dict[str, float] = {"ClipGlobalNorm+AdamW": 1.0, "ClipNorm+AdamW": 1.0}
 
 IMPLEMENTATIONS = (
     "numpy fast", "numpy plain", "numpy flat", "torch fast", "torch plain", "torch flat",
@@ -186,7 +197,7 @@ def _dropin(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
 
 
 def _torch(kind: str, name: str, keywords: dict[str, Any], clip: float | None,
-           shapes: list[tuple[int, ...]]) -> Step | None:
+           shapes: list[tuple[int, ...]], norm_clip: float | None = None) -> Step | None:
     import torch
 
     params, grads = _data(shapes)
@@ -204,6 +215,8 @@ def _torch(kind: str, name: str, keywords: dict[str, Any], clip: float | None,
     def step() -> None:
         if clip is not None:
             torch.nn.utils.clip_grad_value_(tensors, clip, foreach=foreach)
+        if norm_clip is not None:
+            torch.nn.utils.clip_grad_norm_(tensors, norm_clip, foreach=foreach)
         optimiser.step()
 
     return step
@@ -221,7 +234,11 @@ def _optax(rule: str, shapes: list[tuple[int, ...]]) -> Step | None:
         "Momentum": lambda: optax.sgd(0.01, momentum=0.9),
         "RMSProp": lambda: optax.rmsprop(1e-3, decay=0.9, eps=1e-8),
         "ClipGrad+Adam": lambda: optax.chain(optax.clip(1.0), optax.adam(1e-3)),
+        "ClipGlobalNorm+AdamW": lambda: optax.chain(optax.clip_by_global_norm(1.0),
+                                                    optax.adamw(1e-3, weight_decay=0.01)),
     }
+    if rule not in transforms:  # optax has no per-array norm clip
+        return None
     tx = transforms[rule]()
     params, grads = _data(shapes)
     state = {"params": [jax.numpy.asarray(p) for p in params]}
@@ -263,6 +280,7 @@ def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
 def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
            ) -> dict[str, Step | None]:
     ours, name, keywords, clip = RULES[rule]
+    norm = NORM_CLIPS.get(rule)
     makers: dict[str, Callable[[], Step | None]] = {
         "numpy fast": lambda: _agnostic("numpy", ours, shapes, True),
         "numpy plain": lambda: _agnostic("numpy", ours, shapes, False),
@@ -271,9 +289,9 @@ def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
         "torch flat": lambda: _agnostic_flat("torch", ours, shapes),
         "torch plain": lambda: _agnostic("torch", ours, shapes, False),
         "torch drop-in": lambda: _dropin(ours, shapes),
-        "torch for-loop": lambda: _torch("for-loop", name, keywords, clip, shapes),
-        "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes),
-        "torch fused": lambda: _torch("fused", name, keywords, clip, shapes),
+        "torch for-loop": lambda: _torch("for-loop", name, keywords, clip, shapes, norm),
+        "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes, norm),
+        "torch fused": lambda: _torch("fused", name, keywords, clip, shapes, norm),
         "optax": lambda: _optax(rule, shapes),
         "jax jit": lambda: _jax_jit(ours, shapes),
     }

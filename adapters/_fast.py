@@ -251,8 +251,16 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
     with np.errstate(all="ignore"):
+        items, clipped = _global_clips(arrays, items)
+        staged: list[_Launch] = []
         for key, group in _groups(arrays, items).items():
-            launches.extend(_launches(arrays, key[1], key[3], group, states))
+            found = _launches(arrays, key[1], key[3], group, states)
+            (staged if isinstance(group[0].rule, _AfterClip) else launches).extend(found)
+        if clipped and any(states[k] is SKIP for k in clipped):
+            for k in clipped:  # a global norm is all leaves or none: all to the plain path
+                states[k] = SKIP
+        else:
+            launches.extend(staged)
     if launches and _overlapping(launches):
         launches = []
     if not launches:
@@ -262,6 +270,140 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
     return FastPlan(states, launches, arrays)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AfterClip:
+    """A chain ``ClipGlobalNorm, *rest`` once the clip factor ``lam`` is known."""
+
+    rest: Any
+    lam: Any
+
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        scaled = xp.multiply(dx, self.lam)
+        if self.rest is None:  # the clip alone
+            return state, scaled
+        sub, step = self.rest.apply(state[1:], x, scaled, xp)
+        return (state[0], *sub), step
+
+
+def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
+    """Leaves whose rule starts with a ``ClipGlobalNorm``, with the clip done.
+
+    Returns the items with those rules replaced by :class:`_AfterClip` (the
+    factor computed by the compiled aligned-block reduction, the plain path's
+    bits) and their positions. Only when every leaf with a cross-leaf rule has
+    that form (throw=False, one dtype per clip, eligible arrays); otherwise the
+    items unchanged and no position (they all take the plain path).
+    """
+    from agnosticopt._global import ClipGlobalNorm, has_stages
+    from agnosticopt._wrappers import OptimiserChain
+
+    groups: dict[Any, list[int]] = {}
+    rests: dict[int, Any] = {}
+    rest_of: dict[Any, Any] = {}  # this plan's chain tails and ClipNorm wrappers
+    dtype_of = arrays.dtype
+    out = list(items)
+    for k, (rule, _, x, grad) in enumerate(items):
+        if not has_stages(rule):
+            wrapped = _clip_norm_first(arrays, rule, x, grad, rest_of)
+            if wrapped is not None:
+                out[k] = (wrapped, *items[k][1:])
+            continue
+        if isinstance(rule, ClipGlobalNorm):
+            clip, rest = rule, None
+        elif (isinstance(rule, OptimiserChain) and rule.opts
+              and isinstance(rule.opts[0], ClipGlobalNorm)
+              and not any(has_stages(r) for r in rule.opts[1:])):
+            clip = rule.opts[0]
+            rest = rest_of.get(id(rule))
+            if rest is None:
+                rest = rest_of[id(rule)] = OptimiserChain(*rule.opts[1:])
+        else:
+            return out, []
+        dtype = dtype_of(x)
+        if clip.throw or dtype is None or dtype_of(grad) != dtype:
+            return out, []
+        groups.setdefault(clip, []).append(k)
+        rests[k] = rest
+    if not groups:
+        return out, []
+    from agnosticopt.adapters._numba import tree_root
+
+    for clip, positions in groups.items():
+        dtypes = {dtype_of(items[k][2]) for k in positions}
+        if len(dtypes) != 1:
+            return out, []
+        (dtype,) = dtypes
+        t = np.dtype(dtype).type
+        grads = [items[k][3] for k in positions]
+        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
+        sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
+        if not sizes.sum():
+            return out, []
+        value = tree_root(dtype, clip.p, addresses, sizes)
+        if clip.p == 2:
+            value = np.sqrt(value)
+        lam = np.minimum(t(clip.omega) / value, t(1))
+        wrappers: dict[int, _AfterClip] = {}
+        for k in positions:
+            rest = rests[k]
+            wrapper = wrappers.get(id(rest))
+            if wrapper is None:
+                wrapper = wrappers[id(rest)] = _AfterClip(rest, lam)
+            _, state, x, grad = items[k]
+            out[k] = (wrapper, state, x, grad)
+    return out, [k for positions in groups.values() for k in positions]
+
+
+def _clip_norm_first(arrays: Arrays, rule: Any, x: Any, grad: Any,
+                     rest_of: dict[Any, Any]) -> _AfterClip | None:
+    """A leaf's ``ClipNorm, *rest`` chain with its factor computed, or None.
+
+    The norm is the compiled aligned-block reduction (the plain path's bits) and
+    λ is :meth:`ClipNorm.factor`'s; a non-finite norm with ``throw`` is left to
+    the plain path, which raises naming the key path.
+    """
+    from agnosticopt._clip import ClipNorm
+    from agnosticopt._wrappers import OptimiserChain
+
+    if isinstance(rule, ClipNorm):
+        clip, rest = rule, None
+    elif isinstance(rule, OptimiserChain) and rule.opts and isinstance(rule.opts[0], ClipNorm):
+        clip = rule.opts[0]
+        rest = rest_of.get(id(rule))
+        if rest is None:
+            rest = rest_of[id(rule)] = OptimiserChain(*rule.opts[1:])
+    else:
+        return None
+    dtype = arrays.dtype(x)
+    size = math.prod(x.shape)
+    if clip.p not in (1, 2, math.inf) or dtype is None or arrays.dtype(grad) != dtype or not size:
+        return None
+    from agnosticopt.adapters._numba import tree_root
+
+    value = tree_root(dtype, clip.p, np.array([arrays.address(grad)], dtype=np.int64),
+                      np.array([size], dtype=np.int64))
+    if clip.p == 2:
+        value = np.sqrt(value)
+    if clip.throw and not math.isfinite(value):
+        return None
+    lam = clip.factor(value, x, _HostDtype(dtype))
+    key = ("wrapper", id(rule), lam.dtype.name, lam.tobytes())  # leaves of one λ: one group
+    wrapper = rest_of.get(key)
+    if wrapper is None:
+        wrapper = rest_of[key] = _AfterClip(rest, lam)
+    return wrapper
+
+
+class _HostDtype:
+    """The one adapter method :meth:`ClipNorm.factor` needs: ``scalar_type``."""
+
+    def __init__(self, dtype: str) -> None:
+        self.type = np.dtype(dtype).type
+
+    def scalar_type(self, x: Any) -> type:
+        return self.type
 
 
 def _groups(arrays: Arrays, items: Items) -> dict[Any, list[_Leaf]]:

@@ -34,6 +34,7 @@ import concurrent.futures
 import hashlib
 import importlib.util
 import itertools
+import math
 import os
 import pathlib
 import sys
@@ -328,3 +329,184 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="agnosticopt"),
         )
     return pool
+
+
+# -- reductions: the aligned-block tree ---------------------------------------------------------
+
+#: Nodes a piece of a reduction leaves at most (its stack of aligned blocks).
+STACK = 128
+
+_TERMS = {2: "v * v", 1: "abs(v)", math.inf: "abs(v)"}
+_COMBINES = {
+    2: "a + b",
+    1: "a + b",
+    math.inf: "a if a != a else (b if b != b else (a if a >= b else b))",  # terms are >= 0
+}
+
+_NORM_SOURCE = '''
+import numpy as np
+from numba import carray, njit
+from agnosticopt.adapters._numba import _pointer
+
+OPTIONS = dict(nogil=True, fastmath=False, error_model="numpy", boundscheck=False,
+               cache={cache})
+
+
+@njit(**OPTIONS)
+def comb(a, b):
+    return {combine}
+
+
+@njit(**OPTIONS)
+def term(v):
+    return {term}
+
+
+@njit(**OPTIONS)
+def push(levels, blocks, values, sp, lev, blk, v):
+    while sp > 0 and (blk & 1) == 1 and levels[sp - 1] == lev and blocks[sp - 1] == blk - 1:
+        v = comb(values[sp - 1], v)
+        sp -= 1
+        lev += 1
+        blk >>= 1
+    levels[sp] = lev
+    blocks[sp] = blk
+    values[sp] = v
+    return sp + 1
+
+
+@njit(**OPTIONS)
+def pieces(addresses, lo, hi, offsets, levels, blocks, values, counts, p0, p1):
+    buf = np.empty(128, np.{dtype})
+    for k in range(p0, p1):
+        n = hi[k] - lo[k]
+        g = carray(_pointer(addresses[k] + lo[k] * {size}), (n,), np.{dtype})
+        base = k * {stack}
+        lv = levels[base:base + {stack}]
+        bl = blocks[base:base + {stack}]
+        va = values[base:base + {stack}]
+        off = offsets[k]
+        sp = 0
+        i = 0
+        while i < n:
+            gi = off + i
+            if (gi & 255) == 0 and i + 256 <= n:
+                for j in range(128):
+                    buf[j] = comb(term(g[i + 2 * j]), term(g[i + 2 * j + 1]))
+                m = 64
+                while m >= 1:
+                    for j in range(m):
+                        buf[j] = comb(buf[2 * j], buf[2 * j + 1])
+                    m >>= 1
+                sp = push(lv, bl, va, sp, 8, gi >> 8, buf[0])
+                i += 256
+            else:
+                sp = push(lv, bl, va, sp, 0, gi, term(g[i]))
+                i += 1
+        counts[k] = sp
+
+
+@njit(**OPTIONS)
+def root(levels, blocks, values, counts):
+    total = 0
+    for k in range(counts.shape[0]):
+        total += counts[k]
+    lv = np.empty(total + 1, np.int64)
+    bl = np.empty(total + 1, np.int64)
+    va = np.empty(total + 1, np.{dtype})
+    sp = 0
+    for k in range(counts.shape[0]):
+        for t in range(counts[k]):
+            idx = k * {stack} + t
+            sp = push(lv, bl, va, sp, levels[idx], blocks[idx], values[idx])
+    v = va[sp - 1]
+    for t in range(sp - 2, -1, -1):
+        v = comb(va[t], v)
+    return v
+'''
+
+_reducers: dict[tuple[str, float], Any] = {}
+
+
+def reducer(dtype: str, p: float) -> Any:
+    """The compiled aligned-block reduction of the p-norm terms (p = 2, 1, inf)."""
+    key = (dtype, p)
+    found = _reducers.get(key)
+    if found is None:
+        fields = {"dtype": dtype, "size": np.dtype(dtype).itemsize, "stack": STACK,
+                  "term": _TERMS[p], "combine": _COMBINES[p]}
+        found = _reducers[key] = _norm_module(fields)
+    return found
+
+
+def _norm_module(fields: dict[str, Any]) -> dict[str, Any]:
+    """The reduction functions, from a source file in :func:`cache_dir` (numba's
+    disk cache keeps them compiled), or compiled in memory when it cannot be used."""
+    text = _NORM_SOURCE.format(cache=True, **fields)
+    name = f"agnosticopt_norm_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+    module = sys.modules.get(name)
+    if module is not None:
+        return vars(module)
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.py"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:  # pragma: no cover - not for a .py file
+            raise OSError(path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    except (OSError, ValueError):
+        namespace: dict[str, Any] = {"__name__": "agnosticopt.adapters._numba_norms"}
+        code = compile(_NORM_SOURCE.format(cache=False, **fields), "<agnosticopt norm>", "exec")
+        exec(code, namespace)  # noqa: S102  (our own generated source)
+        return namespace
+    return vars(module)
+
+
+def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) -> Any:
+    """The root of the aligned-block tree of the p-norm terms of arrays laid end to end.
+
+    ``addresses[k]`` is the data address of the ``k``-th array (``sizes[k]``
+    elements of ``dtype``); together they are the concatenation in that order.
+    The same bits as :func:`agnosticopt._norm.combine_nodes` over
+    :func:`~agnosticopt._norm.norm_nodes` of the arrays (the terms, then one
+    correctly rounded ``combine`` per tree node): each piece keeps a stack of its
+    finished aligned blocks, the stacks are joined in order, and the last ones are
+    folded right to left (the nodes whose right half lies past the end).
+    """
+    fns = reducer(dtype, p)
+    chunks = _chunks(sizes)
+    starts = np.cumsum(sizes) - sizes
+    rows = chunks[:, 0]
+    lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
+    addr = addresses[rows].copy()
+    offsets = starts[rows] + lo
+    count = len(chunks)
+    levels = np.empty(count * STACK, np.int64)
+    blocks = np.empty(count * STACK, np.int64)
+    values = np.empty(count * STACK, np.dtype(dtype))
+    counts = np.zeros(count, np.int64)
+    total = int(sizes.sum())
+    threads = min(_threads(), max(1, total // PER_THREAD), count)
+    run = fns["pieces"]
+    if threads <= 1:
+        run(addr, lo, hi, offsets, levels, blocks, values, counts, 0, count)
+    else:
+        cuts = np.linspace(0, count, threads + 1).astype(np.int64).tolist()
+        pool = _pool(threads - 1)
+        futures = [pool.submit(run, addr, lo, hi, offsets, levels, blocks, values, counts,
+                               a, b) for a, b in itertools.pairwise(cuts[1:])]
+        run(addr, lo, hi, offsets, levels, blocks, values, counts, cuts[0], cuts[1])
+        for future in futures:
+            future.result()
+    return np.dtype(dtype).type(fns["root"](levels, blocks, values, counts))

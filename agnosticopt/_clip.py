@@ -76,7 +76,13 @@ class ClipNorm(Rule):
         return None
 
     def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
-        n = norm(dx, self.p)
+        return None, xp.multiply(dx, self.factor(norm(dx, self.p), x, xp))
+
+    def factor(self, n: Any, x: Any, xp: Any) -> Any:
+        """λ from the norm ``n`` (a host scalar), as a host scalar of ``x``'s real dtype.
+
+        Raises ``FloatingPointError`` for a non-finite ``n`` when ``throw``.
+        """
         if self.throw and not math.isfinite(n):
             msg = (
                 f"gradient has {self.p}-norm {n}, for an array of shape "
@@ -85,4 +91,4 @@ class ClipNorm(Rule):
             raise FloatingPointError(msg)
         ratio = self.omega / float(n) if n != 0 else math.inf
         (lam,) = hyper(xp, x, min(ratio, 1.0))
-        return None, xp.multiply(dx, lam)
+        return lam

@@ -41,6 +41,8 @@ __all__ = [
     "Request",
     "SkipNonFinite",
     "SkipNonFiniteState",
+    "cross_leaf_plain",
+    "has_stages",
     "register_staged",
     "run_stages",
     "staged",
@@ -369,6 +371,21 @@ def _mixed(rule: MixedPrecision, state: MixedPrecisionState, x: Any, dx: Any,
 
 register_staged(OptimiserChain, _chain, lambda r: any(has_stages(s) for s in r.opts))
 register_staged(MixedPrecision, _mixed, lambda r: has_stages(r.rule))
+
+
+def cross_leaf_plain(entries: list[Any]) -> set[int]:
+    """``id`` s of the entries that must take the plain path of ``update_``.
+
+    An adapter's fast path sees only its own leaves, so when leaves of several
+    adapters have cross-leaf rules, all of those go to :func:`run_stages` (which
+    then reports the mixed backends).
+    """
+    memo: dict[int, bool] = {}
+    found = [e for e in entries if e.grad is not None and not e.leaf.frozen
+             and memo.setdefault(id(e.leaf.rule), has_stages(e.leaf.rule))]
+    if len({e.xp.name for e in found}) <= 1:
+        return set()
+    return {id(e) for e in found}
 
 
 class _Running(NamedTuple):

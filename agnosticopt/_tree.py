@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, Node, flatten, format_path
-from agnosticopt._global import run_stages
+from agnosticopt._global import cross_leaf_plain, run_stages
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._speed import fast_path_enabled
 from agnosticopt._validate import (
@@ -537,8 +537,9 @@ def _fast_plans(entries: list[_Entry]) -> list[tuple[Any, list[_Entry]]]:
     raises later still changes nothing (see ``adapters/_fast.py``).
     """
     by_adapter: dict[int, tuple[Any, list[_Entry]]] = {}
+    plain = cross_leaf_plain(entries)  # a reduction over leaves of several adapters
     for entry in entries:
-        if entry.grad is None or entry.leaf.frozen:
+        if entry.grad is None or entry.leaf.frozen or id(entry) in plain:
             continue
         if getattr(entry.xp, "fast_plan", None) is not None:
             by_adapter.setdefault(id(entry.xp), (entry.xp, []))[1].append(entry)

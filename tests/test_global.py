@@ -487,3 +487,106 @@ def _leaves_t(tree: Any) -> list[Any]:
     if isinstance(tree, list):
         return [a for t in tree for a in _leaves_t(t)]
     return [tree]
+
+
+# -- the compiled fast path ---------------------------------------------------------------
+
+
+def _fast_available() -> bool:
+    from agnosticopt.adapters import _fast
+
+    with fast_path(True):
+        return _fast.available()
+
+
+FAST_CHAINS = {
+    "adamw": opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.AdamW(1e-2, lambda_=0.01)),
+    "alone_inf": opt.ClipGlobalNorm(0.5, math.inf),
+    "p1_momentum": opt.OptimiserChain(opt.ClipGlobalNorm(300.0, 1), opt.Momentum()),
+    "clipnorm_adamw": opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-2, lambda_=0.01)),
+    "clipnorm_inf": opt.ClipNorm(0.5, math.inf),
+    "clipnorm_p1_big": opt.OptimiserChain(opt.ClipNorm(1e6, 1), opt.Adam()),
+}
+
+
+@pytest.mark.skipif(not _fast_available(), reason="numba is not installed: no fast path")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(FAST_CHAINS))
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_global_clip_fast_path_gives_the_plain_bits(kind: str, name: str, dtype: str) -> None:
+    from _backends import Backend
+    from agnosticopt.adapters import _fast
+
+    if kind == "torch":
+        pytest.importorskip("torch")
+    backend = BackendHelper(Backend(kind))
+    model = _model(dtype)
+    grads = [_model(dtype), {**_model(dtype), "b": None}, _model(dtype)]
+    grads[1]["emb"] = grads[1]["emb"] * 1000
+    with fast_path(False):
+        _, want = _run(backend, FAST_CHAINS[name], model, grads, in_place=True)
+    before = _fast.counters["fast"]
+    with fast_path(True):
+        _, got = _run(backend, FAST_CHAINS[name], model, grads, in_place=True)
+    assert _fast.counters["fast"] - before == 5 + 4 + 5  # every leaf, every step
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(_bits(a), _bits(b))
+
+
+@pytest.mark.skipif(not _fast_available(), reason="numba is not installed: no fast path")
+def test_fast_tree_root_is_the_reduction_of_the_concatenation() -> None:
+    from agnosticopt.adapters._numba import tree_root
+
+    rng = np.random.default_rng(8)
+    sizes = [1, 3000, 300_001, 7, 1 << 18, 5, 0, 123_457]
+    arrays = [_data(n, seed=int(rng.integers(1000))) for n in sizes]
+    xp = opt.adapter_for(arrays[0])
+    for p in (2, 1, math.inf):
+        nodes: list[Any] = []
+        offset = 0
+        for a in arrays:
+            found, combine = norm_nodes(xp, a, p, offset)
+            nodes += found
+            offset += a.size
+        want = combine_nodes(nodes, offset, combine)[0]
+        got = tree_root("float32", p, np.array([a.ctypes.data for a in arrays], np.int64),
+                        np.array(sizes, np.int64))
+        assert _bits(got) == _bits(want), p
+
+
+@pytest.mark.skipif(not _fast_available(), reason="numba is not installed: no fast path")
+def test_global_clip_fast_path_all_or_nothing() -> None:
+    """A leaf the fast path cannot take sends the whole clip group to the plain path."""
+    from agnosticopt.adapters import _fast
+
+    model = {"a": _data(150_000), "b": _data(1000, seed=1)[::2]}  # b: not contiguous
+    grads = {"a": _data(150_000, seed=2), "b": _data(500, seed=3)}
+    rule = FAST_CHAINS["adamw"]
+    results = []
+    for enabled in (False, True):
+        with fast_path(enabled):
+            m = {k: v.copy() for k, v in model.items()}
+            m["b"] = _data(1000, seed=1)[::2]
+            tree = opt.setup(rule, m)
+            before = _fast.counters["fast"]
+            tree, m = opt.update_(tree, m, grads)
+            assert _fast.counters["fast"] == before
+            results.append(m)
+    for k in model:
+        assert np.array_equal(_bits(results[0][k]), _bits(results[1][k]))
+
+
+@pytest.mark.skipif(not _fast_available(), reason="numba is not installed: no fast path")
+def test_clip_norm_fast_path_still_raises_and_changes_nothing() -> None:
+    model = {"a": _data(150_000), "b": _data(3000, seed=1)}
+    grads = {"a": _data(150_000, seed=2), "b": _data(3000, seed=3)}
+    grads["b"][5] = np.inf
+    rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam())
+    with fast_path(True):
+        tree = opt.setup(rule, model)
+        before = {k: v.copy() for k, v in model.items()}
+        with pytest.raises(FloatingPointError, match="inf") as info:
+            opt.update_(tree, model, grads)
+    assert "('b',)" in " ".join(info.value.__notes__)
+    for k, v in before.items():
+        assert np.array_equal(v, model[k])
