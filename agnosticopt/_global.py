@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from agnosticopt._containers import KeyPath, format_path
 from agnosticopt._norm import combine_nodes, finish_norm, norm_nodes
-from agnosticopt._rule import Replace, Rule
+from agnosticopt._rule import NONNEGATIVE_OR_INF, Replace, Rule, hyperparameter
 from agnosticopt._wrappers import MixedPrecision, MixedPrecisionState, OptimiserChain
 
 __all__ = [
@@ -172,7 +172,7 @@ class ClipGlobalNorm(CrossLeaf):
     synchronisation. Leaves with no gradient (``None``) or frozen take no part.
     """
 
-    omega: float = 1.0
+    omega: float = hyperparameter(1.0, NONNEGATIVE_OR_INF)
     p: float = 2.0
     throw: bool = field(default=False, kw_only=True)
 
@@ -180,9 +180,6 @@ class ClipGlobalNorm(CrossLeaf):
         super().__post_init__()
         if self.p not in (1, 2, math.inf):
             msg = f"ClipGlobalNorm: p must be 2, 1 or inf (the exact norms), got {self.p!r}"
-            raise ValueError(msg)
-        if not self.omega >= 0:
-            msg = f"ClipGlobalNorm: omega must be >= 0, got {self.omega!r}"
             raise ValueError(msg)
 
     def global_norm(self, parts: list[Part]) -> tuple[Any, Any, str]:

@@ -352,6 +352,8 @@ def test_global_clip_apply_alone_refuses() -> None:
         opt.ClipGlobalNorm().apply(None, x, x, opt.adapter_for(x))
     with pytest.raises(ValueError, match="p must be 2, 1 or inf"):
         opt.ClipGlobalNorm(1.0, 3)
+    with pytest.raises(ValueError, match="omega"):
+        opt.ClipGlobalNorm(-1.0)
 
 
 def test_global_clip_mixed_backends_name_the_paths() -> None:
