@@ -335,6 +335,8 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
         if len(dtypes) != 1:
             return out, []
         (dtype,) = dtypes
+        if dtype is None:  # not a dtype the kernels take: the plain path
+            return out, []
         t = np.dtype(dtype).type
         grads = [items[k][3] for k in positions]
         addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
