@@ -11,6 +11,7 @@ One definition of every rule, run unchanged on numpy, torch, array-api-strict
 array([0., 0.])
 """
 
+from agnosticopt import schedules
 from agnosticopt._adam import (
     AdaBelief,
     Adam,
@@ -28,6 +29,7 @@ from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
 from agnosticopt._norm import norm
 from agnosticopt._rule import Replace, Rule
+from agnosticopt._schedules import Scheduled, ScheduledState
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
 from agnosticopt._tree import (
@@ -71,6 +73,8 @@ __all__ = [
     "Restructure",
     "Rprop",
     "Rule",
+    "Scheduled",
+    "ScheduledState",
     "SignDecay",
     "WeightDecay",
     "adapter_for",
@@ -81,6 +85,7 @@ __all__ = [
     "norm",
     "register_adapter",
     "register_container",
+    "schedules",
     "set_fast_path",
     "setup",
     "thaw_",
