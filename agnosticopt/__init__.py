@@ -28,6 +28,7 @@ from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
 from agnosticopt._norm import norm
+from agnosticopt._paths import ByPath, by_path
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._schedules import Scheduled, ScheduledState
 from agnosticopt._sgd import Descent, Momentum, Nesterov
@@ -56,6 +57,7 @@ __all__ = [
     "AdaMax",
     "Adam",
     "AdamW",
+    "ByPath",
     "ClipGrad",
     "ClipNorm",
     "Descent",
@@ -80,6 +82,7 @@ __all__ = [
     "adapter_for",
     "adjust",
     "adjust_",
+    "by_path",
     "destructure",
     "freeze_",
     "norm",

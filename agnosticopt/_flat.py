@@ -42,7 +42,8 @@ def _find(model: Any) -> list[_Found]:
             raise ValueError(msg)
         open_.add(id(x))
         for key, child in zip(node.keys, node.children, strict=True):
-            walk(child, (*path, key))
+            if key not in node.untrainable:
+                walk(child, (*path, key))
         open_.discard(id(x))
         seen.add(id(x))
 

@@ -88,7 +88,8 @@ def setup(rule: Rule, model: Any) -> Any:
     Parameters
     ----------
     rule
-        The rule of every trainable array (one shared object).
+        The rule of every trainable array (one shared object), or a
+        :func:`agnosticopt.by_path` choice of a rule per key path.
     model
         Nested containers (dict, list, tuple, namedtuple, dataclass, registered
         types) of arrays and other objects.
@@ -119,6 +120,9 @@ def setup(rule: Rule, model: Any) -> Any:
     >>> tree["n"] is None, tree["w"].state
     (True, array([0., 0.]))
     """
+    setup_tree = getattr(rule, "setup_tree", None)  # a chooser of rules, e.g. by_path
+    if callable(setup_tree):
+        return setup_tree(model)
     if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))):
         msg = (
             "setup(rule, model): the first argument must be a rule, "
@@ -165,7 +169,8 @@ class _Setup:
             raise ValueError(msg)
         self.open.add(id(node.obj))
         pairs = zip(node.keys, node.children, strict=True)
-        children = [self.walk(c, (*path, k)) for k, c in pairs]
+        children = [None if k in node.untrainable else self.walk(c, (*path, k))
+                    for k, c in pairs]
         self.open.discard(id(node.obj))
         return node.mirror(children)
 
@@ -212,7 +217,8 @@ class _Plan:
             grads = _grad_children(g, node, path)
             parts = zip(node.keys, subtrees, node.children, grads, strict=True)
             for key, t, c, gc in parts:
-                self.walk(t, c, gc, (*path, key))
+                if key not in node.untrainable:  # not trained: gradient ignored
+                    self.walk(t, c, gc, (*path, key))
 
     def leaf(self, leaf: Leaf, x: Any, g: Any, path: KeyPath) -> None:
         entry = self.entry(leaf, x, path)
@@ -275,6 +281,8 @@ def _first_trainable(x: Any, path: KeyPath) -> tuple[KeyPath, Any] | None:
     if node is None:
         return (path, x) if trainable_adapter(x) is not None else None
     for key, child in zip(node.keys, node.children, strict=True):
+        if key in node.untrainable:
+            continue
         found = _first_trainable(child, (*path, key))
         if found is not None:
             return found
