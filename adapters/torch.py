@@ -137,6 +137,19 @@ class TorchAdapter(Adapter):
             x = _to_float32_odd(x)
         return x.to(target, copy=True)
 
+    def astype_tracked(self, x: Any, name: str) -> Any:
+        """The exact cast of :meth:`astype`, differentiable (``Tensor.to``'s gradient).
+
+        The value is :meth:`astype`'s, written into ``x.to(dtype)`` under
+        ``no_grad``: the cast's backward does not read its output.
+        """
+        target = self.dtype(name)
+        out = x.to(target, copy=True)
+        if x.dtype == torch.float64 and target in _NARROW:
+            with torch.no_grad():
+                out.copy_(self.astype(x, name))
+        return out
+
     # -- creation -------------------------------------------------------------
     def zeros_like(self, x: Any) -> Any:
         return torch.zeros_like(x)
