@@ -141,3 +141,9 @@ def adapter(x: Any) -> Adapter | None:
     if found is None:
         found = _ADAPTERS[platform] = JaxAdapter(platform)
     return found
+
+
+def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+    """``fn(arrays)`` (a scalar) and its gradients by ``jax.value_and_grad`` (``train_``)."""
+    value, grads = jax.value_and_grad(lambda leaves: fn(list(leaves)))(list(arrays))
+    return value, list(grads)

@@ -345,3 +345,20 @@ def adapter(x: Any) -> Adapter | None:
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
     return found
+
+
+def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+    """``fn(arrays)`` (a scalar tensor) and its gradients by autograd (``train_``).
+
+    ``fn`` gets detached views of ``arrays`` that require grad, so the model's
+    own tensors need not, and their ``.grad`` is left alone. An array that
+    ``fn`` does not use gets ``None`` (no step).
+    """
+    leaves = [a.detach().requires_grad_(True) for a in arrays]
+    with torch.enable_grad():
+        value = fn(leaves)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            msg = f"train_: the loss must be a tensor with one element, got {value!r}"
+            raise TypeError(msg)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return value.detach(), list(grads)

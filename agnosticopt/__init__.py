@@ -33,6 +33,7 @@ from agnosticopt._rule import Replace, Rule
 from agnosticopt._schedules import Scheduled, ScheduledState
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
+from agnosticopt._train import History, TrainStep, train_
 from agnosticopt._tree import (
     Leaf,
     adjust,
@@ -61,6 +62,7 @@ __all__ = [
     "ClipGrad",
     "ClipNorm",
     "Descent",
+    "History",
     "Leaf",
     "Lion",
     "MixedPrecision",
@@ -78,6 +80,7 @@ __all__ = [
     "Scheduled",
     "ScheduledState",
     "SignDecay",
+    "TrainStep",
     "WeightDecay",
     "adapter_for",
     "adjust",
@@ -92,6 +95,7 @@ __all__ = [
     "set_fast_path",
     "setup",
     "thaw_",
+    "train_",
     "trainables",
     "update",
     "update_",
