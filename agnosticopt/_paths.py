@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, flatten, format_path
-from agnosticopt._tree import Leaf, _Setup, trainable_adapter
+from agnosticopt._tree import _Setup
 
 __all__ = ["ByPath", "by_path"]
 
@@ -190,7 +190,7 @@ class _PathSetup(_Setup):
         self.chosen: dict[int, tuple[KeyPath, Any]] = {}  # id(array) -> first path, rule
         self.used: set[str] = set()
 
-    def choose(self, x: Any, path: KeyPath) -> Any:
+    def rule_for(self, x: Any, path: KeyPath) -> Any:
         if self.chooser.function is None:
             pattern, _ = self.chooser.match(path)
             if pattern is not None:
@@ -209,31 +209,13 @@ class _PathSetup(_Setup):
             raise ValueError(msg)
         return rule
 
-    def walk(self, x: Any, path: KeyPath) -> Any:
-        hit = self.cache.get(id(x))
-        if hit is not None:
-            self.recheck(x, path)
-            return hit[1]
-        node = flatten(x)
-        if node is not None:
-            out = self.container(node, path)
-        else:
-            xp = trainable_adapter(x)
-            if xp is None:
-                return None
-            rule = self.choose(x, path)
-            out = Leaf(rule, rule.init(x, xp))
-            self.count += 1
-        self.cache[id(x)] = (x, out)
-        return out
-
-    def recheck(self, x: Any, path: KeyPath) -> None:
+    def met_again(self, x: Any, path: KeyPath) -> None:
         """A part met again (a tie): its arrays must choose the same rules here."""
         node = flatten(x)
         if node is None:
             if id(x) in self.chosen:
-                self.choose(x, path)
+                self.rule_for(x, path)
             return
         for key, child in zip(node.keys, node.children, strict=True):
             if key not in node.untrainable:
-                self.recheck(child, (*path, key))
+                self.met_again(child, (*path, key))

@@ -150,6 +150,7 @@ class _Setup:
     def walk(self, x: Any, path: KeyPath) -> Any:
         hit = self.cache.get(id(x))
         if hit is not None:
+            self.met_again(x, path)
             return hit[1]
         node = flatten(x)
         if node is not None:
@@ -158,10 +159,18 @@ class _Setup:
             xp = trainable_adapter(x)
             if xp is None:
                 return None
-            out = Leaf(self.rule, self.rule.init(x, xp))
+            rule = self.rule_for(x, path)
+            out = Leaf(rule, rule.init(x, xp))
             self.count += 1
         self.cache[id(x)] = (x, out)
         return out
+
+    def rule_for(self, x: Any, path: KeyPath) -> Any:
+        """The rule of the trainable array ``x`` (one rule here; see ``_paths``)."""
+        return self.rule
+
+    def met_again(self, x: Any, path: KeyPath) -> None:
+        """``x`` (an array or container) was met before: a tie (see ``_paths``)."""
 
     def container(self, node: Node, path: KeyPath) -> Any:
         if id(node.obj) in self.open:
