@@ -26,7 +26,8 @@ from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
-from agnosticopt._norm import norm
+from agnosticopt._global import ClipGlobalNorm, SkipNonFinite
+from agnosticopt._norm import NUMERICS_VERSION, norm
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
@@ -46,6 +47,7 @@ from agnosticopt._xp import adapter_for, register_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "NUMERICS_VERSION",
     "AMSGrad",
     "AccumGrad",
     "AdaBelief",
@@ -54,6 +56,7 @@ __all__ = [
     "AdaMax",
     "Adam",
     "AdamW",
+    "ClipGlobalNorm",
     "ClipGrad",
     "ClipNorm",
     "Descent",
@@ -72,6 +75,7 @@ __all__ = [
     "Rprop",
     "Rule",
     "SignDecay",
+    "SkipNonFinite",
     "WeightDecay",
     "adapter_for",
     "adjust",
