@@ -27,7 +27,8 @@ from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
-from agnosticopt._norm import norm
+from agnosticopt._global import ClipGlobalNorm, SkipNonFinite
+from agnosticopt._norm import NUMERICS_VERSION, norm
 from agnosticopt._paths import ByPath, by_path
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._schedules import Scheduled, ScheduledState
@@ -50,6 +51,7 @@ from agnosticopt._xp import adapter_for, register_adapter
 __version__ = "0.1.0"
 
 __all__ = [
+    "NUMERICS_VERSION",
     "AMSGrad",
     "AccumGrad",
     "AdaBelief",
@@ -59,6 +61,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "ByPath",
+    "ClipGlobalNorm",
     "ClipGrad",
     "ClipNorm",
     "Descent",
@@ -80,6 +83,7 @@ __all__ = [
     "Scheduled",
     "ScheduledState",
     "SignDecay",
+    "SkipNonFinite",
     "TrainStep",
     "WeightDecay",
     "adapter_for",

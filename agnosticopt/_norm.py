@@ -1,28 +1,200 @@
-"""A p-norm that gives the same bits on every backend and any thread count.
+"""A p-norm that gives the same bits on every backend, thread count and sharding.
 
 Backends reduce in different orders (numpy pairwise in blocks of 8, torch
 cascade sums split by thread, CUB trees on GPUs), so their ``sum`` differs in
-the last bits. Here the reduction is the library's own: the flattened array is
-padded to a power of two with the operation's identity, then halves are added
-(or maxed) elementwise until one element is left. Each level is one correctly
-rounded elementwise operation, so the result is fixed by the data alone.
+the last bits. Here the reduction is the library's own, the **aligned-block
+tree** (numerics version 2, see ``docs/numerics.md``):
+
+* the node ``(L, j)`` of the tree covers the index range ``[j·2^L, (j+1)·2^L)``
+  of the flattened array (of the concatenation of every leaf, for a global
+  norm); a leaf ``(0, j)`` is element ``j``;
+* a node's value is ``combine(left child, right child)``, one correctly rounded
+  elementwise operation; a node whose right child lies wholly past the end
+  ``n`` takes its left child's value unchanged (so nothing is padded);
+* the root is ``(ceil(log2 n), 0)``.
+
+Every node covers an aligned contiguous range, so a contiguous piece of the
+array (a shard, or one leaf of a model) reduces the nodes that lie wholly inside
+it on its own (:func:`reduce_piece`: at most about ``2·log2(n)`` of them, each
+with its level and index), and :func:`combine_nodes` finishes the top of the
+tree from the nodes of all pieces. The result is fixed by the data alone: the
+same bits for one process and for any cut into pieces, uneven and empty ones
+included, on every backend.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from agnosticopt._xp import adapter_for
 
-__all__ = ["norm", "pairwise_reduce"]
+__all__ = [
+    "NUMERICS_VERSION",
+    "Node",
+    "combine_nodes",
+    "norm",
+    "norm_nodes",
+    "pairwise_reduce",
+    "reduce_piece",
+    "tree_reduce",
+]
+
+#: Version of the numerics contract. 1: ClipNorm reduced with a power-of-two
+#: padded tree that added element ``i`` to ``i + n/2``. 2: the aligned-block tree
+#: (this module), whose subtrees are contiguous, so that shards reduce locally.
+NUMERICS_VERSION = 2
+
+Combine = Callable[[Any, Any], Any]
+
+
+class Node(NamedTuple):
+    """A node of the aligned-block tree: ``value`` reduces ``[block·2^level, (block+1)·2^level)``.
+
+    ``value`` is a one-element array of the piece's backend.
+    """
+
+    level: int
+    block: int
+    value: Any
+
+
+def reduce_piece(xp: Any, piece: Any, offset: int, combine: Combine,
+                 total: int | None = None) -> list[Node]:
+    """The tree nodes that lie wholly inside one contiguous piece of an array.
+
+    Parameters
+    ----------
+    xp
+        The adapter of ``piece``.
+    piece
+        The elements ``[offset, offset + size)`` of the whole (flattened) array;
+        flattened in C order.
+    offset
+        Where the piece starts in the whole array (the global index of its first
+        element).
+    combine
+        An elementwise binary operation of ``xp`` (``xp.add``, ``xp.maximum``,
+        ``xp.minimum``).
+    total
+        The length of the whole array, to check that the piece lies inside it
+        (optional: the nodes do not depend on it).
+
+    Returns
+    -------
+    list of Node
+        The maximal aligned blocks of ``[offset, offset + size)``, reduced, at most
+        about ``2·log2(size)`` (none for an empty piece). Hand the nodes of all
+        pieces to :func:`combine_nodes`.
+
+    Notes
+    -----
+    One elementwise ``combine`` per level over the piece (``log2(size)`` calls
+    in all), on the halves ``a[0::2]`` and ``a[1::2]``.
+    """
+    flat = xp.flatten(piece)
+    n = xp.size(flat)
+    if offset < 0 or (total is not None and offset + n > total):
+        msg = f"a piece of {n} elements at offset {offset} is not inside [0, {total})"
+        raise ValueError(msg)
+    nodes: list[Node] = []
+    lo, hi, level = offset, offset + n, 0  # the nodes [lo, hi) of this level are in flat
+    while lo < hi:
+        if lo & 1:  # its left sibling is in another piece: a finished node
+            nodes.append(Node(level, lo, flat[0:1]))
+            flat, lo = flat[1:], lo + 1
+        if lo < hi and hi & 1:  # the last node's right sibling is not here
+            m = hi - lo
+            nodes.append(Node(level, hi - 1, flat[m - 1:m]))
+            flat, hi = flat[: m - 1], hi - 1
+        if lo == hi:
+            break
+        flat = combine(flat[0::2], flat[1::2])
+        lo, hi, level = lo >> 1, hi >> 1, level + 1
+    return nodes
+
+
+def combine_nodes(nodes: Iterable[Node], total: int, combine: Combine) -> Any:
+    """The root of the aligned-block tree of a ``total``-element array.
+
+    Parameters
+    ----------
+    nodes
+        The nodes of every piece (:func:`reduce_piece`), in any order; together
+        the pieces must cover ``[0, total)`` once.
+    total
+        The length of the whole array (at least 1).
+    combine
+        The operation the nodes were reduced with.
+
+    Returns
+    -------
+    value
+        A one-element array: the reduction of the whole array.
+
+    Raises
+    ------
+    ValueError
+        If the nodes do not cover ``[0, total)`` exactly once.
+    """
+    if total < 1:
+        msg = "combine_nodes needs at least one element"
+        raise ValueError(msg)
+    top = (total - 1).bit_length()
+    levels: list[dict[int, Any]] = [{} for _ in range(top + 1)]
+    for node in nodes:
+        if not (0 <= node.level <= top) or node.block in levels[node.level]:
+            msg = (f"node {node.level, node.block} is out of range or given twice: "
+                   f"the pieces do not cover [0, {total}) exactly once")
+            raise ValueError(msg)
+        levels[node.level][node.block] = node.value
+    for level in range(top):
+        here, up = levels[level], levels[level + 1]
+        for j in sorted(here):
+            if j not in here:  # consumed as a right sibling
+                continue
+            value = here.pop(j)
+            if j & 1:
+                msg = (f"node {level, j} has no left sibling: the pieces do not cover "
+                       f"[0, {total}) exactly once")
+                raise ValueError(msg)
+            if (j + 1) << level >= total:  # the right sibling is past the end
+                merged = value
+            elif j + 1 in here:
+                merged = combine(value, here.pop(j + 1))
+            else:
+                msg = (f"node {level, j + 1} is missing: the pieces do not cover "
+                       f"[0, {total}) exactly once")
+                raise ValueError(msg)
+            if j >> 1 in up:
+                msg = (f"node {level + 1, j >> 1} is given twice: the pieces do not cover "
+                       f"[0, {total}) exactly once")
+                raise ValueError(msg)
+            up[j >> 1] = merged
+    root = levels[top]
+    if list(root) != [0]:
+        msg = f"the pieces do not cover [0, {total}) exactly once"
+        raise ValueError(msg)
+    return root[0]
+
+
+def tree_reduce(xp: Any, a: Any, combine: Combine) -> Any:
+    """Reduce all of ``a`` by the aligned-block tree; a one-element array.
+
+    Raises
+    ------
+    ValueError
+        If ``a`` is empty.
+    """
+    n = xp.size(a)
+    return combine_nodes(reduce_piece(xp, a, 0, combine), n, combine)
 
 
 def pairwise_reduce(
-    xp: Any, a: Any, combine: Callable[[Any, Any], Any], identity: Any
+    xp: Any, a: Any, combine: Combine, identity: Any = None
 ) -> Any:
-    """Reduce ``a`` to a 0-d array by a fixed binary tree of ``combine`` calls.
+    """Reduce ``a`` to a 0-d array by the aligned-block tree of ``combine`` calls.
 
     Parameters
     ----------
@@ -33,21 +205,61 @@ def pairwise_reduce(
     combine
         An elementwise binary operation of ``xp`` (e.g. ``xp.add``).
     identity
-        The value padding uses (0 for sums and maxima of ``|g|``, ``inf`` for
-        minima).
+        Unused (kept for callers of numerics version 1, which padded with it):
+        the aligned-block tree pads nothing.
     """
-    flat = xp.flatten(a)
-    n = xp.size(flat)
-    if n == 0:
+    if xp.size(a) == 0:
         msg = "pairwise_reduce needs at least one element"
         raise ValueError(msg)
-    width = 1 << (n - 1).bit_length()
-    if width > n:
-        flat = xp.concat([flat, xp.full_like(flat[: width - n], identity)])
-    while width > 1:
-        width //= 2
-        flat = combine(flat[:width], flat[width:])
-    return flat[0]
+    return tree_reduce(xp, a, combine)[0]
+
+
+def _terms(xp: Any, dx: Any, p: float) -> tuple[Any, Combine]:
+    """The elementwise terms of the p-norm (p = 2, 1, ±inf) and how they combine."""
+    if p == 2:
+        return xp.abs2(dx), xp.add
+    mag = _magnitude(xp, dx)
+    if p == 1:
+        return mag, xp.add
+    if p == math.inf:
+        return mag, xp.maximum
+    if p == -math.inf:
+        return mag, xp.minimum
+    msg = f"the exact norms are p = 2, 1, inf and -inf, not {p!r}"
+    raise ValueError(msg)
+
+
+def norm_nodes(xp: Any, dx: Any, p: float, offset: int, dtype: str | None = None
+               ) -> tuple[list[Node], Combine]:
+    """The tree nodes of one piece's p-norm terms (p = 2, 1, ±inf).
+
+    Parameters
+    ----------
+    xp, dx
+        A piece of the whole array (a shard, or a leaf of a model), any shape.
+    p
+        2 (terms ``|g|²``, summed), 1 (``|g|``, summed), ``inf`` (maximum) or
+        ``-inf`` (minimum).
+    offset
+        The global index of the piece's first element.
+    dtype
+        Real dtype to reduce in: the terms are computed in the piece's (real)
+        dtype, then converted to ``dtype`` (exactly, when it is wider).
+
+    Returns
+    -------
+    nodes, combine
+        For :func:`combine_nodes`; finish with :func:`finish_norm`.
+    """
+    terms, combine = _terms(xp, dx, p)
+    if dtype is not None and xp.dtype_name(terms) != dtype:
+        terms = xp.astype(terms, dtype)
+    return reduce_piece(xp, terms, offset, combine), combine
+
+
+def finish_norm(xp: Any, value: Any, p: float) -> Any:
+    """The norm from the combined root ``value`` (``sqrt`` for ``p = 2``)."""
+    return xp.sqrt(value) if p == 2 else value
 
 
 def norm(dx: Any, p: float = 2.0) -> Any:
@@ -67,9 +279,12 @@ def norm(dx: Any, p: float = 2.0) -> Any:
 
     Notes
     -----
-    For complex arrays ``|z|`` is ``sqrt(re² + im²)`` with a correctly rounded
-    square root (not ``hypot``), so it overflows where ``hypot`` would not.
-    An empty array has norm 0 (and ``inf`` for ``p = -inf``).
+    Sums and extrema are reduced by the library's aligned-block tree (see the
+    module docstring and ``docs/numerics.md``), so the result is the same
+    however the array is split into shards. For complex arrays ``|z|`` is
+    ``sqrt(re² + im²)`` with a correctly rounded square root (not ``hypot``),
+    so it overflows where ``hypot`` would not. An empty array has norm 0 (and
+    ``inf`` for ``p = -inf``).
     """
     xp = adapter_for(dx)
     if xp is None:
@@ -83,17 +298,14 @@ def norm(dx: Any, p: float = 2.0) -> Any:
     if p == 0:
         return real(xp.count_nonzero(dx))
     if p == 2:
-        total = pairwise_reduce(xp, xp.abs2(dx), xp.add, 0)
+        total = tree_reduce(xp, xp.abs2(dx), xp.add)[0]
         return _sqrt(real(xp.to_host(total)))
-    mag = _magnitude(xp, dx)
-    if p == 1:
-        return real(xp.to_host(pairwise_reduce(xp, mag, xp.add, 0)))
-    if p == math.inf:
-        return real(xp.to_host(pairwise_reduce(xp, mag, xp.maximum, 0)))
-    if p == -math.inf:
-        return real(xp.to_host(pairwise_reduce(xp, mag, xp.minimum, math.inf)))
+    if p in (1, math.inf, -math.inf):
+        terms, combine = _terms(xp, dx, p)
+        return real(xp.to_host(tree_reduce(xp, terms, combine)[0]))
     q = real(p)
-    total = real(xp.to_host(pairwise_reduce(xp, xp.pow(mag, q), xp.add, 0)))
+    mag = _magnitude(xp, dx)
+    total = real(xp.to_host(tree_reduce(xp, xp.pow(mag, q), xp.add)[0]))
     return total ** (real(1) / q)
 
 

@@ -31,6 +31,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from agnosticopt._global import has_stages, register_staged, staged
 from agnosticopt._rule import Rule
 
 __all__ = [
@@ -413,16 +414,9 @@ class Scheduled(Rule):
         return ScheduledState(0, self.at(0).init(x, xp))
 
     def apply(self, state: ScheduledState, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
-        count = state.t
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
-            msg = (
-                f"Scheduled: the step count in the state must be a host int, got "
-                f"{type(count).__name__}; schedules are evaluated on the host "
-                "(under jax.jit the count must stay a Python int, see docs/training.md)"
-            )
-            raise TypeError(msg)
-        inner, step = self.at(int(count)).apply(state.state, x, dx, xp)
-        return ScheduledState(int(count) + 1, inner), step
+        count = _host_count(state)
+        inner, step = self.at(count).apply(state.state, x, dx, xp)
+        return ScheduledState(count + 1, inner), step
 
     def hyperparameter_names(self) -> frozenset[str]:
         return self.rule.hyperparameter_names()
@@ -443,6 +437,18 @@ class Scheduled(Rule):
                 plain[name] = value
         rule = self.rule._adjust(plain) if plain else self.rule
         return Scheduled(rule, **scheduled)
+
+
+def _host_count(state: ScheduledState) -> int:
+    count = state.t
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        msg = (
+            f"Scheduled: the step count in the state must be a host int, got "
+            f"{type(count).__name__}; schedules are evaluated on the host "
+            "(under jax.jit the count must stay a Python int, see docs/training.md)"
+        )
+        raise TypeError(msg)
+    return int(count)
 
 
 def _make_scheduled(rule: Rule, schedules: dict[str, ScheduleValue]) -> Scheduled:
@@ -468,3 +474,17 @@ def _number(name: str, value: Any) -> Any:
         msg = f"Scheduled: the schedule of {name} returned {value!r}, not a real number"
         raise TypeError(msg)
     return value
+
+
+# -- cross-leaf rules (ClipGlobalNorm, SkipNonFinite) inside a Scheduled -------------------
+
+
+def _scheduled_in_stages(rule: Scheduled, state: ScheduledState, x: Any, dx: Any,
+                         xp: Any) -> Any:
+    """:meth:`Scheduled.apply` in stages, for a Scheduled holding a cross-leaf rule."""
+    count = _host_count(state)
+    inner, step = yield from staged(rule.at(count), state.state, x, dx, xp)
+    return ScheduledState(count + 1, inner), step
+
+
+register_staged(Scheduled, _scheduled_in_stages, lambda r: has_stages(r.rule))

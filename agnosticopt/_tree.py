@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, Node, flatten, format_path
+from agnosticopt._global import run_stages
 from agnosticopt._rule import Replace, Rule
 from agnosticopt._speed import fast_path_enabled
 from agnosticopt._xp import adapter_for
@@ -408,6 +409,7 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_
     """
     plans = _fast_plans(entries) if in_place and fast_path_enabled() else []
     params = {id(e.x) for e in entries} if in_place else set()
+    staged = _cross_leaf_steps(entries)
     for entry in entries:
         leaf, x, xp = entry.leaf, entry.x, entry.xp
         entry.new_x = x
@@ -418,7 +420,9 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_
             continue
         with xp.computing():
             try:
-                entry.state, step = leaf.rule.apply(leaf.state, x, entry.grad, xp)
+                found = staged.get(id(entry))
+                entry.state, step = (found if found is not None
+                                     else leaf.rule.apply(leaf.state, x, entry.grad, xp))
             except Exception as exc:
                 _add_note(exc, f"while updating the parameter at {format_path(entry.path)}")
                 raise
@@ -433,6 +437,13 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[tuple[Any, list[_
             else:
                 entry.new_x = _stepped(xp, x, step)
     return plans
+
+
+def _cross_leaf_steps(entries: list[_Entry]) -> dict[int, tuple[Any, Any]]:
+    """``id(entry) -> (state, step)`` for the leaves whose rule reduces over every
+    leaf (global-norm clipping, non-finite skip): see ``agnosticopt/_global.py``."""
+    return run_stages([e for e in entries
+                       if not e.fast and e.grad is not None and not e.leaf.frozen])
 
 
 def _fast_plans(entries: list[_Entry]) -> list[tuple[Any, list[_Entry]]]:

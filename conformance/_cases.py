@@ -79,6 +79,14 @@ CASES: tuple[Case, ...] = (
     ),
     Case("AccumGrad+Adam", _chain(opt.AccumGrad(3), opt.Adam())),
     Case(
+        "WeightDecay+ClipGlobalNorm+Adam",
+        _chain(opt.WeightDecay(1e-4), opt.ClipGlobalNorm(10.0), opt.Adam(1e-3)),
+    ),
+    Case(
+        "SkipNonFinite(ClipGlobalNorm(1)+AdamW)",
+        opt.SkipNonFinite(_chain(opt.ClipGlobalNorm(5.0, 1), opt.AdamW(lambda_=0.01))),
+    ),
+    Case(
         "WeightDecay+OAdam+ClipGrad",
         _chain(opt.WeightDecay(), opt.OAdam(), opt.ClipGrad(1)),
     ),
@@ -95,7 +103,7 @@ CASES: tuple[Case, ...] = (
 _COMPLEX_OK = (
     opt.Descent, opt.Momentum, opt.Nesterov, opt.RMSProp, opt.Adam, opt.RAdam,
     opt.OAdam, opt.AdaGrad, opt.AdaDelta, opt.NAdam, opt.AdamW, opt.AdaBelief,
-    opt.WeightDecay, opt.AccumGrad, opt.ClipNorm,
+    opt.WeightDecay, opt.AccumGrad, opt.ClipNorm, opt.ClipGlobalNorm,
 )
 
 

@@ -25,6 +25,8 @@ from agnosticopt.conformance._backends import Backend, NumpyBackend
 from agnosticopt.conformance._cases import CASES, Case
 from agnosticopt.conformance._trajectory import run_trajectory
 
+from agnosticopt._norm import NUMERICS_VERSION
+
 __all__ = [
     "GOLDEN_DTYPES",
     "GOLDEN_PERIOD",
@@ -39,7 +41,8 @@ __all__ = [
 ]
 
 #: Elements of the golden parameter: enough for every vector code path
-#: (SIMD loops, torch's vectorised kernels), not a power of two (the norm pads).
+#: (SIMD loops, torch's vectorised kernels), not a power of two (the norm's tree
+#: then has partial nodes at the end).
 GOLDEN_SIZE = 4099
 #: The inputs repeat with this period, which halves the files (zip finds the
 #: repeats in the results); every one of the GOLDEN_SIZE elements is computed.
@@ -93,6 +96,7 @@ def make_golden(dtype: str, cases: tuple[Case, ...] = CASES) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     meta: dict[str, Any] = {
         "format": FORMAT,
+        "numerics_version": NUMERICS_VERSION,
         "dtype": dtype,
         "dataset": GOLDEN_DATASET,
         "steps": GOLDEN_STEPS,
@@ -160,10 +164,18 @@ def golden_snapshot(case: Case, dtype: str) -> tuple[dict[str, Any], dict[str, A
     Raises
     ------
     LookupError
-        If the file has no such case, or holds it for a different rule (the
-        rule's definition changed): regenerate the files.
+        If the file has no such case, holds it for a different rule (the
+        rule's definition changed), or was made under another numerics contract
+        version (:data:`agnosticopt.NUMERICS_VERSION`): regenerate the files.
     """
     meta, snaps = load_golden(dtype)
+    version = meta.get("numerics_version", 1)  # files before version 2 did not say
+    if version != NUMERICS_VERSION:
+        msg = (
+            f"the {dtype} golden file was made under numerics contract version {version}, "
+            f"this is version {NUMERICS_VERSION}; regenerate with {_REGENERATE}"
+        )
+        raise LookupError(msg)
     info = meta["cases"].get(case.name)
     if info is None:
         msg = f"the {dtype} golden file has no case {case.name!r}; regenerate with {_REGENERATE}"

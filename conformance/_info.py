@@ -77,8 +77,11 @@ _DEVICES: dict[str, Callable[[], list[str]]] = {
 def backend_info(name: str, backend: Backend) -> dict[str, Any]:
     """Version, devices, adapter, fixes and declared deviations of one backend."""
     library = _LIBRARY.get(name, name)
+    from agnosticopt._norm import NUMERICS_VERSION
+
     info: dict[str, Any] = {"backend": backend.name, "library": library,
-                            "version": _version(library)}
+                            "version": _version(library),
+                            "numerics_version": NUMERICS_VERSION}
     why = backend.unavailable()
     if why:
         return {**info, "available": False, "reason": why}
@@ -117,7 +120,8 @@ def render_info(infos: list[dict[str, Any]]) -> str:
     import agnosticopt
 
     head = (
-        f"agnosticopt {agnosticopt.__version__} - Python {platform.python_version()}, "
+        f"agnosticopt {agnosticopt.__version__} (numerics contract version "
+        f"{agnosticopt.NUMERICS_VERSION}) - Python {platform.python_version()}, "
         f"numpy {np.__version__}, array-api-compat "
         f"{importlib.metadata.version('array-api-compat')}"
     )
