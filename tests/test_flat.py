@@ -312,7 +312,9 @@ def test_norm_of_integers_is_the_float64_norm(backend: Any, dtype: str, p: float
     values = np.array([3, 0, 1, 7, 120, 5, 2], dtype=dtype)
     got = opt.norm(backend.asarray(values), p)
     assert type(got) is np.float64
-    assert got == opt.norm(values.astype(np.float64), p)
+    # the norm of the same values as float64, on the same backend (p = 0.5, 1.5 use
+    # pow, whose rounding varies by backend: same bits are promised for the exact p only)
+    assert got == opt.norm(backend.asarray(values.astype(np.float64)), p)
     if p == 2 and dtype != "bool":
         assert got == np.sqrt(np.sum(values.astype(np.float64) ** 2))  # no int overflow
 
