@@ -12,8 +12,11 @@ kernel, its fastest other step, marked ``*``).
 Implementations: agnosticopt ``update_`` on a numpy list and on a list of torch
 ``nn.Parameter`` (fast path on, and the plain path), the flat-buffer mode (the
 arrays and gradients are views of one buffer each, see the README; one leaf per
-step), ``torch.optim`` for-loop,
-foreach and fused, and optax (``jax.jit`` with donated buffers) when installed.
+step), the ``torch.optim`` drop-in (``agnosticopt.TorchOptimizer.step()`` on
+parameters whose ``.grad`` is set), ``torch.optim`` for-loop,
+foreach and fused, optax (``jax.jit`` with donated buffers) when installed, and
+agnosticopt's ``update`` on JAX arrays under ``jax.jit`` the same way ("jax jit";
+its bits are XLA's, see :mod:`agnosticopt.adapters.jax`).
 
 Extra peak memory of a step (memory allocated during the step beyond what was
 in use before it) is measured two ways: with ``tracemalloc`` for numpy (numpy
@@ -88,7 +91,7 @@ RULES: dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]] = {
 
 IMPLEMENTATIONS = (
     "numpy fast", "numpy plain", "numpy flat", "torch fast", "torch plain", "torch flat",
-    "torch for-loop", "torch foreach", "torch fused", "optax",
+    "torch drop-in", "torch for-loop", "torch foreach", "torch fused", "optax", "jax jit",
 )
 
 
@@ -166,6 +169,22 @@ def _agnostic_flat(backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]]) 
     return step
 
 
+def _dropin(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
+    """``agnosticopt.TorchOptimizer``'s ``step()`` over ``nn.Parameter`` with ``.grad``."""
+    import torch
+
+    params, grads = _data(shapes)
+    tensors = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
+    for t, g in zip(tensors, grads, strict=True):
+        t.grad = torch.from_numpy(g)
+    optimizer = opt.TorchOptimizer(tensors, rule)
+
+    def step() -> None:
+        optimizer.step()
+
+    return step
+
+
 def _torch(kind: str, name: str, keywords: dict[str, Any], clip: float | None,
            shapes: list[tuple[int, ...]]) -> Step | None:
     import torch
@@ -222,6 +241,25 @@ def _optax(rule: str, shapes: list[tuple[int, ...]]) -> Step | None:
     return step
 
 
+def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
+    """agnosticopt's ``update`` on JAX arrays inside ``jax.jit`` (buffers donated)."""
+    if importlib.util.find_spec("jax") is None:
+        return None
+    import jax
+
+    params, grads = _data(shapes)
+    state = {"params": [jax.numpy.asarray(p) for p in params]}
+    jgrads = [jax.numpy.asarray(g) for g in grads]
+    state["tree"] = opt.setup(rule, state["params"])
+    update = jax.jit(opt.update, donate_argnums=(0, 1))  # parameters and state in place
+
+    def step() -> None:
+        state["tree"], state["params"] = update(state["tree"], state["params"], jgrads)
+        jax.block_until_ready(state["params"])
+
+    return step
+
+
 def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
            ) -> dict[str, Step | None]:
     ours, name, keywords, clip = RULES[rule]
@@ -232,10 +270,12 @@ def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
         "torch fast": lambda: _agnostic("torch", ours, shapes, True),
         "torch flat": lambda: _agnostic_flat("torch", ours, shapes),
         "torch plain": lambda: _agnostic("torch", ours, shapes, False),
+        "torch drop-in": lambda: _dropin(ours, shapes),
         "torch for-loop": lambda: _torch("for-loop", name, keywords, clip, shapes),
         "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes),
         "torch fused": lambda: _torch("fused", name, keywords, clip, shapes),
         "optax": lambda: _optax(rule, shapes),
+        "jax jit": lambda: _jax_jit(ours, shapes),
     }
     return {impl: makers[impl]() for impl in impls}
 

@@ -23,6 +23,21 @@ Not promised: bits under ``jax.jit``. The adapter works there (no host syncs in
 elementwise operations), but XLA contracts ``a*b + c`` into fused multiply-adds
 when it compiles a whole update (jax-ml/jax#18507) and nothing turns that off.
 
+State trees are pytrees. Importing this module (which ``agnosticopt`` does at
+its own import when JAX is already imported, and ``adapter_for`` does at the
+first JAX array) registers :class:`~agnosticopt.Leaf`: its rule and frozen flag
+are static (aux data), and so are the Python ints of its state (``AccumGrad``'s
+counter, ``RAdam``'s ``t``) and its ``None`` parts; its arrays and host float
+scalars (``beta_t``) are the children that ``jax.jit`` traces, named
+``.state.m``, ``.state.beta_t.0``, ... in key paths. So one compiled step
+serves every Adam step (``beta_t`` is traced), ``AccumGrad(n)`` compiles ``n``
+variants (one per counter value), and a changed hyperparameter recompiles.
+Rules that decide on the host cannot be traced: ``ClipNorm`` reads its norm
+back (a clear ``TypeError`` here) and ``RAdam`` branches on ``rho``; run them
+outside ``jax.jit``. After a jitted step the host scalars are 0-d JAX arrays;
+eager steps, :func:`~agnosticopt.state_dict` and :func:`~agnosticopt.save`
+take them as they are.
+
 float64 needs JAX's 64-bit mode, which the adapter does not switch on for you
 (it is a global setting): ``jax.config.update("jax_enable_x64", True)`` or the
 environment variable ``JAX_ENABLE_X64=1`` before JAX is imported. Without it
@@ -31,8 +46,9 @@ JAX has no float64 arrays.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -75,9 +91,13 @@ class JaxAdapter(Adapter):
         "bfloat16", "float32", "float64", "complex64", "complex128",
     )
 
-    def __init__(self, platform: str = "cpu") -> None:
+    def __init__(self, platform: str = "cpu", *, traced: bool = False) -> None:
         super().__init__(jnp, "jax" if platform == "cpu" else f"jax-{platform}")
         self.platform = platform
+        #: The adapter of tracers (inside ``jax.jit``): they have no device to
+        #: compare (``jit`` places them), so device checks are skipped.
+        self.traced = traced
+        self.one_device = traced
         if platform != "cpu":  # XLA's GPU default is ``xla_gpu_ftz=false``
             self.flushes_subnormals = ()
 
@@ -122,8 +142,17 @@ class JaxAdapter(Adapter):
     def to_numpy(self, a: Any) -> np.ndarray:
         return np.array(a, copy=True)
 
+    def to_host(self, a: Any) -> Any:
+        if _traced(a):
+            msg = (
+                "this rule reads a value back to the host (ClipNorm's norm), which "
+                "jax.jit cannot trace: run the update of this rule outside jax.jit"
+            )
+            raise TypeError(msg)
+        return super().to_host(a)
 
-_ADAPTERS: dict[str, JaxAdapter] = {}
+
+_ADAPTERS: dict[tuple[str, bool], JaxAdapter] = {}
 
 
 def _platform(x: Any) -> str:
@@ -136,11 +165,100 @@ def adapter(x: Any) -> Adapter | None:
     """The JAX adapter for a ``jax.Array`` or a tracer, by device platform."""
     if not isinstance(x, (jax.Array, jax.core.Tracer)):
         return None
-    platform = _platform(x)
-    found = _ADAPTERS.get(platform)
+    key = (_platform(x), _traced(x))
+    found = _ADAPTERS.get(key)
     if found is None:
-        found = _ADAPTERS[platform] = JaxAdapter(platform)
+        found = _ADAPTERS[key] = JaxAdapter(key[0], traced=key[1])
     return found
+
+
+# -- state trees as pytrees ------------------------------------------------------------
+
+_DYNAMIC = ("dynamic",)
+
+
+def _dynamic(value: Any) -> bool:
+    """Everything but Python ints and strings is a child that ``jax.jit`` traces.
+
+    Arrays and host float scalars (``beta_t``) are traced; what JAX puts in
+    their place (tracers, ``ShapeDtypeStruct`` of ``eval_shape``, placeholders
+    of ``tree_map``) stays a child. Ints (``AccumGrad``'s counter, ``RAdam``'s
+    ``t``, on which rules branch on the host) and strings are static.
+    """
+    return not isinstance(value, (int, str))
+
+
+def _split(state: Any, name: str, keys: list[Any], children: list[Any]) -> Any:
+    """The static skeleton of ``state``; its dynamic parts go to ``children``."""
+    if state is None:
+        return None
+    cls = type(state)
+    fields = getattr(cls, "_fields", None)
+    if isinstance(state, tuple) and fields is not None:
+        parts = tuple(_split(p, f"{name}.{f}", keys, children)
+                      for f, p in zip(fields, state, strict=True))
+        return ("namedtuple", cls, parts)
+    if cls is tuple or cls is list:
+        parts = tuple(_split(p, f"{name}.{i}", keys, children) for i, p in enumerate(state))
+        return (cls.__name__, parts)
+    if cls is dict:
+        names = tuple(state)
+        parts = tuple(_split(state[k], f"{name}.{k}", keys, children) for k in names)
+        return ("dict", names, parts)
+    if _dynamic(state):
+        keys.append(jax.tree_util.GetAttrKey(name))
+        children.append(state)
+        return _DYNAMIC
+    return ("static", state)
+
+
+def _join(skeleton: Any, children: Iterator[Any]) -> Any:
+    if skeleton is None:
+        return None
+    if skeleton == _DYNAMIC:
+        return next(children)
+    kind = skeleton[0]
+    if kind == "static":
+        return skeleton[1]
+    if kind == "namedtuple":
+        return skeleton[1]._make([_join(p, children) for p in skeleton[2]])
+    if kind == "dict":
+        return {k: _join(p, children) for k, p in zip(skeleton[1], skeleton[2], strict=True)}
+    parts = [_join(p, children) for p in skeleton[1]]
+    return tuple(parts) if kind == "tuple" else parts
+
+
+def _flatten_leaf_with_keys(leaf: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    keys: list[Any] = []
+    children: list[Any] = []
+    skeleton = _split(leaf.state, "state", keys, children)
+    return list(zip(keys, children, strict=True)), (leaf.rule, leaf.frozen, skeleton)
+
+
+def _flatten_leaf(leaf: Any) -> tuple[list[Any], Any]:
+    children: list[Any] = []
+    skeleton = _split(leaf.state, "state", [], children)
+    return children, (leaf.rule, leaf.frozen, skeleton)
+
+
+def _unflatten_leaf(aux: Any, children: Any) -> Any:
+    from agnosticopt._tree import Leaf
+
+    rule, frozen, skeleton = aux
+    return Leaf(rule, _join(skeleton, iter(children)), frozen)
+
+
+def _register_pytrees() -> None:
+    """Make :class:`~agnosticopt.Leaf` a pytree (once per process)."""
+    from agnosticopt._tree import Leaf
+
+    with contextlib.suppress(ValueError):  # already registered (e.g. a module reload)
+        jax.tree_util.register_pytree_with_keys(
+            Leaf, _flatten_leaf_with_keys, _unflatten_leaf, _flatten_leaf
+        )
+
+
+_register_pytrees()
 
 
 def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:

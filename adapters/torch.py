@@ -36,9 +36,10 @@ rules hand in scalars already rounded to float16, this is numpy's result (float3
 has more than ``2*11 + 2`` bits, so the double rounding is innocuous). The same
 holds for bfloat16, which only torch supports here: its reference is numpy with
 ``ml_dtypes.bfloat16`` (also float32 arithmetic, rounded once). bfloat16 host
-scalars are ``ml_dtypes.bfloat16`` when ml_dtypes is installed (it comes with
-JAX); without it they are float32 values, so host scalar arithmetic is then in
-float32 and each scalar reaches torch unrounded to bfloat16.
+scalars are always ``ml_dtypes.bfloat16`` (a dependency of the ``torch`` extra;
+JAX ships it too), so hyperparameters are rounded to bfloat16 and host scalar
+arithmetic is bfloat16 arithmetic. Without ml_dtypes a bfloat16 tensor raises
+``ImportError`` rather than silently computing its scalars in float32.
 """
 
 from __future__ import annotations
@@ -53,14 +54,29 @@ import numpy as np
 import torch
 from agnosticopt.adapters._base import Adapter, _py
 
-__all__ = ["TorchAdapter", "TorchCudaAdapter", "adapter"]
+from agnosticopt._containers import Node
 
-try:  # bfloat16 on the host (ml_dtypes ships with JAX; torch does not need it)
+__all__ = ["TorchAdapter", "TorchCudaAdapter", "adapter", "container_flattener"]
+
+try:  # bfloat16 on the host: a dependency of the torch extra (JAX ships it too)
     import ml_dtypes
 
     _BFLOAT16: type | None = ml_dtypes.bfloat16
 except ImportError:  # pragma: no cover - depends on the environment
     _BFLOAT16 = None
+
+
+def _bfloat16() -> type:
+    """``ml_dtypes.bfloat16``, the host scalar type of bfloat16 tensors."""
+    if _BFLOAT16 is None:
+        msg = (
+            "bfloat16 tensors need the ml_dtypes package for exact bfloat16 host "
+            "scalars (without it the results would differ): pip install ml_dtypes, "
+            "or install agnosticopt[torch]"
+        )
+        raise ImportError(msg)
+    return _BFLOAT16
+
 
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _NUMPY_SQRT = (torch.float32, torch.float64)
@@ -128,7 +144,7 @@ class TorchAdapter(Adapter):
 
     def scalar_type(self, x: Any) -> type:
         if x.dtype == torch.bfloat16:
-            return _BFLOAT16 if _BFLOAT16 is not None else np.float32
+            return _bfloat16()
         return super().scalar_type(x)
 
     def astype(self, x: Any, name: str) -> Any:
@@ -254,9 +270,7 @@ class TorchAdapter(Adapter):
     def to_numpy(self, a: Any) -> np.ndarray:
         t = a.detach().cpu().resolve_conj().resolve_neg()
         if t.dtype == torch.bfloat16:
-            if _BFLOAT16 is None:  # float32 holds every bfloat16 exactly
-                return t.to(torch.float32).numpy().copy()
-            return t.view(torch.int16).numpy().view(_BFLOAT16).copy()
+            return t.view(torch.int16).numpy().view(_bfloat16()).copy()
         return t.numpy().copy()
 
     # -- writing --------------------------------------------------------------------
@@ -345,6 +359,25 @@ def adapter(x: Any) -> Adapter | None:
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
     return found
+
+
+def container_flattener(cls: type) -> Callable[[Any], Node] | None:
+    """How the tree interface takes an ``nn.Module`` apart (None for other types).
+
+    A module is a container of its ``named_parameters()`` (tied parameters
+    once, under their first name; buffers are not parameters), keyed by their
+    dotted names; without gradients given, their ``.grad`` are used.
+    """
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        return _module_node
+    return None
+
+
+def _module_node(module: Any) -> Node:
+    pairs = list(module.named_parameters())
+    params = tuple(p for _, p in pairs)
+    return Node(module, "module", tuple(n for n, _ in pairs), params,
+                grads=tuple(p.grad for p in params))
 
 
 def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:

@@ -11,6 +11,8 @@ One definition of every rule, run unchanged on numpy, torch, array-api-strict
 array([0., 0.])
 """
 
+from typing import Any as _Any
+
 from agnosticopt import schedules
 from agnosticopt._adam import (
     AdaBelief,
@@ -23,6 +25,8 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
+from agnosticopt._checkpoint import convert, load_state_dict, state_dict
+from agnosticopt._checkpoint_file import load, save
 from agnosticopt._clip import ClipGrad, ClipNorm
 from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
@@ -48,7 +52,23 @@ from agnosticopt._tree import (
 from agnosticopt._wrappers import AccumGrad, MixedPrecision, OptimiserChain
 from agnosticopt._xp import adapter_for, register_adapter
 
+#: Public names whose module imports a backend: loaded on first access only.
+_LAZY = {"TorchOptimizer": "agnosticopt.adapters.torch_optim"}
+
+
+def __getattr__(name: str) -> _Any:
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'agnosticopt' has no attribute {name!r}"
+        raise AttributeError(msg)
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __version__ = "0.1.0"
+
+if "jax" in __import__("sys").modules:  # JAX already imported: state trees are pytrees now
+    import agnosticopt.adapters.jax  # noqa: F401  (registers Leaf; else done at the first JAX array)
 
 __all__ = [
     "NUMERICS_VERSION",
@@ -90,14 +110,19 @@ __all__ = [
     "adjust",
     "adjust_",
     "by_path",
+    "convert",
     "destructure",
     "freeze_",
+    "load",
+    "load_state_dict",
     "norm",
     "register_adapter",
     "register_container",
+    "save",
     "schedules",
     "set_fast_path",
     "setup",
+    "state_dict",
     "thaw_",
     "train_",
     "trainables",

@@ -3,6 +3,16 @@
 Shared conventions (Optimisers.jl's): the bias-correction powers ``beta_t``
 start at ``beta`` (that is, β¹) and are a running product in the parameter dtype,
 ``beta_t <- beta_t * beta`` after every step, using the rule's β at that step.
+
+Low precision: the β's are rounded to the parameter dtype, like every
+hyperparameter. In bfloat16 (8 significant bits) the default β2 = 0.999 is 1, so
+``1 - β2`` is 0 and the bias correction would divide 0 by 0; in float16 the same
+happens from β = 0.9998 up. Rather than return NaN, ``setup`` (and, after an
+``adjust``, the next update, before anything is written) raises ``ValueError``
+naming the rule, the field and the dtype. The remedy is
+``MixedPrecision('float32', rule)``, which steps a float32 master copy (as
+torch.optim computes in float32 for 16-bit parameters), or a β that the dtype
+keeps below 1 (bfloat16's largest is 0.99609375).
 """
 
 from __future__ import annotations
@@ -10,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from agnosticopt._rule import Rule, eps, hyper
+from agnosticopt._rule import DECAY, NONNEGATIVE, Rule, eps, hyper, hyperparameter
 
 __all__ = ["AMSGrad", "AdaBelief", "AdaMax", "Adam", "AdamW", "NAdam", "OAdam", "RAdam"]
 
@@ -72,9 +82,9 @@ class Adam(Rule):
     multiplies last, so results differ in the last bits from torch's three paths.
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AdamState:
         return _init_adam(self, x, xp)
@@ -109,10 +119,10 @@ class AdamW(Rule):
         Keyword only. ``True`` (default, torch's form) multiplies the decay by η.
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    lambda_: float = 0.0
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    lambda_: float = hyperparameter(0.0, NONNEGATIVE, precision="nonzero")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
     couple: bool = field(default=True, kw_only=True)
 
     def init(self, x: Any, xp: Any) -> AdamState:
@@ -163,9 +173,9 @@ class RAdam(Rule):
         momentum branch.
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> RAdamState:
         return RAdamState(*_init_adam(self, x, xp), 1)
@@ -210,9 +220,9 @@ class NAdam(Rule):
     β2 inside the square root.
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AdamState:
         return _init_adam(self, x, xp)
@@ -253,9 +263,9 @@ class OAdam(Rule):
     (Optimisers.jl's placement, kept on purpose).
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.5, 0.9)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.5, 0.9), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> OAdamState:
         return OAdamState(*_init_adam(self, x, xp), xp.zeros_like(x))
@@ -290,9 +300,9 @@ class AdaMax(Rule):
     with ``m`` as in :class:`Adam`; β2's power is tracked but unused.
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AdaMaxState:
         return AdaMaxState(*_init_adam(self, x, xp))
@@ -333,9 +343,9 @@ class AMSGrad(Rule):
     parameter dtype (no float16 floor, so 1e-8 becomes 0 in float16).
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AMSGradState:
         (e,) = hyper(xp, x, self.epsilon)
@@ -372,9 +382,9 @@ class AdaBelief(Rule):
     The default ε is 1e-16 (1.19e-7 in float16).
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
-    epsilon: float = 1e-16
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-16, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AdaBeliefState:
         return AdaBeliefState(*_init_adam(self, x, xp))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from agnosticopt._adam import ema
-from agnosticopt._rule import Rule, eps, hyper
+from agnosticopt._rule import (
+    DECAY,
+    NONNEGATIVE,
+    NONNEGATIVE_OR_INF,
+    Range,
+    Rule,
+    eps,
+    hyper,
+    hyperparameter,
+)
 
 __all__ = ["AdaDelta", "AdaGrad", "Lion", "RMSProp", "Rprop"]
 
@@ -46,9 +56,9 @@ class RMSProp(Rule):
     ``momentum`` option.
     """
 
-    eta: float = 0.001
-    rho: float = 0.9
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    rho: float = hyperparameter(0.9, DECAY, precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
     centred: bool = False
 
     fixed_fields: ClassVar[frozenset[str]] = frozenset({"centred", "centered"})
@@ -96,8 +106,8 @@ class AdaGrad(Rule):
     dtype (no float16 floor there, as in Optimisers.jl).
     """
 
-    eta: float = 0.1
-    epsilon: float = 1e-8
+    eta: float = hyperparameter(0.1, NONNEGATIVE, precision="nonzero")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> Any:
         (e,) = hyper(xp, x, self.epsilon)
@@ -133,8 +143,8 @@ class AdaDelta(Rule):
     as in Optimisers.jl. ε sits inside both square roots on purpose.
     """
 
-    rho: float = 0.9
-    epsilon: float = 1e-8
+    rho: float = hyperparameter(0.9, Range(0, 1), precision="below_one")
+    epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
     def init(self, x: Any, xp: Any) -> AdaDeltaState:
         return AdaDeltaState(xp.real_zeros_like(x), xp.real_zeros_like(x))
@@ -188,9 +198,14 @@ class Rprop(Rule):
     ``1.2f0``, ...); here they are the Python floats of the same decimals.
     """
 
-    eta: float = 1e-3
-    ell: tuple[float, float] = (0.5, 1.2)
-    gamma: tuple[float, float] = (1e-6, 50.0)
+    eta: float = hyperparameter(1e-3, NONNEGATIVE, precision="nonzero")
+    ell: tuple[float, float] = hyperparameter(
+        (0.5, 1.2), (Range(0, 1, lo_open=True, hi_open=True), Range(1, math.inf, lo_open=True, hi_open=True)),
+        precision=("below_one", None),
+    )
+    gamma: tuple[float, float] = hyperparameter(
+        (1e-6, 50.0), (NONNEGATIVE, NONNEGATIVE_OR_INF), ordered=True
+    )
 
     def init(self, x: Any, xp: Any) -> RpropState:
         (eta,) = hyper(xp, x, self.eta)
@@ -225,8 +240,8 @@ class Lion(Rule):
     Real parameters only (``sign`` of a complex number is not exact).
     """
 
-    eta: float = 0.001
-    beta: tuple[float, float] = (0.9, 0.999)
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    beta: tuple[float, float] = hyperparameter((0.9, 0.999), Range(0, 1), precision="below_one")
 
     def init(self, x: Any, xp: Any) -> Any:
         return xp.zeros_like(x)

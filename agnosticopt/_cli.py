@@ -6,6 +6,7 @@ Backends are imported only when a command runs, never at ``import agnosticopt``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -16,6 +17,18 @@ from typing import Any
 __all__ = ["main"]
 
 _DTYPES = ("float16", "float32", "float64", "complex64", "complex128")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a positive integer (``--steps``, ``--size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"must be a positive integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rule", default=None, metavar="RULE",
                       help="a conformance case name (e.g. Adam, ClipNorm+Adam) or an "
                            "expression such as 'OptimiserChain(ClipGrad(1), Lion(1e-4))'")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.add_argument("--steps", type=_positive, default=300,
+                      help="training steps (default 300)")
     demo.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     demo.add_argument("--backend", action="append", metavar="NAME",
                       help="backend (repeatable; default: every built-in one)")
@@ -51,10 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="only this rule or chain (repeatable; default all)")
     conf.add_argument("--dataset", action="append", choices=("normal", "special"),
                       help="gradient data set (repeatable; default both)")
-    conf.add_argument("--steps", type=int, default=None,
+    conf.add_argument("--steps", type=_positive, default=None,
                       help="trajectory length (default per dtype: 1000 in float32, 300 in "
                            "float64, 100 in float16)")
-    conf.add_argument("--size", type=int, default=None,
+    conf.add_argument("--size", type=_positive, default=None,
                       help="parameter elements (default 131089)")
     conf.add_argument("--no-properties", action="store_true",
                       help="skip the property checks (update vs update_, dtype, ...)")
@@ -72,10 +86,16 @@ class _UsageError(Exception):
 def _backends(names: Sequence[str] | None, default: Sequence[str]) -> list[Any]:
     from agnosticopt.conformance import get_backend
 
-    try:
-        return [get_backend(n) for n in (names or default)]
-    except (KeyError, ValueError, TypeError, ImportError, AttributeError) as exc:
-        raise _UsageError(exc) from exc
+    found = []
+    for name in names or default:
+        try:
+            found.append(get_backend(name))
+        except (KeyError, ValueError, TypeError, ImportError, AttributeError) as exc:
+            raise _UsageError(exc) from exc
+        except SystemExit as exc:  # a third-party factory that exits checked nothing
+            msg = f"backend {name!r} exited (SystemExit({exc.code!r})) instead of returning a backend"
+            raise _UsageError(msg) from exc
+    return found
 
 
 def _cases(names: Sequence[str] | None) -> list[Any]:
@@ -92,8 +112,7 @@ def _unavailable(backends: Sequence[Any]) -> dict[str, str]:
 
 
 def _rule(text: str | None) -> Any:
-    """A rule from a case name or an expression over agnosticopt's rules."""
-    import agnosticopt as opt
+    """A rule from a case name or a rule expression, parsed (never evaluated)."""
     from agnosticopt.conformance import case_named
     from agnosticopt.conformance._demo import DEFAULT_RULE
 
@@ -103,15 +122,85 @@ def _rule(text: str | None) -> Any:
         return case_named(text).rule
     except KeyError:
         pass
-    names = {n: getattr(opt, n) for n in opt.__all__ if isinstance(getattr(opt, n), type)}
+    return parse_rule(text)
+
+
+def _rule_classes() -> dict[str, type]:
+    """The public rule constructors: the Rule subclasses in ``agnosticopt.__all__``."""
+    import agnosticopt as opt
+
+    found = {n: getattr(opt, n) for n in opt.__all__}
+    return {n: c for n, c in found.items()
+            if isinstance(c, type) and issubclass(c, opt.Rule) and c is not opt.Rule}
+
+
+_NAMED_NUMBERS = {"inf": math.inf, "nan": math.nan}
+
+
+def parse_rule(text: str) -> Any:
+    """The rule written in ``text``, built from a parse tree, never evaluated.
+
+    Allowed: calls of public rule names (``Adam``, ``OptimiserChain``...) with
+    positional and keyword arguments that are numbers (``1e-3``, ``-2``, ``inf``),
+    strings, ``True``/``False``/``None``, tuples of these, and rules.
+
+    Raises
+    ------
+    _UsageError
+        For anything else, or when a rule refuses its arguments.
+    """
+    import agnosticopt as opt
+
+    classes = _rule_classes()
+    text = text.strip()
+
+    def refuse(node: ast.AST, why: str) -> _UsageError:
+        piece = ast.get_source_segment(text, node) or type(node).__name__
+        return _UsageError(
+            f"--rule {text!r} is neither a case name nor a rule expression: {why} "
+            f"({piece!r}); write e.g. 'OptimiserChain(ClipGrad(1), Adam(1e-3, beta=(0.9, 0.99)))' "
+            f"with rules among {', '.join(sorted(classes))}"
+        )
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(
+            node.value, (int, float, str, bool, type(None))
+        ):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            if isinstance(inner, bool) or not isinstance(inner, (int, float)):
+                raise refuse(node, "a sign applies to numbers only")
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.Name) and node.id in _NAMED_NUMBERS:
+            return _NAMED_NUMBERS[node.id]
+        if isinstance(node, ast.Tuple):
+            return tuple(value(item) for item in node.elts)
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in classes:
+                raise refuse(node.func, "not a rule name")
+            if any(isinstance(a, ast.Starred) for a in node.args) or any(
+                k.arg is None for k in node.keywords
+            ):
+                raise refuse(node, "no * or ** arguments")
+            args = [value(a) for a in node.args]
+            kwargs = {k.arg: value(k.value) for k in node.keywords if k.arg is not None}
+            try:
+                return classes[node.func.id](*args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise refuse(node, str(exc)) from exc
+        if isinstance(node, ast.Name):
+            raise refuse(node, "a bare name; call it, e.g. Adam()")
+        raise refuse(node, f"{type(node).__name__} is not allowed")
+
     try:
-        rule = eval(text, {"__builtins__": {}, "inf": math.inf, **names})
-    except Exception as exc:
-        msg = f"--rule {text!r} is neither a case name nor a rule expression: {exc}"
-        raise SystemExit(msg) from exc
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as exc:
+        msg = f"--rule {text!r} is neither a case name nor a rule expression: {exc.msg}"
+        raise _UsageError(msg) from exc
+    rule = value(tree.body)
     if not isinstance(rule, opt.Rule):
-        msg = f"--rule {text!r} is not a rule"
-        raise SystemExit(msg)
+        raise refuse(tree.body, "not a rule")
     return rule
 
 
@@ -131,7 +220,11 @@ def _demo(args: argparse.Namespace) -> int:
             results.append(train(b, rule, steps=args.steps, dtype=args.dtype, progress=bar))
     print(render_demo(results, rule=rule, steps=args.steps, dtype=args.dtype,
                       unavailable=unavailable))
-    return 0 if len({r.digest for r in results}) <= 1 else 1
+    if not results:
+        print("agnosticopt demo: no backend was available, so nothing was compared",
+              file=sys.stderr)
+        return 1
+    return 0 if len({r.digest for r in results}) == 1 else 1
 
 
 def _conformance(args: argparse.Namespace) -> int:
@@ -162,6 +255,10 @@ def _conformance(args: argparse.Namespace) -> int:
     else:
         print(render_text(results, backends=backends, dtypes=dtypes, steps=args.steps,
                           size=size, unavailable=unavailable))
+    if not any(r.status != "skipped" for r in results):
+        print("agnosticopt conformance: no check ran (every one was skipped), so nothing "
+              "was verified", file=sys.stderr)
+        return 1
     return 1 if any(r.failed for r in results) else 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agnosticopt._norm import norm
-from agnosticopt._rule import Rule, hyper
+from agnosticopt._rule import NONNEGATIVE_OR_INF, Range, Rule, hyper, hyperparameter
 
 __all__ = ["ClipGrad", "ClipNorm"]
 
@@ -26,7 +26,7 @@ class ClipGrad(Rule):
         Bound (δ).
     """
 
-    delta: float = 10.0
+    delta: float = hyperparameter(10.0, NONNEGATIVE_OR_INF)
 
     def init(self, x: Any, xp: Any) -> None:
         return None
@@ -68,8 +68,8 @@ class ClipNorm(Rule):
     norm is read back to the host, one synchronisation per array.
     """
 
-    omega: float = 10.0
-    p: float = 2.0
+    omega: float = hyperparameter(10.0, NONNEGATIVE_OR_INF)
+    p: float = hyperparameter(2.0, Range(0, math.inf, also=(-math.inf,)))
     throw: bool = field(default=True, kw_only=True)
 
     def init(self, x: Any, xp: Any) -> None:

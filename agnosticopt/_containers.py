@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 from collections.abc import Callable, Hashable, Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -38,7 +39,12 @@ Trainable = Iterable[Hashable] | Callable[[Any], Iterable[Hashable]] | None
 _REGISTRY: dict[type, tuple[Flattener, Unflattener, Trainable]] = {}
 
 #: Kinds whose children are found by key in a ``Mapping`` gradient or state tree.
-_NAMED_KINDS = frozenset({"mapping", "namedtuple", "dataclass", "registered"})
+_NAMED_KINDS = frozenset({"mapping", "namedtuple", "dataclass", "registered", "module"})
+
+#: Top-level module of a base class -> adapter whose ``container_flattener(cls)``
+#: says how to take its instances apart (``torch.nn.Module``: its named parameters).
+_CONTAINER_BACKENDS = {"torch": "torch"}
+_BACKEND_FLATTENERS: dict[type, Callable[[Any], Node] | None] = {}
 
 
 def register_container(cls: type, flatten: Flattener, unflatten: Unflattener, *,
@@ -118,6 +124,9 @@ class Node:
         keys a registered ``flatten`` returned.
     children
         The children, in the order of ``keys``.
+    grads
+        The gradients to use when none are given, or None (no step): a
+        backend container's own, such as the ``.grad`` of a module's parameters.
     untrainable
         Keys whose children are not trained (see ``register_container``'s
         ``trainable``): walks skip them, the state tree has ``None`` there.
@@ -127,6 +136,7 @@ class Node:
     kind: str
     keys: tuple[Hashable, ...]
     children: tuple[Any, ...]
+    grads: tuple[Any, ...] | None = None
     untrainable: frozenset[Hashable] = frozenset()
 
     @property
@@ -152,6 +162,13 @@ class Node:
             return dataclasses.replace(obj, **fields)
         if self.kind == "mapping":
             return _rebuild_mapping(obj, self.keys, children)
+        if self.kind == "module":
+            msg = (
+                f"cannot make a new {type(obj).__name__} with new parameters: use "
+                "update_ (it writes a module's parameters in place), or give "
+                "dict(module.named_parameters()) to update"
+            )
+            raise TypeError(msg)
         _, unflatten, _ = _registered(type(obj))  # type: ignore[misc]
         return unflatten(obj, list(children))
 
@@ -189,6 +206,25 @@ def flatten(obj: Any) -> Node | None:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = tuple(f.name for f in dataclasses.fields(obj) if f.init)
         return Node(obj, "dataclass", names, tuple(getattr(obj, n) for n in names))
+    try:
+        backend = _BACKEND_FLATTENERS[cls]
+    except KeyError:
+        backend = _BACKEND_FLATTENERS[cls] = _backend_flattener(cls)
+    return None if backend is None else backend(obj)
+
+
+def _backend_flattener(cls: type) -> Callable[[Any], Node] | None:
+    """The adapter's flattener for a backend's container type (``nn.Module``), if any.
+
+    Asked once per type; the adapter is imported only for types whose class or a
+    base class comes from that backend, so no backend is imported up front.
+    """
+    for base in cls.__mro__:
+        name = _CONTAINER_BACKENDS.get((getattr(base, "__module__", None) or "").partition(".")[0])
+        if name is not None:
+            adapter = importlib.import_module(f"agnosticopt.adapters.{name}")
+            found = getattr(adapter, "container_flattener", None)
+            return found(cls) if found is not None else None
     return None
 
 
@@ -230,7 +266,7 @@ def _flatten_registered(obj: Any, flattener: Flattener, trainable: Trainable) ->
             f"registered flatten did not return (keys: {keys!r})"
         )
         raise ValueError(msg)
-    return Node(obj, "registered", keys, children, frozenset(keys) - wanted)
+    return Node(obj, "registered", keys, children, untrainable=frozenset(keys) - wanted)
 
 
 def _rebuild_mapping(obj: Mapping[Any, Any], keys: tuple[Hashable, ...],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agnosticopt._rule import Rule, hyper
+from agnosticopt._rule import NONNEGATIVE, Rule, hyper, hyperparameter
 
 __all__ = ["SignDecay", "WeightDecay"]
 
@@ -25,7 +25,7 @@ class WeightDecay(Rule):
         Penalty (λ; Julia's ``lambda``).
     """
 
-    lambda_: float = 5e-4
+    lambda_: float = hyperparameter(5e-4, NONNEGATIVE, precision="nonzero")
 
     def init(self, x: Any, xp: Any) -> None:
         return None
@@ -51,7 +51,7 @@ class SignDecay(Rule):
         Penalty (λ; Julia's ``lambda``).
     """
 
-    lambda_: float = 1e-3
+    lambda_: float = hyperparameter(1e-3, NONNEGATIVE, precision="nonzero")
 
     def init(self, x: Any, xp: Any) -> None:
         return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agnosticopt._rule import Rule, hyper
+from agnosticopt._rule import DECAY, NONNEGATIVE, Rule, hyper, hyperparameter
 
 __all__ = ["Descent", "Momentum", "Nesterov"]
 
@@ -29,7 +29,7 @@ class Descent(Rule):
     raises ``ValueError`` as for every other rule.
     """
 
-    eta: float = 0.1
+    eta: float = hyperparameter(0.1, NONNEGATIVE, precision="nonzero")
 
     def init(self, x: Any, xp: Any) -> None:
         return None
@@ -61,8 +61,8 @@ class Momentum(Rule):
     the whole buffer by the learning rate instead).
     """
 
-    eta: float = 0.01
-    rho: float = 0.9
+    eta: float = hyperparameter(0.01, NONNEGATIVE, precision="nonzero")
+    rho: float = hyperparameter(0.9, DECAY, precision="below_one")
 
     def init(self, x: Any, xp: Any) -> Any:
         return xp.zeros_like(x)
@@ -95,8 +95,8 @@ class Nesterov(Rule):
     gradient ``[16, 88]`` with the defaults it is ``[-0.016, -0.088]``.
     """
 
-    eta: float = 0.001
-    rho: float = 0.9
+    eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
+    rho: float = hyperparameter(0.9, DECAY, precision="below_one")
 
     def init(self, x: Any, xp: Any) -> Any:
         return xp.zeros_like(x)

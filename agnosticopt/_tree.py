@@ -342,8 +342,8 @@ def _check_keys(node: Node, other: Mapping[Any, Any], where: str, what: str) -> 
 
 def _grad_children(g: Any, node: Node, path: KeyPath) -> list[Any]:
     """The gradients of the children of ``node``; ``None`` where there is none."""
-    if g is None:
-        return [None] * len(node.keys)
+    if g is None:  # a backend container may have its own (a module's .grad)
+        return list(node.grads) if node.grads is not None else [None] * len(node.keys)
     where = format_path(path)
     if node.named and isinstance(g, Mapping):
         _check_keys(node, g, where, "gradient")

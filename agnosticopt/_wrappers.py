@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from agnosticopt._rule import Replace, Rule, hyper
+from agnosticopt._rule import Range, Replace, Rule, hyper, hyperparameter
 
 __all__ = ["AccumGrad", "MixedPrecision", "OptimiserChain"]
 
@@ -100,13 +102,7 @@ class AccumGrad(Rule):
         Number of gradients to accumulate (≥ 1).
     """
 
-    n: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.n <= 0:
-            msg = f"AccumGrad must accumulate at least one gradient, got n={self.n}"
-            raise ValueError(msg)
+    n: int = hyperparameter(dataclasses.MISSING, Range(1, math.inf), precision="exact")
 
     def init(self, x: Any, xp: Any) -> AccumGradState:
         return AccumGradState(xp.zeros_like(x), 1)
@@ -154,7 +150,10 @@ class MixedPrecision(Rule):
     .. math:: x_T \\leftarrow x_T - u, \\qquad x \\leftarrow \\operatorname{round}(x_T)
 
     Meant for float16 or bfloat16 parameters. It must be the outermost rule:
-    wrap a chain in it, never the reverse.
+    wrap a chain in it, never the reverse. It is the remedy the rules name
+    when a hyperparameter degenerates in the parameter dtype (for example
+    Adam's β2 = 0.999, which is 1 in bfloat16): the inner rule's
+    hyperparameters are then rounded to ``dtype`` instead.
 
     Notes
     -----

@@ -82,6 +82,8 @@ def _outcome(run: Callable[[], Any], ok: str) -> tuple[str, float | None, str]:
         return "differs", ulp, str(exc)
     except Exception as exc:  # noqa: BLE001  (a crash is a result: report it, go on)
         return "error", None, f"{type(exc).__name__}: {exc}"
+    except SystemExit as exc:  # a backend that exits mid-check has failed that check
+        return "error", None, f"SystemExit({exc.code!r}) raised during the check"
     return ok, 0.0 if ok == "identical" else None, ""
 
 
@@ -223,6 +225,9 @@ def render_text(results: list[Result], *, backends: Sequence[Backend], dtypes: S
     out += notes.render()
     failures = sum(r.failed for r in results)
     ran = sum(r.status != "skipped" for r in results)
+    if not ran:
+        out.append("FAILED: no check ran (every one was skipped), so nothing was verified")
+        return "\n".join(out)
     out.append(
         f"FAILED: {failures} of {ran} checks differ or fail" if failures
         else f"OK: {ran} checks, every backend gives numpy's bits"
@@ -238,6 +243,7 @@ def render_json(results: list[Result], *, settings: dict[str, Any],
         "settings": settings,
         "unavailable": unavailable,
         "failures": sum(r.failed for r in results),
+        "checked": sum(r.status != "skipped" for r in results),
         "results": [r.to_json() for r in results],
     }
     return json.dumps(doc, indent=1)

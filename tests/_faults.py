@@ -10,7 +10,9 @@ every fault, naming rule, dtype and first differing element
 * ``fma_backend``: ``a*b + c`` contracted into a fused multiply-add (CuPy, XLA);
 * ``reciprocal_backend``: ``x / s`` computed as ``x * (1/s)`` (JAX, torch CUDA);
 * ``ftz_backend``: float32 subnormal results flushed to zero (XLA CPU, CuPy);
-* ``declared_ftz_backend``: the same, declared as a named deviation.
+* ``declared_ftz_backend``: float32 subnormals flushed exactly as XLA on CPU does
+  (inputs and results), declared as a named deviation;
+* ``declared_ftz_sqrt_backend``: that, plus the sqrt fault (which FTZ does not explain).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from agnosticopt.adapters.numpy import NumpyAdapter
 from agnosticopt.conformance import Backend
+from agnosticopt.conformance._flush import FlushedBackend, FlushingAdapter
 
 import agnosticopt as opt
 
@@ -118,10 +121,20 @@ class FlushSubnormalsAdapter(FaultyAdapter):
         return self._flush(super().sqrt(a))
 
 
-class DeclaredFlushAdapter(FlushSubnormalsAdapter):
-    """The flushing adapter, declaring it as JAX's does."""
+class DeclaredFlushAdapter(FlushingAdapter):
+    """float32 subnormals flushed exactly as XLA on CPU does (FTZ and DAZ), declared."""
 
+    dtypes = frozenset({"float32"})
     flushes_subnormals: tuple[str, ...] = ("float32",)
+
+
+class DeclaredFlushSqrtAdapter(DeclaredFlushAdapter):
+    """The declared flushing adapter with a fault FTZ does not explain: sqrt one ulp high."""
+
+    def sqrt(self, a: Any) -> Any:
+        r = super().sqrt(a)
+        low = np.asarray(a).view(f"u{r.dtype.itemsize}") % 5 == 0
+        return self._wrap(np.where(low, np.nextafter(r, np.inf), r))
 
 
 class FaultyBackend(Backend):
@@ -162,7 +175,21 @@ sqrt_backend = _cached("numpy-sqrt-ulp", SqrtUlpAdapter)
 fma_backend = _cached("numpy-fma", FmaAdapter)
 reciprocal_backend = _cached("numpy-reciprocal-divide", ReciprocalDivideAdapter)
 ftz_backend = _cached("numpy-ftz", FlushSubnormalsAdapter)
-declared_ftz_backend = _cached("numpy-ftz-declared", DeclaredFlushAdapter)
+
+
+def _flushing(name: str, adapter_type: type[FlushingAdapter]) -> Callable[[], FlushedBackend]:
+    made: list[FlushedBackend] = []
+
+    def factory() -> FlushedBackend:
+        if not made:
+            made.append(FlushedBackend(name, adapter_type))
+        return made[0]
+
+    return factory
+
+
+declared_ftz_backend = _flushing("numpy-ftz-declared", DeclaredFlushAdapter)
+declared_ftz_sqrt_backend = _flushing("numpy-ftz-declared-sqrt", DeclaredFlushSqrtAdapter)
 
 FAULTS = {
     "sqrt off by one ulp": sqrt_backend,
@@ -174,6 +201,7 @@ FAULTS = {
 __all__ = [
     "FAULTS",
     "declared_ftz_backend",
+    "declared_ftz_sqrt_backend",
     "fma_backend",
     "ftz_backend",
     "reciprocal_backend",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -116,8 +117,8 @@ def test_demo_takes_a_rule_expression_or_a_case(capsys: pytest.CaptureFixture[st
     assert "Lion(eta=0.001" in capsys.readouterr().out
     assert main(["demo", "--steps", "3", "--backend", "numpy", "--rule", "adamw"]) == 0
     assert "AdamW(" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="neither a case name nor a rule"):
-        main(["demo", "--rule", "__import__('os')"])
+    assert main(["demo", "--rule", "__import__('os')"]) == 2
+    assert "neither a case name nor a rule" in capsys.readouterr().err
 
 
 def test_demo_exposes_a_broken_backend(capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,3 +151,96 @@ def test_progress_bar_is_silent_off_a_terminal() -> None:
     with Progress(3, stream=stream) as bar:
         bar.advance(3, label="x")
     assert stream.getvalue() == ""
+
+
+# -- usage errors and vacuous runs (issue 9, item 6) -----------------------------------
+@pytest.mark.parametrize(("command", "option"), [
+    *[("conformance", o) for o in [("--steps", "0"), ("--steps", "-3"), ("--size", "0"),
+                                   ("--size", "-5"), ("--steps", "2.5")]],
+    ("demo", ("--steps", "0")),
+    ("demo", ("--steps", "-3")),
+])
+def test_non_positive_steps_and_sizes_are_usage_errors(
+    command: str, option: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, f"{option[0]}={option[1]}", "--backend", "numpy"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option[0]}: must be a positive integer, got '{option[1]}'" in err
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("exiting_backend", "exited (SystemExit(0)) instead of returning a backend"),
+    ("none_backend", "is not a conformance backend"),
+])
+def test_a_backend_factory_that_gives_nothing_fails(
+    factory: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["conformance", *QUICK], ["demo", "--steps", "2"]):
+        assert main([*command, "--backend", f"_cli_backends:{factory}"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_run_that_checked_nothing_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["conformance", "--backend", "_cli_backends:unavailable_backend",
+                 "--case", "Descent", *QUICK])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FAILED: no check ran" in captured.out
+    assert "nothing was verified" in captured.err
+    code = main(["conformance", "--json", "--backend", "_cli_backends:unavailable_backend",
+                 "--case", "Descent", "--no-properties", *QUICK])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert doc["checked"] == 0
+    assert main(["demo", "--steps", "2", "--backend", "_cli_backends:unavailable_backend"]) == 1
+    assert "no backend was available" in capsys.readouterr().err
+
+
+def test_demo_rule_is_parsed_with_tuples_keywords_and_strings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agnosticopt._cli import parse_rule
+
+    text = "OptimiserChain(ClipGrad(1), Lion(1e-4, beta=(0.9, 0.99)))"
+    assert parse_rule(text) == agnosticopt.OptimiserChain(
+        agnosticopt.ClipGrad(1), agnosticopt.Lion(1e-4, beta=(0.9, 0.99)))
+    assert parse_rule(" MixedPrecision('float64', AdamW(lambda_=1e-2, couple=False)) ") == (
+        agnosticopt.MixedPrecision("float64", agnosticopt.AdamW(lambda_=1e-2, couple=False)))
+    assert parse_rule("ClipNorm(1, -inf, throw=False)") == agnosticopt.ClipNorm(
+        1, -math.inf, throw=False)
+    assert main(["demo", "--steps", "2", "--backend", "numpy", "--rule", text]) == 0
+    assert "Lion(eta=0.0001, beta=(0.9, 0.99))" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("__import__('os').system('true')", "not a rule name"),
+    ("().__class__.__base__.__subclasses__()", "not a rule name"),
+    ("open('PWNED', 'w')", "not a rule name"),
+    ("Adam.__init__", "Attribute is not allowed"),
+    ("Adam(1e-3) + Descent()", "BinOp is not allowed"),
+    ("Adam(1e-3 * 2)", "BinOp is not allowed"),
+    ("Adam(*[0.1])", "no * or ** arguments"),
+    ("Adam(**{'eta': 0.1})", "no * or ** arguments"),
+    ("Adam(beta=[0.9, 0.99])", "List is not allowed"),
+    ("OptimiserChain", "a bare name"),
+    ("Rule()", "not a rule name"),
+    ("Replace(1)", "not a rule name"),
+    ("Adam(beta=(0.9,))", "Adam.beta must be a tuple of 2 real numbers"),
+    ("Adam(-1)", "Adam.eta must be in [0, inf)"),
+    ("(0.1, 0.2)", "not a rule"),
+    ("-'x'", "a sign applies to numbers only"),
+    ("Adam(", "neither a case name nor a rule expression"),
+    ("lambda: 0", "Lambda is not allowed"),
+])
+def test_demo_rule_refuses_anything_else_without_evaluating_it(
+    text: str, why: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--steps", "2", "--backend", "numpy", f"--rule={text}"]) == 2
+    err = capsys.readouterr().err
+    assert why in err
+    assert "neither a case name nor a rule expression" in err
+    assert list(tmp_path.iterdir()) == []  # open() never ran

@@ -6,10 +6,11 @@ shared/reference/optimisers-jl.md §4), written as the arithmetic they came from
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import pickle
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional, Tuple  # noqa: UP035  (typing spellings tested)
 
 import numpy as np
 import pytest
@@ -337,7 +338,8 @@ def test_integers_become_floats() -> None:
     rule = opt.ClipGrad(2)
     assert rule.delta == 2.0
     assert isinstance(rule.delta, float)
-    assert opt.Adam(1, (0, 1)).beta == (0.0, 1.0)
+    assert opt.Adam(1, (0, 0)).beta == (0.0, 0.0)
+    assert opt.Lion(1, (1, 0)).beta == (1.0, 0.0)
 
 
 @pytest.mark.parametrize("rule", RULES + OTHER_RULES, ids=repr)
@@ -360,7 +362,7 @@ def test_pickle_round_trip(rule: opt.Rule) -> None:
     ],
 )
 def test_bad_values_raise_value_error(make: Any) -> None:
-    with pytest.raises(ValueError, match=r"eta must be >= 0|at least one gradient"):
+    with pytest.raises(ValueError, match=r"\.(eta|n) must be in \[(0|1), inf"):
         make()
 
 
@@ -395,3 +397,243 @@ def test_rule_adjust_ignores_unknown_names() -> None:
     chain = opt.OptimiserChain(opt.ClipGrad(2), opt.Adam())
     assert chain.adjust(0.2) == opt.OptimiserChain(opt.ClipGrad(2), opt.Adam(0.2))
     assert chain.adjust(delta=2.5) == opt.OptimiserChain(opt.ClipGrad(2.5), opt.Adam())
+
+
+# -- hyperparameter ranges (issue 9, item 4) -------------------------------------------
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: opt.Adam(NAN), r"Adam\.eta must be in \[0, inf\), got nan"),
+        (lambda: opt.Adam(INF), r"Adam\.eta must be in \[0, inf\), got inf"),
+        (lambda: opt.Descent(-0.1), r"Descent\.eta must be in \[0, inf\)"),
+        (lambda: opt.Adam(epsilon=-1), r"Adam\.epsilon must be in \[0, inf\), got -1"),
+        (lambda: opt.Adam(beta=(0.9, 1.5)), r"Adam\.beta\[1\] must be in \[0, 1\), got 1\.5"),
+        (lambda: opt.Adam(beta=(NAN, 0.9)), r"Adam\.beta\[0\] must be in \[0, 1\), got nan"),
+        (lambda: opt.NAdam(beta=(0.9, 1)), r"NAdam\.beta\[1\] must be in \[0, 1\)"),
+        (lambda: opt.AdaBelief(beta=(-0.1, 0.9)), r"AdaBelief\.beta\[0\]"),
+        (lambda: opt.Lion(beta=(0.9, 1.01)), r"Lion\.beta\[1\] must be in \[0, 1\]"),
+        (lambda: opt.Momentum(rho=1.0), r"Momentum\.rho must be in \[0, 1\)"),
+        (lambda: opt.Nesterov(rho=-0.5), r"Nesterov\.rho must be in \[0, 1\)"),
+        (lambda: opt.RMSProp(rho=NAN), r"RMSProp\.rho must be in \[0, 1\), got nan"),
+        (lambda: opt.AdaDelta(rho=1.5), r"AdaDelta\.rho must be in \[0, 1\]"),
+        (lambda: opt.AdamW(lambda_=-0.1), r"AdamW\.lambda_ must be in \[0, inf\)"),
+        (lambda: opt.WeightDecay(NAN), r"WeightDecay\.lambda_ must be in \[0, inf\)"),
+        (lambda: opt.SignDecay(-1), r"SignDecay\.lambda_ must be in \[0, inf\)"),
+        (lambda: opt.Rprop(ell=(1.2, 0.5)), r"Rprop\.ell\[0\] must be in \(0, 1\), got 1\.2"),
+        (lambda: opt.Rprop(ell=(0.5, 1.0)), r"Rprop\.ell\[1\] must be in \(1, inf\)"),
+        (lambda: opt.Rprop(gamma=(2, 1)), r"Rprop\.gamma must be in increasing order"),
+        (lambda: opt.Rprop(gamma=(-1, 1)), r"Rprop\.gamma\[0\] must be in \[0, inf\)"),
+        (lambda: opt.ClipGrad(-1), r"ClipGrad\.delta must be in \[0, inf\], got -1"),
+        (lambda: opt.ClipGrad(NAN), r"ClipGrad\.delta must be in \[0, inf\], got nan"),
+        (lambda: opt.ClipNorm(omega=-1), r"ClipNorm\.omega must be in \[0, inf\]"),
+        (lambda: opt.ClipNorm(p=NAN), r"ClipNorm\.p must be in \[0, inf\] or -inf"),
+        (lambda: opt.ClipNorm(p=-2), r"ClipNorm\.p must be in \[0, inf\] or -inf"),
+        (lambda: opt.AccumGrad(0), r"AccumGrad\.n must be in \[1, inf\]"),
+        (lambda: opt.Adam().adjust(eta=NAN), r"Adam\.eta must be in \[0, inf\), got nan"),
+        (lambda: opt.RMSProp(centred=True).adjust(rho=2), r"RMSProp\.rho"),
+        (
+            lambda: opt.OptimiserChain(opt.ClipGrad(1), opt.Adam()).adjust(delta=-1),
+            r"ClipGrad\.delta must be in \[0, inf\]",
+        ),
+        (
+            lambda: opt.MixedPrecision(opt.Adam()).adjust(beta=(0.9, 1.0)),
+            r"Adam\.beta\[1\] must be in \[0, 1\)",
+        ),
+    ],
+)
+def test_hyperparameter_out_of_range_is_refused(make: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_one_element_beta_is_refused_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"Adam\.beta must be a tuple of 2 real numbers"):
+        opt.Adam(beta=(0.9,))
+    with pytest.raises(TypeError, match=r"Lion\.beta must be a tuple of 2"):
+        opt.Lion(beta=(0.9, 0.99, 0.999))
+    with pytest.raises(TypeError, match=r"Adam\.beta must be a tuple"):
+        opt.Adam().adjust(beta=[0.9, 0.999])
+
+
+def test_range_edges_and_infinities_are_accepted() -> None:
+    assert opt.ClipNorm(math.inf).omega == math.inf
+    assert opt.ClipNorm(1.0, -math.inf).p == -math.inf
+    assert opt.ClipNorm(1.0, 0).p == 0.0
+    assert opt.ClipGrad(math.inf).delta == math.inf
+    assert opt.Rprop(0.0, gamma=(0.0, math.inf)).gamma == (0.0, math.inf)
+    assert opt.Lion(beta=(1, 1)).beta == (1.0, 1.0)  # Signum without momentum
+    assert opt.AdaDelta(rho=1).rho == 1.0  # torch.optim.Adadelta's [0, 1]
+    assert opt.Adam(0, (0, 0), 0).eta == 0.0
+    assert opt.AccumGrad(1).n == 1
+
+
+def test_adjust_in_place_with_nan_raises_and_changes_nothing() -> None:
+    model = {"a": np.float32([1, 2]), "b": np.float32([3, 4])}
+    rule_a, rule_b = opt.Adam(), opt.OptimiserChain(opt.ClipGrad(1), opt.Momentum())
+    tree = {"a": opt.setup(rule_a, model["a"]), "b": opt.setup(rule_b, model["b"])}
+    states = {k: tree[k].state for k in tree}
+    for bad in ({"eta": math.nan}, {"eta": 0.1, "delta": math.nan}, {"rho": 1.0}):
+        with pytest.raises(ValueError, match=r"must be in"):
+            opt.adjust_(tree, **bad)
+        assert tree["a"].rule is rule_a
+        assert tree["b"].rule is rule_b
+        assert all(tree[k].state is states[k] for k in tree)
+    with pytest.raises(ValueError, match=r"Adam\.eta"):
+        opt.adjust(tree, math.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Annotated(opt.Rule):
+    """A user rule whose annotations use typing's spellings (strings under PEP 563)."""
+
+    scale: Optional[float] = None  # noqa: UP045  (typing's spelling on purpose)
+    pair: Tuple[float, float] = (1.0, 2.0)  # noqa: UP006
+    many: tuple[float, ...] = ()
+    either: float | None = 0.5
+    count: int = 1
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        return None, dx
+
+
+def test_validation_follows_typing_annotations() -> None:
+    rule = _Annotated(scale=2, pair=(3, 4), many=(1, 2, 3), either=None)
+    assert rule.scale == 2.0
+    assert isinstance(rule.scale, float)
+    assert rule.pair == (3.0, 4.0)
+    assert isinstance(rule.pair[0], float)
+    assert _Annotated().scale is None
+    with pytest.raises(TypeError, match=r"_Annotated\.scale must be a real number"):
+        _Annotated(scale="1")
+    with pytest.raises(TypeError, match=r"_Annotated\.pair must be a tuple of 2 real"):
+        _Annotated(pair=(1.0,))
+    with pytest.raises(TypeError, match=r"_Annotated\.many\[1\] must be a real number"):
+        _Annotated(many=(1.0, "x"))
+    with pytest.raises(TypeError, match=r"_Annotated\.either must be a real number"):
+        _Annotated(either="no")
+    with pytest.raises(TypeError, match=r"_Annotated\.count must be an integer"):
+        _Annotated(count=1.5)
+
+
+if TYPE_CHECKING:  # a name only the type checker sees
+    from collections.abc import Sequence as OnlyForTypes
+
+
+@dataclasses.dataclass(frozen=True)
+class _HalfResolvable(opt.Rule):
+    """A user rule with one annotation that cannot be resolved at run time."""
+
+    eta: float = 0.1
+    extra: OnlyForTypes[float] | None = None
+
+    def init(self, x: Any, xp: Any) -> None:
+        return None
+
+    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+        return None, dx
+
+
+def test_an_unresolvable_annotation_leaves_the_other_fields_checked() -> None:
+    assert _HalfResolvable(1).eta == 1.0
+    assert _HalfResolvable(extra=[1.0]).extra == [1.0]
+    with pytest.raises(TypeError, match=r"_HalfResolvable\.eta must be a real number"):
+        _HalfResolvable("fast")
+
+
+# -- hyperparameters that degenerate in the parameter dtype (issue 9, item 5) ----------
+def _torch() -> Any:
+    return pytest.importorskip("torch", reason="torch is not installed")
+
+
+def test_bfloat16_adam_family_refused_at_setup_with_the_remedy() -> None:
+    torch = _torch()
+    x = torch.ones(8, dtype=torch.bfloat16)
+    for rule in (opt.Adam(), opt.AdamW(), opt.RAdam(), opt.NAdam(), opt.AdaMax(),
+                 opt.AMSGrad(), opt.AdaBelief(), opt.Lion()):
+        name = type(rule).__name__
+        with pytest.raises(ValueError, match=(
+            rf"{name}\.beta\[1\] = 0\.999 rounds to 1, so 1 - beta\[1\] is 0 in bfloat16"
+            r".*MixedPrecision\('float32', rule\)"
+        )):
+            opt.setup(rule, x)
+        with pytest.raises(ValueError, match=rf"{name}\.beta\[1\]"):  # inside a chain too
+            opt.setup(opt.OptimiserChain(opt.ClipGrad(1), rule), x)
+    # the remedy: a float32 master copy steps without NaN, as torch.optim does
+    tree = opt.setup(opt.MixedPrecision("float32", opt.Adam(0.1)), x)
+    for _ in range(3):
+        tree, x = opt.update(tree, x, torch.full((8,), 0.5, dtype=torch.bfloat16))
+    assert bool(torch.isfinite(x).all())
+    assert bool((x < 1).all())
+    # a β that bfloat16 keeps below 1 runs in bfloat16
+    tree = opt.setup(opt.Adam(0.1, (0.9, 0.99)), x)
+    _, y = opt.update(tree, x, torch.full((8,), 0.5, dtype=torch.bfloat16))
+    assert bool(torch.isfinite(y).all())
+
+
+def test_float16_degenerate_hyperparameters_refused_at_setup() -> None:
+    x = np.ones(4, np.float16)
+    with pytest.raises(ValueError, match=r"Adam\.beta\[1\] = 0\.9999 rounds to 1.*float16"):
+        opt.setup(opt.Adam(beta=(0.9, 0.9999)), x)
+    with pytest.raises(ValueError, match=r"RMSProp\.rho = 0\.9999 rounds to 1.*float16"):
+        opt.setup(opt.RMSProp(rho=0.9999), x)
+    with pytest.raises(ValueError, match=r"Descent\.eta = 1e-09 rounds to 0 in float16"):
+        opt.setup(opt.Descent(1e-9), x)
+    with pytest.raises(ValueError, match=r"AccumGrad\.n = 4097 rounds to 4096"):
+        opt.setup(opt.AccumGrad(4097), x)
+    opt.setup(opt.MixedPrecision("float32", opt.Adam(beta=(0.9, 0.9999))), x)
+    opt.setup(opt.Adam(beta=(0.9, 0.9999)), x.astype(np.float32))
+    opt.setup(opt.Descent(0.0), x)  # zero stays zero: no degeneration
+
+
+def _degenerate_after_adjust(backend_model: Any, grads: Any, to_numpy: Any,
+                             fast: bool) -> None:
+    """adjust_ to a β that rounds to 1: the next update_ raises and writes nothing."""
+    from _backends import fast_path
+
+    tree = opt.setup(opt.Adam(0.1, (0.9, 0.99)), backend_model)
+    tree, backend_model = opt.update_(tree, backend_model, grads)
+    before = [to_numpy(a) for a in (backend_model, tree.state.m, tree.state.v)]
+    state = tree.state
+    opt.adjust_(tree, beta=(0.9, 0.99999999))  # in range; 1 in float32 and narrower
+    with fast_path(fast), pytest.raises(ValueError, match=r"Adam\.beta\[1\].*rounds to 1"):
+        opt.update_(tree, backend_model, grads)
+    assert tree.state is state
+    after = [to_numpy(a) for a in (backend_model, state.m, state.v)]
+    for old, new in zip(before, after, strict=True):
+        assert old.tobytes() == new.tobytes()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_degenerate_after_adjust_raises_before_writing_numpy(dtype: str, fast: bool) -> None:
+    x = np.linspace(-1, 1, 64).astype(dtype)
+    _degenerate_after_adjust(x, np.full(64, 0.25, dtype), np.array, fast)
+
+
+def test_degenerate_after_adjust_raises_before_writing_torch_bfloat16() -> None:
+    torch = _torch()
+    x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
+    _degenerate_after_adjust(x, torch.full((64,), 0.25, dtype=torch.bfloat16),
+                             lambda t: t.float().numpy().copy(), False)
+
+
+def test_bfloat16_host_scalars_do_not_depend_on_installed_packages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = _torch()
+    from agnosticopt.adapters import torch as torch_adapter
+
+    x = torch.ones(2, dtype=torch.bfloat16)
+    xp = opt.adapter_for(x)
+    assert xp.scalar_type(x).__name__ == "bfloat16"
+    monkeypatch.setattr(torch_adapter, "_BFLOAT16", None)  # as without ml_dtypes
+    with pytest.raises(ImportError, match="ml_dtypes"):
+        xp.scalar_type(x)
+    with pytest.raises(ImportError, match="ml_dtypes"):
+        opt.setup(opt.Descent(), x)
