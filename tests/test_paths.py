@@ -148,3 +148,18 @@ def test_freeze_adjust_and_pickle_work_on_the_result() -> None:
     again = pickle.loads(pickle.dumps(tree))
     assert again["layers"][0]["bias"].rule == NO_DECAY
     assert again["layers"][0]["bias"].frozen
+
+
+def test_checkpoints_keep_each_paths_rule() -> None:
+    model = _model()
+    tree = opt.setup(_rules(), model)
+    tree, model = _run(BackendHelper(Backend.NUMPY), tree, model, 2)
+    sd = opt.state_dict(tree)
+    fresh = opt.setup(_rules(), model)  # a tree made the same way, loaded in place
+    opt.load_state_dict(fresh, sd)
+    assert fresh["layers"][0]["bias"].rule == NO_DECAY
+    assert fresh["embed"]["weight"] is fresh["head"]["weight"]
+    assert np.array_equal(fresh["layers"][0]["weight"].state.m, tree["layers"][0]["weight"].state.m)
+    other = opt.setup(opt.by_path({"*": DECAY}), model)
+    with pytest.raises(ValueError, match="embed.weight/rule"):  # another rule class: refused
+        opt.load_state_dict(other, sd)
