@@ -161,5 +161,5 @@ def test_checkpoints_keep_each_paths_rule() -> None:
     assert fresh["embed"]["weight"] is fresh["head"]["weight"]
     assert np.array_equal(fresh["layers"][0]["weight"].state.m, tree["layers"][0]["weight"].state.m)
     other = opt.setup(opt.by_path({"*": DECAY}), model)
-    with pytest.raises(ValueError, match="embed.weight/rule"):  # another rule class: refused
+    with pytest.raises(ValueError, match=r"embed\.weight/rule"):  # another rule class: refused
         opt.load_state_dict(other, sd)
