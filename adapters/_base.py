@@ -86,6 +86,14 @@ class Adapter:
         """``x`` converted to the dtype called ``name`` (a new array)."""
         return self.xp.astype(x, self.dtype(name), copy=True)
 
+    def astype_tracked(self, x: Any, name: str) -> Any:
+        """:meth:`astype` keeping the backend's autograd history (``Restructure``).
+
+        Rules never need it (their results carry no history); the default is
+        :meth:`astype`, which the namespace differentiates where it can.
+        """
+        return self.astype(x, name)
+
     def shape(self, x: Any) -> tuple[int, ...]:
         """The shape of ``x`` as a tuple of ints."""
         return tuple(x.shape)

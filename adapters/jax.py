@@ -259,3 +259,9 @@ def _register_pytrees() -> None:
 
 
 _register_pytrees()
+
+
+def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+    """``fn(arrays)`` (a scalar) and its gradients by ``jax.value_and_grad`` (``train_``)."""
+    value, grads = jax.value_and_grad(lambda leaves: fn(list(leaves)))(list(arrays))
+    return value, list(grads)

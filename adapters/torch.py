@@ -153,6 +153,19 @@ class TorchAdapter(Adapter):
             x = _to_float32_odd(x)
         return x.to(target, copy=True)
 
+    def astype_tracked(self, x: Any, name: str) -> Any:
+        """The exact cast of :meth:`astype`, differentiable (``Tensor.to``'s gradient).
+
+        The value is :meth:`astype`'s, written into ``x.to(dtype)`` under
+        ``no_grad``: the cast's backward does not read its output.
+        """
+        target = self.dtype(name)
+        out = x.to(target, copy=True)
+        if x.dtype == torch.float64 and target in _NARROW:
+            with torch.no_grad():
+                out.copy_(self.astype(x, name))
+        return out
+
     # -- creation -------------------------------------------------------------
     def zeros_like(self, x: Any) -> Any:
         return torch.zeros_like(x)
@@ -416,3 +429,20 @@ def _module_node(module: Any) -> Node:
     params = tuple(p for _, p in pairs)
     return Node(module, "module", tuple(n for n, _ in pairs), params,
                 grads=tuple(p.grad for p in params))
+
+
+def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+    """``fn(arrays)`` (a scalar tensor) and its gradients by autograd (``train_``).
+
+    ``fn`` gets detached views of ``arrays`` that require grad, so the model's
+    own tensors need not, and their ``.grad`` is left alone. An array that
+    ``fn`` does not use gets ``None`` (no step).
+    """
+    leaves = [a.detach().requires_grad_(True) for a in arrays]
+    with torch.enable_grad():
+        value = fn(leaves)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            msg = f"train_: the loss must be a tensor with one element, got {value!r}"
+            raise TypeError(msg)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return value.detach(), list(grads)

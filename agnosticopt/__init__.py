@@ -13,6 +13,7 @@ array([0., 0.])
 
 from typing import Any as _Any
 
+from agnosticopt import schedules
 from agnosticopt._adam import (
     AdaBelief,
     Adam,
@@ -32,9 +33,12 @@ from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
 from agnosticopt._global import ClipGlobalNorm, SkipNonFinite
 from agnosticopt._norm import NUMERICS_VERSION, norm
+from agnosticopt._paths import ByPath, by_path
 from agnosticopt._rule import Replace, Rule
+from agnosticopt._schedules import Scheduled, ScheduledState
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
+from agnosticopt._train import History, TrainStep, train_
 from agnosticopt._tree import (
     Leaf,
     adjust,
@@ -76,10 +80,12 @@ __all__ = [
     "AdaMax",
     "Adam",
     "AdamW",
+    "ByPath",
     "ClipGlobalNorm",
     "ClipGrad",
     "ClipNorm",
     "Descent",
+    "History",
     "Leaf",
     "Lion",
     "MixedPrecision",
@@ -94,12 +100,16 @@ __all__ = [
     "Restructure",
     "Rprop",
     "Rule",
+    "Scheduled",
+    "ScheduledState",
     "SignDecay",
     "SkipNonFinite",
+    "TrainStep",
     "WeightDecay",
     "adapter_for",
     "adjust",
     "adjust_",
+    "by_path",
     "convert",
     "destructure",
     "freeze_",
@@ -109,10 +119,12 @@ __all__ = [
     "register_adapter",
     "register_container",
     "save",
+    "schedules",
     "set_fast_path",
     "setup",
     "state_dict",
     "thaw_",
+    "train_",
     "trainables",
     "update",
     "update_",

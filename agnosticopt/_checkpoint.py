@@ -192,6 +192,13 @@ def describe_rule(rule: Any) -> dict[str, Any]:
 def _encode(value: Any, where: str) -> Any:
     if isinstance(value, Rule):
         return describe_rule(value)
+    from agnosticopt._schedules import Schedule
+
+    if isinstance(value, Schedule):  # a schedule of Scheduled: its class and fields
+        cls = type(value).__name__
+        fields = {f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
+                  for f in dataclasses.fields(value)}
+        return {"schedule": cls, "fields": fields}
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
@@ -208,6 +215,8 @@ def _encode(value: Any, where: str) -> Any:
 
 
 def _decode(value: Any, where: str) -> Any:
+    if isinstance(value, dict) and set(value) == {"schedule", "fields"}:
+        return _build_schedule(value, where)
     if isinstance(value, dict):
         if set(value) == {"float"} and value["float"] in ("inf", "-inf", "nan"):
             return float(value["float"])
@@ -272,6 +281,24 @@ def _build_rule(desc: Any, where: str) -> Any:
             return cls(*values["opts"])
         if name == "MixedPrecision":
             return cls(values["dtype"], values["rule"])
+        if name == "Scheduled":
+            return cls(values["rule"], **dict(values["schedules"]))
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        msg = f"{where}: the description does not make a valid {name}: {exc}"
+        raise ValueError(msg) from exc
+
+
+def _build_schedule(desc: dict[str, Any], where: str) -> Any:
+    from agnosticopt import schedules
+
+    name, fields = desc["schedule"], desc["fields"]
+    cls = getattr(schedules, name, None) if isinstance(name, str) else None
+    if name not in schedules.__all__ or not isinstance(cls, type) or not isinstance(fields, dict):
+        msg = f"{where}: {name!r} is not one of agnosticopt's schedules"
+        raise ValueError(msg)
+    values = {k: _decode(v, f"{where}.{k}") for k, v in fields.items()}
+    try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         msg = f"{where}: the description does not make a valid {name}: {exc}"

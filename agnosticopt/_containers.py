@@ -33,8 +33,10 @@ KeyPath = tuple[Hashable, ...]
 
 Flattener = Callable[[Any], tuple[Iterable[Hashable], Iterable[Any]]]
 Unflattener = Callable[[Any, list[Any]], Any]
+#: Which keys of a registered container are trainable: the keys, or a function of it.
+Trainable = Iterable[Hashable] | Callable[[Any], Iterable[Hashable]] | None
 
-_REGISTRY: dict[type, tuple[Flattener, Unflattener]] = {}
+_REGISTRY: dict[type, tuple[Flattener, Unflattener, Trainable]] = {}
 
 #: Kinds whose children are found by key in a ``Mapping`` gradient or state tree.
 _NAMED_KINDS = frozenset({"mapping", "namedtuple", "dataclass", "registered", "module"})
@@ -45,7 +47,8 @@ _CONTAINER_BACKENDS = {"torch": "torch"}
 _BACKEND_FLATTENERS: dict[type, Callable[[Any], Node] | None] = {}
 
 
-def register_container(cls: type, flatten: Flattener, unflatten: Unflattener) -> None:
+def register_container(cls: type, flatten: Flattener, unflatten: Unflattener, *,
+                       trainable: Trainable = None) -> None:
     """Make instances of ``cls`` (and of its subclasses) containers.
 
     Parameters
@@ -63,11 +66,21 @@ def register_container(cls: type, flatten: Flattener, unflatten: Unflattener) ->
         whose children are ``children`` (a list in the order of ``keys``).
         ``obj`` is the original container, for whatever is not a child. It must
         not modify ``obj``.
+    trainable
+        Keyword only: the keys whose children are trained (Optimisers.jl's
+        ``trainable``), as a collection of keys or a function ``obj -> keys``;
+        ``None`` (default) means all. The other children keep their place in the
+        model and get ``None`` in the state tree; nothing looks into them
+        (``setup``, ``update``, ``trainables``, ``destructure``), and a gradient
+        may carry them: it is ignored there.
 
     Raises
     ------
     TypeError
         If ``cls`` is not a class or ``flatten``/``unflatten`` are not callable.
+    ValueError
+        When the container is taken apart, if ``trainable`` names a key that
+        ``flatten`` did not return.
 
     Examples
     --------
@@ -90,7 +103,9 @@ def register_container(cls: type, flatten: Flattener, unflatten: Unflattener) ->
     if not callable(flatten) or not callable(unflatten):
         msg = "register_container: flatten and unflatten must be callable"
         raise TypeError(msg)
-    _REGISTRY[cls] = (flatten, unflatten)
+    if trainable is not None and not callable(trainable):
+        trainable = frozenset(trainable)
+    _REGISTRY[cls] = (flatten, unflatten, trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +127,9 @@ class Node:
     grads
         The gradients to use when none are given, or None (no step): a
         backend container's own, such as the ``.grad`` of a module's parameters.
+    untrainable
+        Keys whose children are not trained (see ``register_container``'s
+        ``trainable``): walks skip them, the state tree has ``None`` there.
     """
 
     obj: Any
@@ -119,6 +137,7 @@ class Node:
     keys: tuple[Hashable, ...]
     children: tuple[Any, ...]
     grads: tuple[Any, ...] | None = None
+    untrainable: frozenset[Hashable] = frozenset()
 
     @property
     def named(self) -> bool:
@@ -150,7 +169,7 @@ class Node:
                 "dict(module.named_parameters()) to update"
             )
             raise TypeError(msg)
-        _, unflatten = _registered(type(obj))  # type: ignore[misc]
+        _, unflatten, _ = _registered(type(obj))  # type: ignore[misc]
         return unflatten(obj, list(children))
 
     def mirror(self, children: list[Any]) -> Any:
@@ -175,7 +194,7 @@ def flatten(obj: Any) -> Node | None:
     """
     entry = _registered(type(obj))
     if entry is not None:
-        return _flatten_registered(obj, entry[0])
+        return _flatten_registered(obj, entry[0], entry[2])
     if isinstance(obj, Mapping):
         keys = tuple(obj.keys())
         return Node(obj, "mapping", keys, tuple(obj[k] for k in keys))
@@ -214,7 +233,7 @@ def format_path(path: KeyPath) -> str:
     return repr(tuple(path))
 
 
-def _registered(cls: type) -> tuple[Flattener, Unflattener] | None:
+def _registered(cls: type) -> tuple[Flattener, Unflattener, Trainable] | None:
     if not _REGISTRY:
         return None
     for base in cls.__mro__:
@@ -224,7 +243,7 @@ def _registered(cls: type) -> tuple[Flattener, Unflattener] | None:
     return None
 
 
-def _flatten_registered(obj: Any, flattener: Flattener) -> Node:
+def _flatten_registered(obj: Any, flattener: Flattener, trainable: Trainable) -> Node:
     raw_keys, raw_children = flattener(obj)
     keys, children = tuple(raw_keys), tuple(raw_children)
     name = type(obj).__name__
@@ -237,7 +256,17 @@ def _flatten_registered(obj: Any, flattener: Flattener) -> Node:
     if len(set(keys)) != len(keys):
         msg = f"the registered flatten of {name} returned repeated keys {keys!r}"
         raise ValueError(msg)
-    return Node(obj, "registered", keys, children)
+    if trainable is None:
+        return Node(obj, "registered", keys, children)
+    wanted = frozenset(trainable(obj) if callable(trainable) else trainable)
+    unknown = wanted - set(keys)
+    if unknown:
+        msg = (
+            f"the trainable keys of {name} include {sorted(map(repr, unknown))}, which its "
+            f"registered flatten did not return (keys: {keys!r})"
+        )
+        raise ValueError(msg)
+    return Node(obj, "registered", keys, children, untrainable=frozenset(keys) - wanted)
 
 
 def _rebuild_mapping(obj: Mapping[Any, Any], keys: tuple[Hashable, ...],

@@ -42,7 +42,8 @@ def _find(model: Any) -> list[_Found]:
             raise ValueError(msg)
         open_.add(id(x))
         for key, child in zip(node.keys, node.children, strict=True):
-            walk(child, (*path, key))
+            if key not in node.untrainable:
+                walk(child, (*path, key))
         open_.discard(id(x))
         seen.add(id(x))
 
@@ -96,7 +97,10 @@ def destructure(model: Any) -> tuple[Any, Restructure]:
     -------
     flat
         A new one-dimensional array: every trainable array, flattened in C
-        order, joined in the order of :func:`trainables` (tied arrays once). Its
+        order, joined in the order of :func:`trainables` (tied arrays once). It
+        is differentiable, as in Optimisers.jl: on torch it carries autograd
+        history (a ``grad_fn``) back to the model's tensors, and under
+        ``jax.grad`` it is traced. Its
         dtype is what the backend's ``concat`` promotes the dtypes to. With no
         trainable array it is empty: float64, of the backend of any array in the
         model, else of numpy.
@@ -130,7 +134,9 @@ def destructure(model: Any) -> tuple[Any, Restructure]:
                 f"{xp.name} array"
             )
             raise TypeError(msg)
-    flat = xp.concat([xp.flatten(f.x) for f in found])
+    # the namespace's own reshape and concat (not the adapter's, which detach):
+    # the flat vector is differentiable, as in Optimisers.jl (torch autograd, jax.grad)
+    flat = xp.xp.concat([xp.xp.reshape(f.x, (-1,)) for f in found])
     return flat, Restructure(model, found)
 
 
@@ -174,7 +180,10 @@ class Restructure:
     Calling it with a one-dimensional array of the right length returns a new
     model: each trainable array is replaced by its slice of the vector,
     reshaped (a view where the backend gives one) and cast back to the array's
-    dtype (a complex vector gives a real array its real part). Tied arrays
+    dtype (a complex vector gives a real array its real part). The pieces are
+    differentiable functions of the vector: on torch they carry autograd
+    history, so ``loss(re(w)).backward()`` fills ``w.grad``; ``jax.grad``
+    differentiates through ``re``. Tied arrays
     become one object again; everything else comes from the original model.
 
     Parameters
@@ -227,7 +236,9 @@ class Restructure:
                 f"got one of shape {shape}"
             )
             raise ValueError(msg)
-        with fxp.computing():
+        import numpy as np  # host warnings only; no backend's no-grad mode: differentiable
+
+        with np.errstate(all="ignore"):
             pieces = {id(slot.x): _piece(fxp, flat, slot) for slot in self._slots}
         return _rebuild(self.model, pieces)
 
@@ -237,7 +248,7 @@ def _piece(fxp: Any, flat: Any, slot: _Slot) -> Any:
     if fxp.is_complex(part) and not slot.complex:
         part = fxp.xp.real(part)
     if fxp.dtype_name(part) != slot.dtype:
-        part = fxp.astype(part, slot.dtype)
+        part = fxp.astype_tracked(part, slot.dtype)
     return part
 
 

@@ -268,7 +268,10 @@ def norm(dx: Any, p: float = 2.0) -> Any:
     Parameters
     ----------
     dx
-        A floating-point or complex array of any backend with an adapter.
+        A floating-point or complex array of any backend with an adapter. An
+        integer or bool array is converted to float64 first (as Julia's
+        ``norm`` of integers is a ``Float64``; integers beyond 2**53 round), and
+        the result is a float64.
     p
         2, 1, ``inf``, ``-inf`` and 0 (the count of non-zeros) are exact and
         identical on every backend. Other ``p`` use ``pow``, whose rounding
@@ -287,6 +290,8 @@ def norm(dx: Any, p: float = 2.0) -> Any:
     if xp is None:
         msg = f"norm expects an array, got {type(dx).__name__}"
         raise TypeError(msg)
+    if not xp.is_trainable(dx):
+        dx = _as_float64(xp, dx)
     real = xp.scalar_type(dx)
     if xp.size(dx) == 0:
         return real(math.inf) if p == -math.inf else real(0)
@@ -302,6 +307,21 @@ def norm(dx: Any, p: float = 2.0) -> Any:
     mag = _magnitude(xp, dx)
     total = real(xp.to_host(tree_reduce(xp, xp.pow(mag, q), xp.add)[0]))
     return total ** (real(1) / q)
+
+
+def _as_float64(xp: Any, dx: Any) -> Any:
+    name = xp.dtype_name(dx)
+    if not (name.startswith(("int", "uint")) or name == "bool"):
+        msg = f"norm expects a floating-point, complex, integer or bool array, got {name}"
+        raise TypeError(msg)
+    out = xp.astype(dx, "float64")
+    if xp.dtype_name(out) != "float64":
+        msg = (
+            f"norm of a {xp.name} {name} array computes in float64, which this backend "
+            f"does not have here (it gave {xp.dtype_name(out)}); convert the array first"
+        )
+        raise TypeError(msg)
+    return out
 
 
 def _magnitude(xp: Any, dx: Any) -> Any:

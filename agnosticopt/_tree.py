@@ -99,7 +99,8 @@ def setup(rule: Rule, model: Any) -> Any:
     Parameters
     ----------
     rule
-        The rule of every trainable array (one shared object).
+        The rule of every trainable array (one shared object), or a
+        :func:`agnosticopt.by_path` choice of a rule per key path.
     model
         Nested containers (dict, list, tuple, namedtuple, dataclass, registered
         types) of arrays and other objects.
@@ -142,6 +143,9 @@ def setup(rule: Rule, model: Any) -> Any:
             f"not a rule; did you mean {rule.__name__}()?"
         )
         raise TypeError(msg)
+    setup_tree = getattr(rule, "setup_tree", None)  # a chooser of rules, e.g. by_path
+    if callable(setup_tree):
+        return setup_tree(model)
     if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))):
         msg = (
             "setup(rule, model): the first argument must be a rule, "
@@ -169,6 +173,7 @@ class _Setup:
     def walk(self, x: Any, path: KeyPath) -> Any:
         hit = self.cache.get(id(x))
         if hit is not None:
+            self.met_again(x, path)
             return hit[1]
         node = flatten(x)
         if node is not None:
@@ -180,10 +185,18 @@ class _Setup:
                 if adapter_for(x) is None and _foreign_array(x):
                     raise TypeError(_foreign_message(x, path))
                 return None
-            out = Leaf(self.rule, self.rule.init(x, xp))
+            rule = self.rule_for(x, path)
+            out = Leaf(rule, rule.init(x, xp))
             self.count += 1
         self.cache[id(x)] = (x, out)
         return out
+
+    def rule_for(self, x: Any, path: KeyPath) -> Any:
+        """The rule of the trainable array ``x`` (one rule here; see ``_paths``)."""
+        return self.rule
+
+    def met_again(self, x: Any, path: KeyPath) -> None:
+        """``x`` (an array or container) was met before: a tie (see ``_paths``)."""
 
     def container(self, node: Node, path: KeyPath) -> Any:
         if id(node.obj) in self.open:
@@ -191,7 +204,8 @@ class _Setup:
             raise ValueError(msg)
         self.open.add(id(node.obj))
         pairs = zip(node.keys, node.children, strict=True)
-        children = [self.walk(c, (*path, k)) for k, c in pairs]
+        children = [None if k in node.untrainable else self.walk(c, (*path, k))
+                    for k, c in pairs]
         self.open.discard(id(node.obj))
         return node.mirror(children)
 
@@ -295,7 +309,8 @@ class _Plan:
             grads = _grad_children(g, node, path)
             parts = zip(node.keys, subtrees, node.children, grads, strict=True)
             for key, t, c, gc in parts:
-                self.walk(t, c, gc, (*path, key))
+                if key not in node.untrainable:  # not trained: gradient ignored
+                    self.walk(t, c, gc, (*path, key))
 
     def leaf(self, leaf: Leaf, x: Any, g: Any, path: KeyPath) -> None:
         entry = self.entry(leaf, x, path)
@@ -358,6 +373,8 @@ def _first_trainable(x: Any, path: KeyPath) -> tuple[KeyPath, Any] | None:
     if node is None:
         return (path, x) if trainable_adapter(x) is not None else None
     for key, child in zip(node.keys, node.children, strict=True):
+        if key in node.untrainable:
+            continue
         found = _first_trainable(child, (*path, key))
         if found is not None:
             return found

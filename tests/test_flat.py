@@ -207,3 +207,118 @@ def test_destructure_then_update_round_trip() -> None:
     new = re_(flat2)
     np.testing.assert_array_equal(new["w"], [0.0, 1.0])
     np.testing.assert_array_equal(new["b"], np.float32([2.0]))
+
+
+# -- Optimisers.jl parity: differentiable destructure, trainable fields, norm of integers --
+
+
+def test_destructure_is_differentiable_under_torch_autograd() -> None:
+    torch = pytest.importorskip("torch", reason="torch autograd")
+    tied = torch.ones(2, 2, requires_grad=True)
+    model = {"a": tied, "b": torch.zeros(3, dtype=torch.float64, requires_grad=True),
+             "c": [tied], "n": torch.arange(3)}
+    flat, re_ = opt.destructure(model)
+    assert flat.grad_fn is not None
+    weights = torch.arange(7, dtype=torch.float64)
+    (flat * weights).sum().backward()
+    assert torch.equal(tied.grad, weights[:4].reshape(2, 2).float())
+    assert torch.equal(model["b"].grad, weights[4:])
+    w = (flat.detach() + 0.5).requires_grad_()
+    rebuilt = re_(w)
+    assert rebuilt["a"] is rebuilt["c"][0]  # the tie: one piece
+    assert rebuilt["a"].dtype == torch.float32
+    loss = (rebuilt["a"] * 3).sum() + (rebuilt["b"] ** 2).sum()
+    loss.backward()
+    want = torch.cat([torch.full((4,), 3.0, dtype=torch.float64), 2 * w.detach()[4:]])
+    assert torch.equal(w.grad, want)
+
+
+def test_restructure_casts_exactly_and_differentiably_on_torch() -> None:
+    torch = pytest.importorskip("torch", reason="torch autograd")
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(200_000) * 10
+    model = {"h": torch.zeros(200_000, dtype=torch.float16, requires_grad=True),
+             "d": torch.zeros(1, dtype=torch.float64)}
+    _, re_ = opt.destructure(model)
+    w = torch.tensor(np.concatenate([values, [0.0]]), requires_grad=True)
+    piece = re_(w)["h"]
+    assert np.array_equal(piece.detach().numpy().view(np.uint16),
+                          values.astype(np.float16).view(np.uint16))  # numpy: one rounding
+    piece.sum().backward()
+    assert torch.equal(w.grad[:-1], torch.ones(200_000, dtype=torch.float64))
+
+
+def test_destructure_and_restructure_under_jax_grad() -> None:
+    jax = pytest.importorskip("jax", reason="jax.grad")
+    jnp = jax.numpy
+    model = {"a": jnp.ones((2, 2)), "b": [jnp.arange(3.0)]}
+    flat, re_ = opt.destructure(model)
+
+    def loss(w: Any) -> Any:
+        m = re_(w)
+        return (m["a"] ** 2).sum() + 3 * m["b"][0].sum()
+
+    grad = jax.grad(loss)(flat + 1)
+    assert np.array_equal(np.asarray(grad), np.array([4.0, 4, 4, 4, 3, 3, 3]))
+    grads = jax.grad(lambda m: (opt.destructure(m)[0] * jnp.arange(7.0)).sum())(model)
+    assert np.array_equal(np.asarray(grads["b"][0]), np.array([4.0, 5, 6]))
+
+
+class Affine:
+    """A registered container whose ``scale`` is data, not a parameter."""
+
+    def __init__(self, w: Any, scale: Any) -> None:
+        self.w, self.scale = w, scale
+
+
+opt.register_container(Affine, lambda a: (("w", "scale"), (a.w, a.scale)),
+                       lambda a, c: Affine(*c), trainable=("w",))
+
+
+def test_registered_trainable_fields() -> None:
+    layer = {"layer": Affine(np.ones(3), np.full(3, 2.0))}
+    tree = opt.setup(opt.Descent(0.5), layer)
+    assert tree["layer"]["scale"] is None
+    assert [p for p, _ in opt.trainables(layer, path=True)] == [("layer", "w")]
+    flat, re_ = opt.destructure(layer)
+    assert np.array_equal(flat, np.ones(3))
+    assert np.array_equal(re_(flat * 4)["layer"].scale, np.full(3, 2.0))
+    grads = {"layer": Affine(np.full(3, 2.0), np.full(4, 9.0))}  # scale: ignored, any shape
+    tree, new = opt.update(tree, layer, grads)
+    assert np.array_equal(new["layer"].w, np.zeros(3))
+    assert new["layer"].scale is layer["layer"].scale
+    tree, new = opt.update_(tree, new, {"layer": {"w": np.ones(3), "scale": "ignored"}})
+    assert np.array_equal(new["layer"].w, np.full(3, -0.5))
+
+
+def test_registered_trainable_fields_as_a_function_and_errors() -> None:
+    class Pair:
+        def __init__(self, a: Any, b: Any) -> None:
+            self.a, self.b = a, b
+
+    opt.register_container(Pair, lambda p: (("a", "b"), (p.a, p.b)), lambda p, c: Pair(*c),
+                           trainable=lambda p: ("b",) if p.a.ndim == 0 else ("a", "b"))
+    assert len(opt.trainables(Pair(np.ones(()), np.ones(2)))) == 1
+    assert len(opt.trainables(Pair(np.ones(1), np.ones(2)))) == 2
+    opt.register_container(Pair, lambda p: (("a", "b"), (p.a, p.b)), lambda p, c: Pair(*c),
+                           trainable=("c",))
+    with pytest.raises(ValueError, match=r"trainable keys of Pair include \[\"'c'\"\]"):
+        opt.setup(opt.Descent(), Pair(np.ones(1), np.ones(2)))
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 0.5, 1.5, np.inf, -np.inf, 0.0])
+@pytest.mark.parametrize("dtype", ["int8", "int64", "uint16", "bool"])
+def test_norm_of_integers_is_the_float64_norm(backend: Any, dtype: str, p: float) -> None:
+    values = np.array([3, 0, 1, 7, 120, 5, 2], dtype=dtype)
+    got = opt.norm(backend.asarray(values), p)
+    assert type(got) is np.float64
+    # the norm of the same values as float64, on the same backend (p = 0.5, 1.5 use
+    # pow, whose rounding varies by backend: same bits are promised for the exact p only)
+    assert got == opt.norm(backend.asarray(values.astype(np.float64)), p)
+    if p == 2 and dtype != "bool":
+        assert got == np.sqrt(np.sum(values.astype(np.float64) ** 2))  # no int overflow
+
+
+def test_norm_refuses_other_dtypes() -> None:
+    with pytest.raises(TypeError, match="norm expects an array"):
+        opt.norm([1.0, 2.0])
