@@ -51,7 +51,10 @@ def render(package: str) -> str:
 
     def order(module: str) -> tuple[int, str]:
         tail = module.rsplit(".", 1)[-1]
-        return (FIRST.index(tail) if tail in FIRST else len(FIRST) + (module == ""), module)
+        return (
+            FIRST.index(tail) if tail in FIRST else len(FIRST) + (module == ""),
+            module,
+        )
 
     out = []
     for module in sorted(groups, key=order):
@@ -99,7 +102,12 @@ def include(path: str) -> str:
     """
     lines: list[str] = []
     for line in (ROOT / path).read_text(encoding="utf-8").splitlines():
-        if line.startswith("|") and lines and lines[-1] and not lines[-1].startswith("|"):
+        if (
+            line.startswith("|")
+            and lines
+            and lines[-1]
+            and not lines[-1].startswith("|")
+        ):
             lines.append("")
         lines.append(line)
     return "\n".join(lines)
