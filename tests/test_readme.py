@@ -6,6 +6,9 @@ prints, the ```text block right after it is its output, compared line by line
 ``# file: NAME.py`` is a module the page asks the reader to save: it is written
 under that name into the working folder of the page's other blocks, which import
 it. A block that imports a library that is not installed is skipped, naming it.
+A page that holds the line ``<!-- examples: one session -->`` is one session
+instead: each block runs after the page's earlier blocks, in their namespace
+(their output is checked by their own tests).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 FILE_LINE = re.compile(r"# file: ([\w.]+\.py)\n")
+SESSION = "<!-- examples: one session -->"
 
 
 @dataclass(frozen=True)
@@ -132,10 +136,17 @@ def test_example_runs_and_prints_its_output(
     if missing:
         pytest.skip(f"{block.id} imports {', '.join(missing)}, which is not installed")
     save_files(block.page, page_folder)
+    namespace = {"__name__": "__main__"}
+    if SESSION in block.page.read_text(encoding="utf-8"):
+        earlier = [b for b in PROGRAMS if b.page == block.page and b.line < block.line]
+        with contextlib.redirect_stdout(io.StringIO()):
+            for b in earlier:
+                exec(compile(b.code, f"{b.page}:{b.line}", "exec", dont_inherit=True),  # noqa: S102
+                     namespace)
     stdout = io.StringIO()
     code = compile(block.code, f"{block.page}:{block.line}", "exec", dont_inherit=True)
     with contextlib.redirect_stdout(stdout):
-        exec(code, {"__name__": "__main__"})  # noqa: S102
+        exec(code, namespace)  # noqa: S102
     printed = stdout.getvalue()
     if block.output is None:
         assert not printed, f"{block.id} prints but shows no ```text output after it"
