@@ -263,17 +263,17 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "agnosticopt"
 
 
-def _load(program: Program) -> Callable[..., None]:
-    """The kernel of ``program`` from a source file in :func:`cache_dir`.
+def _cached_module(prefix: str, text: str) -> dict[str, Any] | None:
+    """The namespace of generated source ``text``, from a file in :func:`cache_dir`.
 
     numba caches the compiled code next to that file, keyed by its path and
-    time stamp: a file is written once and never rewritten.
+    time stamp: a file is written once and never rewritten. ``None`` when the
+    cache cannot be used (not writable, or a damaged, undecodable file).
     """
-    text = source(program, cache=True)
-    name = f"agnosticopt_kernel_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+    name = f"{prefix}_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
     found = sys.modules.get(name)
     if found is not None:
-        return found.kernel
+        return vars(found)
     try:
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
@@ -292,9 +292,18 @@ def _load(program: Program) -> Callable[..., None]:
         except BaseException:
             del sys.modules[name]
             raise
-    except (OSError, ValueError):  # no writable cache, or a damaged file (undecodable):
+    except (OSError, ValueError):
+        return None
+    return vars(module)
+
+
+def _load(program: Program) -> Callable[..., None]:
+    """The kernel of ``program``, cached on disk (or compiled in memory)."""
+    namespace = _cached_module("agnosticopt_kernel", source(program, cache=True))
+    if namespace is None:
         return _in_memory(program)  # compile in memory, for this session only
-    return module.kernel
+    kernel: Callable[..., None] = namespace["kernel"]
+    return kernel
 
 
 def _in_memory(program: Program) -> Callable[..., None]:
@@ -442,35 +451,13 @@ def reducer(dtype: str, p: float) -> Any:
 def _norm_module(fields: dict[str, Any]) -> dict[str, Any]:
     """The reduction functions, from a source file in :func:`cache_dir` (numba's
     disk cache keeps them compiled), or compiled in memory when it cannot be used."""
-    text = _NORM_SOURCE.format(cache=True, **fields)
-    name = f"agnosticopt_norm_{hashlib.sha256(text.encode()).hexdigest()[:24]}"
-    module = sys.modules.get(name)
-    if module is not None:
-        return vars(module)
-    try:
-        folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.py"
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:  # pragma: no cover - not for a .py file
-            raise OSError(path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    except (OSError, ValueError):
-        namespace: dict[str, Any] = {"__name__": "agnosticopt.adapters._numba_norms"}
-        code = compile(_NORM_SOURCE.format(cache=False, **fields), "<agnosticopt norm>", "exec")
-        exec(code, namespace)  # noqa: S102  (our own generated source)
+    namespace = _cached_module("agnosticopt_norm", _NORM_SOURCE.format(cache=True, **fields))
+    if namespace is not None:
         return namespace
-    return vars(module)
+    namespace = {"__name__": "agnosticopt.adapters._numba_norms"}
+    code = compile(_NORM_SOURCE.format(cache=False, **fields), "<agnosticopt norm>", "exec")
+    exec(code, namespace)  # noqa: S102  (our own generated source)
+    return namespace
 
 
 def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) -> Any:
