@@ -6,6 +6,9 @@ here, so ``import agnosticopt`` imports no backend library.
 
 Every submodule exposes ``adapter(x) -> Adapter | None``: the adapter for ``x``
 when ``x`` is an array of that backend, else ``None``.
+
+:class:`Adapter` (backend-free: numpy and the array API only) is the base class
+a third party's adapter subclasses; see ``docs/writing-an-adapter.md``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-SUBMODULES = frozenset({"array_api_strict", "cupy", "jax", "numpy", "torch"})
+from agnosticopt.adapters._base import Adapter
 
-__all__ = ["array_api_strict", "cupy", "jax", "numpy", "torch"]
+from agnosticopt._backends import ADAPTER_MODULES
+
+#: The backend submodules (from the one registry, ``agnosticopt._backends``).
+SUBMODULES = ADAPTER_MODULES
+
+__all__ = ["Adapter", *sorted(SUBMODULES)]  # noqa: PLE0604  (derived from the registry)
 
 
 def __getattr__(name: str) -> Any:

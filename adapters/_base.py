@@ -2,7 +2,11 @@
 
 Every backend adapter derives from :class:`Adapter` and overrides only what its
 backend gets wrong (an inexact ``sqrt``, division by a scalar as a reciprocal
-multiply, ...) or can do faster. Rules call nothing but the methods below.
+multiply, ...) or can do faster. A rule's ``xp`` is the backend's whole
+array-API namespace (``xp.mean``, ``xp.linalg.vector_norm``, ``xp.zeros``, ...:
+any name not defined here is the namespace's), with the operations of the table
+``agnosticopt._ops.OPS`` overriding it: those are bit-identical on every backend;
+anything else is identical only if the backends agree.
 
 Conventions
 -----------
@@ -58,6 +62,24 @@ class Adapter:
     def __repr__(self) -> str:
         return f"<agnosticopt adapter {self.name!r}>"
 
+    def __getattr__(self, name: str) -> Any:
+        """Any other name is the backend namespace's (``xp.mean``, ``xp.linalg``, ...).
+
+        Only reached for names the adapter does not define; those of the
+        operation table (``agnosticopt._ops.OPS``) always are. Results are
+        identical across backends only if the backends agree.
+        """
+        if name.startswith("_") or name == "xp":  # private names, unpickling
+            raise AttributeError(name)
+        try:
+            return getattr(self.xp, name)
+        except AttributeError:
+            msg = (
+                f"{self.name}: neither the adapter nor its array-API namespace "
+                f"{getattr(self.xp, '__name__', self.xp)!r} has {name!r}"
+            )
+            raise AttributeError(msg) from None
+
     # -- dtypes ---------------------------------------------------------------
     def dtype_name(self, x: Any) -> str:
         """The dtype of ``x`` as a numpy-style name (``"float32"``, ...)."""
@@ -70,7 +92,12 @@ class Adapter:
     def is_trainable(self, x: Any) -> bool:
         """Floating-point and complex arrays are trainable; others are not."""
         return self.dtype_name(x) in {
-            "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+            "float16",
+            "bfloat16",
+            "float32",
+            "float64",
+            "complex64",
+            "complex128",
         }
 
     def is_complex(self, x: Any) -> bool:
@@ -159,7 +186,9 @@ class Adapter:
         mul = operator.mul
         if self.is_complex(a):
             re, im = self.xp.real(a), self.xp.imag(a)
-            return self._apply(operator.add, self._apply(mul, re, re), self._apply(mul, im, im))
+            return self._apply(
+                operator.add, self._apply(mul, re, re), self._apply(mul, im, im)
+            )
         return self._apply(mul, a, a)
 
     def sign(self, a: Any) -> Any:
@@ -348,7 +377,11 @@ class Adapter:
 
     def make_complex(self, re: Any, im: Any) -> Any:
         """The complex array ``re + im*i`` with both parts kept exactly."""
-        return self.xp.complex(re, im) if hasattr(self.xp, "complex") else _no_complex(self)
+        return (
+            self.xp.complex(re, im)
+            if hasattr(self.xp, "complex")
+            else _no_complex(self)
+        )
 
 
 def _no_complex(adapter: Adapter) -> Any:

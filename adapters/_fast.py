@@ -6,7 +6,7 @@
    the parameter's shape; anything else stays on the plain path;
 2. groups the leaves by rule, dtype and the host values of their state (a
    signature that tells ``-0.0`` from ``0.0``), and records one step of each group
-   with :func:`agnosticopt.adapters._trace.trace`: the recording gives the
+   with :func:`agnosticopt._trace.trace`: the recording gives the
    program, its parameter values and the new host values;
 3. compiles each program once (``adapters/_numba.py``) and builds, per group, a
    table of the data addresses of every leaf's parameter, gradient and state;
@@ -20,8 +20,9 @@ a new container holding the same arrays and the new host values, the values the
 plain path gives, bit for bit.
 
 A leaf whose recording fails (a reduction, an unknown operation, a Python
-operator applied to an array, a compile error) takes the plain path, which then
-raises whatever the rule raises. Without numba, :func:`plan` returns ``None``.
+operator applied to an array, which also warns with ``OperatorWarning``, a
+compile error) takes the plain path, which then raises whatever the rule raises.
+Without numba, :func:`plan` returns ``None``.
 """
 
 from __future__ import annotations
@@ -32,17 +33,16 @@ import importlib.util
 import itertools
 import math
 import warnings
-from typing import Any, NamedTuple
+import weakref
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
-from agnosticopt.adapters._trace import DTYPES, Trace, Untraceable, flatten_state, trace
 
+from agnosticopt._ops import OperatorWarning
 from agnosticopt._speed import fast_path_enabled
+from agnosticopt._trace import Trace, Untraceable, flatten_state, trace
 
-__all__ = [
-    "SKIP", "FastPlan", "NumpyArrays", "TorchArrays", "available", "counters",
-    "numpy_arrays", "plan", "torch_arrays",
-]
+__all__ = ["SKIP", "Arrays", "FastPlan", "available", "counters", "plan"]
 
 #: A leaf that the plan does not update (it takes the plain path).
 SKIP: Any = object()
@@ -68,8 +68,11 @@ def available() -> bool:
             try:
                 importlib.import_module("agnosticopt.adapters._numba")
             except Exception as exc:  # noqa: BLE001  (a broken numba: no fast path)
-                warnings.warn(f"agnosticopt: numba cannot be used, no fast path: {exc!r}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"agnosticopt: numba cannot be used, no fast path: {exc!r}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
                 _numba_ok = True
     return _numba_ok
@@ -78,108 +81,28 @@ def available() -> bool:
 # -- backends -------------------------------------------------------------------------------------
 
 
-class NumpyArrays:
-    """How the fast path reads and writes numpy arrays."""
+class Arrays(Protocol):
+    """How the fast path reads and writes one backend's arrays.
 
-    name = "numpy"
-    array_type: type = np.ndarray
+    Implemented next to each adapter: ``NumpyArrays`` in
+    :mod:`agnosticopt.adapters.numpy`, ``TorchArrays`` in
+    :mod:`agnosticopt.adapters.torch`.
+    """
 
-    def __init__(self) -> None:
-        self.dtypes = {np.dtype(name): name for name in DTYPES}
+    name: str
+    array_type: type
 
     def dtype(self, a: Any) -> str | None:
-        """The dtype of a plain, aligned, C-contiguous float32/float64 ndarray, else None."""
-        if type(a) is not np.ndarray:  # subclasses (masked arrays...) have their own maths
-            return None
-        flags = a.flags
-        if not (flags.c_contiguous and flags.aligned):
-            return None
-        return self.dtypes.get(a.dtype)
+        """``"float32"``/``"float64"`` for an array a kernel can read in place, else None."""
 
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""
-        return bool(a.flags.writeable)
 
     def address(self, a: Any) -> int:
         """The address of the first element."""
-        return a.__array_interface__["data"][0]
 
     def written(self, arrays: list[Any]) -> None:
         """Called after kernels wrote into ``arrays``."""
-
-
-class TorchArrays:
-    """How the fast path reads and writes CPU torch tensors (``nn.Parameter`` too).
-
-    Tensors are accessed through their data pointers (zero copy). After the
-    kernels, the version counter of every written tensor is bumped, as torch's
-    in-place operations do, so that autograd still detects a stale saved tensor.
-    """
-
-    name = "torch"
-
-    def __init__(self, adapter: Any) -> None:
-        import torch
-
-        self.torch = torch
-        self.array_type = torch.Tensor
-        self.adapter = adapter
-        self.dtypes = {torch.float32: "float32", torch.float64: "float64"}
-
-    def dtype(self, t: Any) -> str | None:
-        """The dtype of a contiguous, dense, CPU float32/float64 tensor, else None."""
-        name = self.dtypes.get(t.dtype)
-        if name is None or not t.is_cpu or t.layout != self.torch.strided:
-            return None
-        if not t.is_contiguous() or t.is_neg() or t.is_conj():
-            return None
-        try:
-            t.data_ptr()
-        except RuntimeError:  # no storage (functorch's vmap/grad wrappers, fake tensors)
-            return None
-        return name
-
-    def writeable(self, t: Any) -> bool:
-        """The adapter's rule for in-place writes, for a contiguous CPU tensor.
-
-        Not a non-leaf tensor that requires grad (its graph would be wrong), not
-        an inference tensor outside inference mode; contiguous tensors have no
-        expanded (stride 0) dimensions.
-        """
-        if t.requires_grad and not t.is_leaf:
-            return False
-        return not t.is_inference() or self.torch.is_inference_mode_enabled()
-
-    def address(self, t: Any) -> int:
-        """The address of the first element."""
-        return t.data_ptr()
-
-    def written(self, tensors: list[Any]) -> None:
-        """Bump the version counters of ``tensors``."""
-        bump = self.torch.autograd.graph.increment_version
-        for t in tensors:  # one at a time: torch < 2.5 takes no list
-            bump(t)
-
-
-Arrays = NumpyArrays | TorchArrays
-
-_backends: dict[str, Any] = {}
-
-
-def numpy_arrays() -> NumpyArrays:
-    """The numpy backend of the fast path (one instance)."""
-    found = _backends.get("numpy")
-    if found is None:
-        found = _backends["numpy"] = NumpyArrays()
-    return found
-
-
-def torch_arrays(adapter: Any) -> TorchArrays:
-    """The CPU torch backend of the fast path for ``adapter`` (one instance)."""
-    found = _backends.get("torch")
-    if found is None or found.adapter is not adapter:
-        found = _backends["torch"] = TorchArrays(adapter)
-    return found
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -196,6 +119,7 @@ class _Launch:
     itemsizes: tuple[int, ...]
     targets: frozenset[int]
     written: list[Any]
+    chunks: np.ndarray
 
 
 @dataclasses.dataclass
@@ -222,7 +146,7 @@ class FastPlan:
         """Run the kernels: write every new state and parameter in place."""
         written: list[Any] = []
         for launch in self.launches:
-            launch.kernel.run(launch.table, launch.sizes, launch.values)
+            launch.kernel.run(launch.table, launch.sizes, launch.values, launch.chunks)
             written.extend(launch.written)
         self.arrays.written(written)
 
@@ -246,22 +170,25 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     Returns ``None`` when the fast path is off or unavailable, or when no leaf
     can take it. Never writes; raises only on an internal error.
     """
-    if not available() or not items:
+    if not available() or not items or _tiny(arrays, items):
         return None
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
     with np.errstate(all="ignore"):
         items, clipped = _global_clips(arrays, items)
-        staged: list[_Launch] = []
+        staged: list[_Launch] = []  # the launches of the cross-leaf leaves: all or none
+        together = set(clipped)
         for key, group in _groups(arrays, items).items():
             found = _launches(arrays, key[1], key[3], group, states)
-            (staged if isinstance(group[0].rule, _AfterClip) else launches).extend(found)
+            (staged if group[0].position in together else launches).extend(found)
         if clipped and any(states[k] is SKIP for k in clipped):
-            for k in clipped:  # a global norm is all leaves or none: all to the plain path
+            for (
+                k
+            ) in clipped:  # a global norm is all leaves or none: all to the plain path
                 states[k] = SKIP
         else:
             launches.extend(staged)
-    if launches and _overlapping(launches):
+    if launches and _overlapping_cached(launches):
         launches = []
     if not launches:
         counters["plain"] += len(items)
@@ -270,6 +197,25 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
     return FastPlan(states, launches, arrays)
+
+
+#: Per backend, ``(leaves, elements)``: an update of fewer leaves and at most that
+#: many elements in all takes the plain path. Recording a step costs about as much
+#: as the plain path's step of one or two small arrays
+#: (``benchmarks/checks_overhead.py --leaves 1 --size 100``).
+PLAIN_BELOW = {"numpy": (3, 4096), "torch": (2, 4096)}
+
+
+def _tiny(arrays: Arrays, items: Items) -> bool:
+    """Whether the plain path steps ``items`` faster than the fast path would."""
+    leaves, elements = PLAIN_BELOW.get(arrays.name, (0, 0))
+    if (
+        len(items) >= leaves
+        or sum(math.prod(x.shape) for _, _, x, _ in items) > elements
+    ):
+        return False
+    counters["plain"] += len(items)
+    return True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -288,61 +234,87 @@ class _AfterClip:
 
 
 def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
-    """Leaves whose rule starts with a ``ClipGlobalNorm``, with the clip done.
+    """Leaves whose rule starts with a ``ClipGlobalNorm``, with the clip done, and
+    leaves of a ``SkipNonFinite`` whose gradients are all finite.
 
     Returns the items with those rules replaced by :class:`_AfterClip` (the
     factor computed by the compiled aligned-block reduction, the plain path's
-    bits) and their positions. Only when every leaf with a cross-leaf rule has
-    that form (throw=False, one dtype per clip, eligible arrays); otherwise the
-    items unchanged and no position (they all take the plain path).
+    bits) or :class:`_InsideSkip`, and their positions. Only when every leaf
+    with a cross-leaf rule has one of these forms (throw=False, one dtype per
+    clip, eligible arrays, no cross-leaf rule inside the skip) and no gradient
+    of a skip is NaN or infinite; otherwise those leaves are left as they are
+    and no position is returned (they all take the plain path).
     """
-    from agnosticopt._global import ClipGlobalNorm, has_stages
+    from agnosticopt._global import ClipGlobalNorm, SkipNonFinite, has_stages
     from agnosticopt._wrappers import OptimiserChain
 
     groups: dict[Any, list[int]] = {}
+    skips: dict[Any, list[int]] = {}
     rests: dict[int, Any] = {}
     rest_of: dict[Any, Any] = {}  # this plan's chain tails and ClipNorm wrappers
     dtype_of = arrays.dtype
     out = list(items)
+
+    def plain() -> tuple[Items, list[int]]:  # every cross-leaf leaf to the plain path
+        for positions in (*groups.values(), *skips.values()):
+            for k in positions:
+                out[k] = items[k]
+        return out, []
+
     for k, (rule, _, x, grad) in enumerate(items):
         if not has_stages(rule):
             wrapped = _clip_norm_first(arrays, rule, x, grad, rest_of)
             if wrapped is not None:
                 out[k] = (wrapped, *items[k][1:])
             continue
+        if isinstance(rule, SkipNonFinite) and not has_stages(rule.rule):
+            dtype = dtype_of(x)
+            if dtype is None or dtype_of(grad) != dtype:
+                return plain()
+            skips.setdefault(rule, []).append(k)
+            continue
         if isinstance(rule, ClipGlobalNorm):
             clip, rest = rule, None
-        elif (isinstance(rule, OptimiserChain) and rule.opts
-              and isinstance(rule.opts[0], ClipGlobalNorm)
-              and not any(has_stages(r) for r in rule.opts[1:])):
+        elif (
+            isinstance(rule, OptimiserChain)
+            and rule.opts
+            and isinstance(rule.opts[0], ClipGlobalNorm)
+            and not any(has_stages(r) for r in rule.opts[1:])
+        ):
             clip = rule.opts[0]
             rest = rest_of.get(id(rule))
             if rest is None:
                 rest = rest_of[id(rule)] = OptimiserChain(*rule.opts[1:])
         else:
-            return out, []
+            return plain()
         dtype = dtype_of(x)
         if clip.throw or dtype is None or dtype_of(grad) != dtype:
-            return out, []
+            return plain()
         groups.setdefault(clip, []).append(k)
         rests[k] = rest
-    if not groups:
+    if not groups and not skips:
         return out, []
     from agnosticopt.adapters._numba import tree_root
 
+    for skip, positions in skips.items():
+        if not _all_finite(arrays, [items[k] for k in positions]):
+            return plain()  # the plain path skips the step
+        inside = _InsideSkip(skip.rule)
+        for k in positions:
+            out[k] = (inside, *items[k][1:])
     for clip, positions in groups.items():
         dtypes = {dtype_of(items[k][2]) for k in positions}
         if len(dtypes) != 1:
-            return out, []
+            return plain()
         (dtype,) = dtypes
         if dtype is None:  # not a dtype the kernels take: the plain path
-            return out, []
+            return plain()
         t = np.dtype(dtype).type
         grads = [items[k][3] for k in positions]
         addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
         sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
         if not sizes.sum():
-            return out, []
+            return plain()
         value = tree_root(dtype, clip.p, addresses, sizes)
         if clip.p == 2:
             value = np.sqrt(value)
@@ -355,11 +327,48 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
                 wrapper = wrappers[id(rest)] = _AfterClip(rest, lam)
             _, state, x, grad = items[k]
             out[k] = (wrapper, state, x, grad)
-    return out, [k for positions in groups.values() for k in positions]
+    return out, [
+        k for positions in (*groups.values(), *skips.values()) for k in positions
+    ]
 
 
-def _clip_norm_first(arrays: Arrays, rule: Any, x: Any, grad: Any,
-                     rest_of: dict[Any, Any]) -> _AfterClip | None:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _InsideSkip:
+    """A ``SkipNonFinite(rule)`` once every gradient is known to be finite."""
+
+    rule: Any
+
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        from agnosticopt._global import SkipNonFiniteState
+
+        inner, step = self.rule.apply(state.state, x, dx, xp)
+        return SkipNonFiniteState(inner, state.skips), step
+
+
+def _all_finite(arrays: Arrays, items: Items) -> bool:
+    """Whether every gradient of ``items`` is finite: the compiled max-|g| reduction
+    of each dtype is finite exactly when no element is NaN or infinite."""
+    from agnosticopt.adapters._numba import tree_root
+
+    by_dtype: dict[str | None, list[Any]] = {}
+    for _, _, x, grad in items:
+        by_dtype.setdefault(arrays.dtype(x), []).append(grad)
+    for dtype, grads in by_dtype.items():
+        if dtype is None:  # not a dtype the kernels read (checked before): plain path
+            return False
+        sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
+        keep = sizes > 0
+        if not keep.any():
+            continue
+        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
+        if not np.isfinite(tree_root(dtype, math.inf, addresses[keep], sizes[keep])):
+            return False
+    return True
+
+
+def _clip_norm_first(
+    arrays: Arrays, rule: Any, x: Any, grad: Any, rest_of: dict[Any, Any]
+) -> _AfterClip | None:
     """A leaf's ``ClipNorm, *rest`` chain with its factor computed, or None.
 
     The norm is the compiled aligned-block reduction (the plain path's bits) and
@@ -371,7 +380,11 @@ def _clip_norm_first(arrays: Arrays, rule: Any, x: Any, grad: Any,
 
     if isinstance(rule, ClipNorm):
         clip, rest = rule, None
-    elif isinstance(rule, OptimiserChain) and rule.opts and isinstance(rule.opts[0], ClipNorm):
+    elif (
+        isinstance(rule, OptimiserChain)
+        and rule.opts
+        and isinstance(rule.opts[0], ClipNorm)
+    ):
         clip = rule.opts[0]
         rest = rest_of.get(id(rule))
         if rest is None:
@@ -380,18 +393,32 @@ def _clip_norm_first(arrays: Arrays, rule: Any, x: Any, grad: Any,
         return None
     dtype = arrays.dtype(x)
     size = math.prod(x.shape)
-    if clip.p not in (1, 2, math.inf) or dtype is None or arrays.dtype(grad) != dtype or not size:
+    if (
+        clip.p not in (1, 2, math.inf)
+        or dtype is None
+        or arrays.dtype(grad) != dtype
+        or not size
+    ):
         return None
     from agnosticopt.adapters._numba import tree_root
 
-    value = tree_root(dtype, clip.p, np.array([arrays.address(grad)], dtype=np.int64),
-                      np.array([size], dtype=np.int64))
+    value = tree_root(
+        dtype,
+        clip.p,
+        np.array([arrays.address(grad)], dtype=np.int64),
+        np.array([size], dtype=np.int64),
+    )
     if clip.p == 2:
         value = np.sqrt(value)
     if clip.throw and not math.isfinite(value):
         return None
     lam = clip.factor(value, x, _HostDtype(dtype))
-    key = ("wrapper", id(rule), lam.dtype.name, lam.tobytes())  # leaves of one λ: one group
+    key = (
+        "wrapper",
+        id(rule),
+        lam.dtype.name,
+        lam.tobytes(),
+    )  # leaves of one λ: one group
     wrapper = rest_of.get(key)
     if wrapper is None:
         wrapper = rest_of[key] = _AfterClip(rest, lam)
@@ -438,8 +465,13 @@ def _groups(arrays: Arrays, items: Items) -> dict[Any, list[_Leaf]]:
     return groups
 
 
-def _launches(arrays: Arrays, dtype: str, dtypes: tuple[str, ...], group: list[_Leaf],
-              states: list[Any]) -> list[_Launch]:
+def _launches(
+    arrays: Arrays,
+    dtype: str,
+    dtypes: tuple[str, ...],
+    group: list[_Leaf],
+    states: list[Any],
+) -> list[_Launch]:
     """Record the group's step, compile it, and tabulate the group's leaves."""
     recorded = _record(arrays, group[0], dtype, dtypes)
     if recorded is None:
@@ -451,22 +483,38 @@ def _launches(arrays: Arrays, dtype: str, dtypes: tuple[str, ...], group: list[_
         by_shape.setdefault(tuple(leaf.x.shape), []).append(leaf)
     launches = []
     for part in by_shape.values():
-        again = recorded if part[0] is group[0] else _record(arrays, part[0], dtype, dtypes)
+        again = (
+            recorded if part[0] is group[0] else _record(arrays, part[0], dtype, dtypes)
+        )
         if again is not None:
             launches.extend(_launch(arrays, again, part, states))
     return launches
 
 
-def _record(arrays: Arrays, leaf: _Leaf, dtype: str, dtypes: tuple[str, ...]) -> Trace | None:
+def _record(
+    arrays: Arrays, leaf: _Leaf, dtype: str, dtypes: tuple[str, ...]
+) -> Trace | None:
     try:
-        return trace(leaf.rule, leaf.state, leaf.arrays, tuple(leaf.x.shape), dtype, dtypes,
-                     arrays.name)
+        return trace(
+            leaf.rule,
+            leaf.state,
+            leaf.arrays,
+            tuple(leaf.x.shape),
+            dtype,
+            dtypes,
+            arrays.name,
+        )
+    except (
+        OperatorWarning
+    ):  # the rule's Python operator, a warning made an error: raise it
+        raise
     except Exception:  # noqa: BLE001  (not recordable: plain path)
         return None
 
 
-def _launch(arrays: Arrays, recorded: Trace, group: list[_Leaf],
-            states: list[Any]) -> list[_Launch]:
+def _launch(
+    arrays: Arrays, recorded: Trace, group: list[_Leaf], states: list[Any]
+) -> list[_Launch]:
     program = recorded.program
     from agnosticopt.adapters._numba import kernel_for  # numba imports: see available()
 
@@ -477,24 +525,113 @@ def _launch(arrays: Arrays, recorded: Trace, group: list[_Leaf],
         return []
     targets = frozenset(a for a, _ in program.stores)
     state_targets = [a - 2 for a in targets if a >= 2]
-    writeable, address, rebuild = arrays.writeable, arrays.address, recorded.rebuild
-    rows, sizes, written = [], [], []
+    writeable, rebuild = arrays.writeable, recorded.rebuild
+    chosen, written = [], []
     for leaf in group:
         outs = [leaf.arrays[a] for a in state_targets]
         if 0 in targets:
             outs.append(leaf.x)
         if not all(writeable(a) for a in outs):
             continue
-        rows.append([address(leaf.x), address(leaf.grad), *[address(a) for a in leaf.arrays]])
-        sizes.append(leaf.size)
+        chosen.append(leaf)
         written.extend(outs)
         states[leaf.position] = rebuild(leaf.arrays)
-    if not rows:
+    if not chosen:
         return []
-    table = np.array(rows, dtype=np.int64).reshape(len(rows), len(program.inputs))
+    table = _table(arrays, chosen, len(program.inputs))
     itemsizes = tuple(np.dtype(d).itemsize for d in program.inputs)
-    return [_Launch(kernel, table, np.array(sizes, dtype=np.int64), recorded.values,
-                    itemsizes, targets, written)]
+    return [
+        _Launch(
+            kernel,
+            table.table,
+            table.sizes,
+            recorded.values,
+            itemsizes,
+            targets,
+            written,
+            table.chunks,
+        )
+    ]
+
+
+@dataclasses.dataclass(eq=False)
+class _Table:
+    """The addresses of a set of leaves' arrays, kept while those arrays are the same.
+
+    ``refs`` are weak references to every array of every row (a table holds no
+    array alive); the table is valid while each still refers to the array at its
+    place: an array replaced in the model, in the gradients or in a state, or
+    an ``id`` reused by a new array, gives a new table.
+    """
+
+    refs: list[Any]
+    table: np.ndarray
+    sizes: np.ndarray
+    chunks: np.ndarray
+
+
+#: Tables by the identities of their arrays (see :func:`_table`).
+_tables: dict[Any, _Table] = {}
+#: Most tables kept; beyond, the cache starts again (a model rebuilt at every step).
+TABLES = 256
+
+
+def _table(arrays: Arrays, leaves: list[_Leaf], width: int) -> _Table:
+    """The table of ``leaves`` (one row of ``width`` addresses each), from the cache.
+
+    The key is the ``id`` of every array, and for a backend whose array objects
+    can change memory (torch: ``p.data = ...``, ``set_``, ``resize_``) its data
+    address too; sizes are part of it. numpy arrays keep their memory for
+    their lifetime, so their ``id`` suffices.
+    """
+    flat = [a for leaf in leaves for a in (leaf.x, leaf.grad, *leaf.arrays)]
+    if arrays.array_type is np.ndarray:
+        key: tuple[Any, ...] = (width, *map(id, flat), *[leaf.size for leaf in leaves])
+    else:
+        address = arrays.address
+        key = (
+            width,
+            *[(id(a), address(a)) for a in flat],
+            *[leaf.size for leaf in leaves],
+        )
+    found = _tables.get(key)
+    if found is not None and all(
+        r() is a for r, a in zip(found.refs, flat, strict=True)
+    ):
+        return found
+    from agnosticopt.adapters._numba import chunks_of
+
+    address = arrays.address
+    table = np.array([address(a) for a in flat], dtype=np.int64).reshape(
+        len(leaves), width
+    )
+    sizes = np.array([leaf.size for leaf in leaves], dtype=np.int64)
+    if len(_tables) >= TABLES:
+        _tables.clear()
+        _overlaps.clear()
+    found = _tables[key] = _Table(
+        [weakref.ref(a) for a in flat], table, sizes, chunks_of(sizes)
+    )
+    return found
+
+
+#: Whether the launches of a plan overlap, by the identity of their tables.
+_overlaps: dict[Any, tuple[list[np.ndarray], bool]] = {}
+
+
+def _overlapping_cached(launches: list[_Launch]) -> bool:
+    """:func:`_overlapping`, remembered while the launches use the same tables."""
+    key = tuple(
+        (id(launch.table), launch.targets, launch.itemsizes) for launch in launches
+    )
+    found = _overlaps.get(key)
+    if found is not None and all(
+        t is launch.table for t, launch in zip(found[0], launches, strict=True)
+    ):
+        return found[1]
+    verdict = _overlapping(launches)
+    _overlaps[key] = ([launch.table for launch in launches], verdict)
+    return verdict
 
 
 def _overlapping(launches: list[_Launch]) -> bool:
@@ -504,13 +641,19 @@ def _overlapping(launches: list[_Launch]) -> bool:
     may overlap nothing, else the whole plan goes to the plain path.
     """
     if sum(launch.table.size for launch in launches) <= 12:  # a few arrays: pairwise
-        spans = [(row[c], row[c] + size * itemsize, c in launch.targets)
-                 for launch in launches
-                 for row, size in zip(launch.table.tolist(), launch.sizes.tolist(), strict=True)
-                 if size
-                 for c, itemsize in enumerate(launch.itemsizes)]
-        return any((w0 or w1) and s0 < e1 and s1 < e0
-                   for (s0, e0, w0), (s1, e1, w1) in itertools.combinations(spans, 2))
+        spans = [
+            (row[c], row[c] + size * itemsize, c in launch.targets)
+            for launch in launches
+            for row, size in zip(
+                launch.table.tolist(), launch.sizes.tolist(), strict=True
+            )
+            if size
+            for c, itemsize in enumerate(launch.itemsizes)
+        ]
+        return any(
+            (w0 or w1) and s0 < e1 and s1 < e0
+            for (s0, e0, w0), (s1, e1, w1) in itertools.combinations(spans, 2)
+        )
     starts, ends, writes = [], [], []
     for launch in launches:
         full = launch.sizes > 0
@@ -519,7 +662,11 @@ def _overlapping(launches: list[_Launch]) -> bool:
             starts.append(start)
             ends.append(start + launch.sizes[full] * itemsize)
             writes.append(np.full(start.shape, column in launch.targets))
-    start, end, write = np.concatenate(starts), np.concatenate(ends), np.concatenate(writes)
+    start, end, write = (
+        np.concatenate(starts),
+        np.concatenate(ends),
+        np.concatenate(writes),
+    )
     order = np.lexsort((end, start))
     start, end, write = start[order], end[order], write[order]
     reach = np.maximum.accumulate(end)

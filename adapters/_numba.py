@@ -1,4 +1,4 @@
-"""Compiling recorded programs (``adapters/_trace.py``) into numba loops.
+"""Compiling recorded programs (``agnosticopt/_trace.py``) into numba loops.
 
 One kernel per program structure, generated as Python source and compiled by
 numba with ``fastmath=False`` (so no FMA contraction, no reciprocal division, no
@@ -45,10 +45,12 @@ from typing import Any
 
 import numba
 import numpy as np
-from agnosticopt.adapters._trace import Program
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from agnosticopt._ops import OPS
+from agnosticopt._trace import Program
 
 __all__ = ["Kernel", "kernel_for", "source"]
 
@@ -75,14 +77,17 @@ def _pointer(typingctx: Any, address: Any) -> Any:
 
 
 def _lower(name: str, dtype: str, args: list[str]) -> str:
-    """One operation as a numba expression, with the numpy adapter's meaning."""
+    """One operation of the table (``agnosticopt._ops.OPS``) as a numba expression.
+
+    Each has the numpy adapter's meaning; the plain arithmetic and comparisons
+    are the table's Python operators, which numba compiles to the single IEEE
+    operation (``fastmath=False``).
+    """
     t = f"np.{dtype}" if dtype in ("float32", "float64") else ""
     zero = f"{t}(0.0)"
-    if name in ("add", "sub", "mul", "div", "gt", "lt", "ne"):
-        symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/",
-                  "gt": ">", "lt": "<", "ne": "!="}[name]
-        return f"{args[0]} {symbol} {args[1]}"
-    if name == "neg":
+    if name in _INFIX:
+        return f"{args[0]} {OPS[name].operator} {args[1]}"
+    if name == "negative":
         return f"-{args[0]}"
     if name == "sqrt":
         return f"np.sqrt({args[0]})"
@@ -90,26 +95,39 @@ def _lower(name: str, dtype: str, args: list[str]) -> str:
         return f"abs({args[0]})"
     if name == "sign":  # numpy: +0 for both zeros, NaN stays NaN
         a = args[0]
-        return (f"{t}(1.0) if {a} > {zero} else ({t}(-1.0) if {a} < {zero} "
-                f"else ({zero} if {a} == {zero} else {a}))")
-    if name in ("max", "min"):  # IEEE 754-2019: NaN wins; zeros tie as the base adapter
+        return (
+            f"{t}(1.0) if {a} > {zero} else ({t}(-1.0) if {a} < {zero} "
+            f"else ({zero} if {a} == {zero} else {a}))"
+        )
+    if name in (
+        "maximum",
+        "minimum",
+    ):  # IEEE 754-2019: NaN wins; zeros tie as the base adapter
         a, b = args
-        if name == "max":
+        if name == "maximum":
             tie, pick = f"{a} + {b}", f"{a} if {a} > {b} else {b}"
         else:
             tie, pick = f"-((-{a}) - {b})", f"{a} if {a} < {b} else {b}"
-        return (f"{a} if {a} != {a} else ({b} if {b} != {b} else "
-                f"(({tie}) if ({a} == {zero} and {b} == {zero}) else ({pick})))")
+        return (
+            f"{a} if {a} != {a} else ({b} if {b} != {b} else "
+            f"(({tie}) if ({a} == {zero} and {b} == {zero}) else ({pick})))"
+        )
     if name == "isfinite":
         return f"np.isfinite({args[0]})"
     if name == "where":
         return f"{args[1]} if {args[0]} else {args[2]}"
-    if name == "zero":
+    if name == "zeros_like":
         return zero
-    if name in ("fill", "cast"):
+    if name in ("full_like", "astype"):
         return f"{t}({args[0]})"
     msg = f"no lowering for {name}"
     raise ValueError(msg)
+
+
+#: Recorded operations that are one Python infix operator (``a + b`` ...).
+_INFIX = frozenset(
+    {"add", "subtract", "multiply", "divide", "greater", "less", "not_equal"}
+)
 
 
 def source(program: Program, *, cache: bool) -> str:
@@ -130,8 +148,10 @@ def source(program: Program, *, cache: bool) -> str:
         "from agnosticopt.adapters._numba import _pointer",
         "",
         "",
-        (f"@njit(cache={cache}, nogil=True, fastmath=False, error_model='numpy', "
-        "boundscheck=False)"),
+        (
+            f"@njit(cache={cache}, nogil=True, fastmath=False, error_model='numpy', "
+            "boundscheck=False)"
+        ),
         f"def kernel(table, chunks, c0, c1{''.join(', ' + p for p in params)}):",
         "    for c in range(c0, c1):",
         "        row = chunks[c, 0]",
@@ -141,12 +161,16 @@ def source(program: Program, *, cache: bool) -> str:
     for k in sorted(used):
         dtype = program.inputs[k]
         size = np.dtype(dtype).itemsize
-        lines.append(f"        a{k} = carray(_pointer(table[row, {k}] + lo * {size}), (n,), "
-                     f"np.{dtype})")
+        lines.append(
+            f"        a{k} = carray(_pointer(table[row, {k}] + lo * {size}), (n,), "
+            f"np.{dtype})"
+        )
     lines.append("        for i in range(n):")
     lines.extend(f"            v{k} = a{k}[i]" for k in sorted(used))
     for j, (name, dtype, *operands) in enumerate(program.ops):
-        lines.append(f"            v{n_in + j} = {_lower(name, dtype, [ref(o) for o in operands])}")
+        lines.append(
+            f"            v{n_in + j} = {_lower(name, dtype, [ref(o) for o in operands])}"
+        )
     lines.extend(f"            a{a}[i] = v{s}" for a, s in program.stores)
     return "\n".join(lines) + "\n"
 
@@ -163,8 +187,11 @@ class Kernel:
         The numba dispatcher ``kernel(table, chunks, c0, c1, *params)``.
     """
 
-    def __init__(self, function: Callable[..., None],
-                 fallback: Callable[[], Callable[..., None]] | None = None) -> None:
+    def __init__(
+        self,
+        function: Callable[..., None],
+        fallback: Callable[[], Callable[..., None]] | None = None,
+    ) -> None:
         self.function = function
         self.fallback = fallback
         self.ready = False
@@ -192,15 +219,24 @@ class Kernel:
                 self.function(table, chunks, 0, 0, *values)
         self.ready = True
 
-    def run(self, table: np.ndarray, sizes: np.ndarray, values: tuple[Any, ...]) -> None:
+    def run(
+        self,
+        table: np.ndarray,
+        sizes: np.ndarray,
+        values: tuple[Any, ...],
+        chunks: np.ndarray | None = None,
+    ) -> None:
         """Update the leaves of ``table`` (one row each, ``sizes`` elements).
+
+        ``chunks`` is :func:`chunks_of` ``(sizes)``, when the caller keeps it.
 
         Large updates are shared between threads (numba's thread count): the
         chunks are cut into about :data:`PIECES` pieces per thread, which the threads take
         in turn, each running the kernel (which releases the GIL) on its piece,
         so that a thread slowed down by another process does not hold the rest up.
         """
-        chunks = _chunks(sizes)
+        if chunks is None:
+            chunks = chunks_of(sizes)
         total = int(sizes.sum())
         threads = min(_threads(), max(1, total // PER_THREAD), len(chunks))
         if threads <= 1:
@@ -228,7 +264,7 @@ class Kernel:
             future.result()
 
 
-def _chunks(sizes: np.ndarray) -> np.ndarray:
+def chunks_of(sizes: np.ndarray) -> np.ndarray:
     """``(row, lo, hi)`` per chunk of at most :data:`CHUNK` elements."""
     counts = (sizes + (CHUNK - 1)) // CHUNK
     rows = np.repeat(np.arange(len(sizes), dtype=np.int64), counts)
@@ -249,8 +285,9 @@ def kernel_for(program: Program) -> Kernel:
         with _lock:
             found = _kernels.get(program)
             if found is None:
-                found = _kernels[program] = Kernel(_load(program),
-                                                   lambda: _in_memory(program))
+                found = _kernels[program] = Kernel(
+                    _load(program), lambda: _in_memory(program)
+                )
     return found
 
 
@@ -259,7 +296,9 @@ def cache_dir() -> pathlib.Path:
     configured = os.environ.get("AGNOSTICOPT_CACHE_DIR")
     if configured:
         return pathlib.Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
     return pathlib.Path(base) / "agnosticopt"
 
 
@@ -335,7 +374,9 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     if pool is None:
         pool = _pools.setdefault(
             key,
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="agnosticopt"),
+            concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="agnosticopt"
+            ),
         )
     return pool
 
@@ -344,6 +385,8 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 
 #: Nodes a piece of a reduction leaves at most (its stack of aligned blocks).
 STACK = 128
+#: Aligned 256-element blocks a reduction reduces together, level by level.
+BATCH = 16
 
 _TERMS = {2: "v * v", 1: "abs(v)", math.inf: "abs(v)"}
 _COMBINES = {
@@ -352,7 +395,7 @@ _COMBINES = {
     math.inf: "a if a != a else (b if b != b else (a if a >= b else b))",  # terms are >= 0
 }
 
-_NORM_SOURCE = '''
+_NORM_SOURCE = """
 import numpy as np
 from numba import carray, njit
 from agnosticopt.adapters._numba import _pointer
@@ -385,8 +428,33 @@ def push(levels, blocks, values, sp, lev, blk, v):
 
 
 @njit(**OPTIONS)
+def leaves4(g, dst, m):
+    for j in range(m):
+        dst[j] = comb(comb(term(g[4 * j]), term(g[4 * j + 1])),
+                      comb(term(g[4 * j + 2]), term(g[4 * j + 3])))
+
+
+@njit(**OPTIONS)
+def nodes4(src, dst, m):
+    for j in range(m):
+        dst[j] = comb(comb(src[4 * j], src[4 * j + 1]), comb(src[4 * j + 2], src[4 * j + 3]))
+
+
+@njit(**OPTIONS)
+def block_nodes(g, count, a, b):
+    # The level-8 nodes of ``count`` aligned 256-element blocks laid end to end:
+    # every level at once over the batch (a pair never straddles two blocks), two
+    # levels per pass, so that each pass is a long loop the compiler vectorises.
+    leaves4(g, a, count * 64)
+    nodes4(a, b, count * 16)
+    nodes4(b, a, count * 4)
+    nodes4(a, b, count)
+
+
+@njit(**OPTIONS)
 def pieces(addresses, lo, hi, offsets, levels, blocks, values, counts, p0, p1):
-    buf = np.empty(128, np.{dtype})
+    a = np.empty({batch} * 64, np.{dtype})
+    b = np.empty({batch} * 16, np.{dtype})
     for k in range(p0, p1):
         n = hi[k] - lo[k]
         g = carray(_pointer(addresses[k] + lo[k] * {size}), (n,), np.{dtype})
@@ -400,15 +468,11 @@ def pieces(addresses, lo, hi, offsets, levels, blocks, values, counts, p0, p1):
         while i < n:
             gi = off + i
             if (gi & 255) == 0 and i + 256 <= n:
-                for j in range(128):
-                    buf[j] = comb(term(g[i + 2 * j]), term(g[i + 2 * j + 1]))
-                m = 64
-                while m >= 1:
-                    for j in range(m):
-                        buf[j] = comb(buf[2 * j], buf[2 * j + 1])
-                    m >>= 1
-                sp = push(lv, bl, va, sp, 8, gi >> 8, buf[0])
-                i += 256
+                count = min((n - i) >> 8, {batch})
+                block_nodes(g[i:i + count * 256], count, a, b)
+                for j in range(count):
+                    sp = push(lv, bl, va, sp, 8, (gi >> 8) + j, b[j])
+                i += count * 256
             else:
                 sp = push(lv, bl, va, sp, 0, gi, term(g[i]))
                 i += 1
@@ -432,7 +496,7 @@ def root(levels, blocks, values, counts):
     for t in range(sp - 2, -1, -1):
         v = comb(va[t], v)
     return v
-'''
+"""
 
 _reducers: dict[tuple[str, float], Any] = {}
 
@@ -442,8 +506,14 @@ def reducer(dtype: str, p: float) -> Any:
     key = (dtype, p)
     found = _reducers.get(key)
     if found is None:
-        fields = {"dtype": dtype, "size": np.dtype(dtype).itemsize, "stack": STACK,
-                  "term": _TERMS[p], "combine": _COMBINES[p]}
+        fields = {
+            "dtype": dtype,
+            "size": np.dtype(dtype).itemsize,
+            "stack": STACK,
+            "batch": BATCH,
+            "term": _TERMS[p],
+            "combine": _COMBINES[p],
+        }
         found = _reducers[key] = _norm_module(fields)
     return found
 
@@ -451,11 +521,15 @@ def reducer(dtype: str, p: float) -> Any:
 def _norm_module(fields: dict[str, Any]) -> dict[str, Any]:
     """The reduction functions, from a source file in :func:`cache_dir` (numba's
     disk cache keeps them compiled), or compiled in memory when it cannot be used."""
-    namespace = _cached_module("agnosticopt_norm", _NORM_SOURCE.format(cache=True, **fields))
+    namespace = _cached_module(
+        "agnosticopt_norm", _NORM_SOURCE.format(cache=True, **fields)
+    )
     if namespace is not None:
         return namespace
     namespace = {"__name__": "agnosticopt.adapters._numba_norms"}
-    code = compile(_NORM_SOURCE.format(cache=False, **fields), "<agnosticopt norm>", "exec")
+    code = compile(
+        _NORM_SOURCE.format(cache=False, **fields), "<agnosticopt norm>", "exec"
+    )
     exec(code, namespace)  # noqa: S102  (our own generated source)
     return namespace
 
@@ -472,7 +546,7 @@ def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) ->
     folded right to left (the nodes whose right half lies past the end).
     """
     fns = reducer(dtype, p)
-    chunks = _chunks(sizes)
+    chunks = chunks_of(sizes)
     starts = np.cumsum(sizes) - sizes
     rows = chunks[:, 0]
     lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
@@ -491,8 +565,12 @@ def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) ->
     else:
         cuts = np.linspace(0, count, threads + 1).astype(np.int64).tolist()
         pool = _pool(threads - 1)
-        futures = [pool.submit(run, addr, lo, hi, offsets, levels, blocks, values, counts,
-                               a, b) for a, b in itertools.pairwise(cuts[1:])]
+        futures = [
+            pool.submit(
+                run, addr, lo, hi, offsets, levels, blocks, values, counts, a, b
+            )
+            for a, b in itertools.pairwise(cuts[1:])
+        ]
         run(addr, lo, hi, offsets, levels, blocks, values, counts, cuts[0], cuts[1])
         for future in futures:
             future.result()

@@ -147,8 +147,12 @@ __device__ __forceinline__ unsigned short agn_sign(unsigned short a) {
 
 def _kernel(name: str, params_in: str, params_out: str, body: str) -> Any:
     return cupy.ElementwiseKernel(
-        params_in, params_out, body, f"agnosticopt_{name}",
-        preamble=_PREAMBLE, options=_OPTIONS,
+        params_in,
+        params_out,
+        body,
+        f"agnosticopt_{name}",
+        preamble=_PREAMBLE,
+        options=_OPTIONS,
     )
 
 
@@ -183,7 +187,9 @@ _CAST_KERNELS = {
 }
 
 _UINT: dict[int, np.dtype[Any]] = {
-    2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64),
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
 }
 _REAL = {"complex64": "float32", "complex128": "float64"}
 
@@ -198,7 +204,9 @@ def _sign_bit(dtype: np.dtype) -> Any:
 
 
 def _complex(v: Any) -> bool:
-    return isinstance(v, complex) or (isinstance(v, cupy.ndarray) and v.dtype.kind == "c")
+    return isinstance(v, complex) or (
+        isinstance(v, cupy.ndarray) and v.dtype.kind == "c"
+    )
 
 
 def _part(v: Any, *, real: bool) -> Any:

@@ -32,9 +32,19 @@ scalars (``beta_t``) are the children that ``jax.jit`` traces, named
 ``.state.m``, ``.state.beta_t.0``, ... in key paths. So one compiled step
 serves every Adam step (``beta_t`` is traced), ``AccumGrad(n)`` compiles ``n``
 variants (one per counter value), and a changed hyperparameter recompiles.
-Rules that decide on the host cannot be traced: ``ClipNorm`` reads its norm
-back (a clear ``TypeError`` here) and ``RAdam`` branches on ``rho``; run them
-outside ``jax.jit``. After a jitted step the host scalars are 0-d JAX arrays;
+``Scheduled``'s step count is the exception among ints: it is traced, and the
+schedules are evaluated on the device (:func:`schedule_value`), so one compiled
+step serves a whole schedule.
+``ClipNorm(omega, throw=False)`` and ``ClipGlobalNorm`` are traced: the
+aligned-block tree is a fixed sequence of adds on static shapes, ``|g|²`` sits
+behind ``lax.optimization_barrier`` (no FMA contraction), and ClipNorm's λ is
+computed in float64 on the device (64-bit mode) or by its own host code through
+``jax.pure_callback`` (otherwise), so the clip alone gives numpy's bits.
+``ClipNorm(throw=True)`` (the default) and ``RAdam`` (which branches on
+``rho``) decide on the host: a clear ``TypeError`` here; run them outside
+``jax.jit``. Explicit-sharding meshes work: devices are compared by equivalent
+sharding, and the reductions replicate the flattened gradient (an all-gather;
+the shard-local reduction is not built for JAX yet). After a jitted step the host scalars are 0-d JAX arrays;
 eager steps, :func:`~agnosticopt.state_dict` and :func:`~agnosticopt.save`
 take them as they are.
 
@@ -47,6 +57,7 @@ JAX has no float64 arrays.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,6 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 from agnosticopt.adapters._base import Adapter, _is_scalar
 from jax import lax
+
+from agnosticopt._schedules import ScheduledState
 
 __all__ = ["JaxAdapter", "adapter"]
 
@@ -88,7 +101,11 @@ class JaxAdapter(Adapter):
 
     #: dtypes whose subnormals XLA reads as zero and flushes to zero, on CPU.
     flushes_subnormals: tuple[str, ...] = (
-        "bfloat16", "float32", "float64", "complex64", "complex128",
+        "bfloat16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
     )
 
     def __init__(self, platform: str = "cpu", *, traced: bool = False) -> None:
@@ -134,13 +151,72 @@ class JaxAdapter(Adapter):
         return lax.complex(re, im)
 
     def flatten(self, a: Any) -> Any:
-        return jnp.reshape(a, (-1,))
+        """``a`` in C order, one-dimensional; replicated if its sharding is explicit.
+
+        The library's reductions slice the flat array with strides, which an
+        explicitly sharded array refuses (``ShardingTypeError``: the output
+        sharding is ambiguous); replicated, the reduction is exact and the same
+        bits. (With the default, automatic sharding XLA places it itself.)
+        """
+        flat = jnp.reshape(a, (-1,))
+        sharding: Any = getattr(jax.typeof(flat), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if (
+            sharding is not None
+            and spec is not None
+            and any(p is not None for p in spec)
+        ):
+            whole = jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec()
+            )
+            flat = jax.sharding.reshard(flat, whole)
+        return flat
 
     def concat(self, arrays: list[Any]) -> Any:
         return jnp.concatenate(arrays)
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return np.array(a, copy=True)
+
+    def device(self, x: Any) -> Any:
+        """Where ``x`` lies: its sharding, compared by equivalence (``P('d')`` is ``P('d', None)``)."""
+        if _traced(x):
+            return None
+        return _Placement(x.sharding, x.ndim)
+
+    def abs2(self, a: Any) -> Any:
+        """``|a|²``; under ``jit`` behind a barrier, so no sum contracts it into an FMA."""
+        out = super().abs2(a)
+        return lax.optimization_barrier(out) if _traced(out) else out
+
+    @property
+    def lazy_clip(self) -> bool:
+        """Under ``jit``, ClipNorm's norm and λ stay on the device (:meth:`clip_factor`)."""
+        return self.traced
+
+    def clip_factor(self, rule: Any, norm: Any, x: Any) -> Any:
+        """ClipNorm's λ from its one-element ``norm``, traced: the bits of ``rule.factor``.
+
+        ω/‖g‖ in float64 (64-bit mode) on the device, then rounded to the
+        parameter's real dtype once; without 64-bit mode the ratio is computed
+        on the host by ``rule.factor`` itself, through ``jax.pure_callback``.
+        """
+        if rule.throw:
+            msg = (
+                "ClipNorm(throw=True) raises on a non-finite norm, which jax.jit cannot "
+                "do: use ClipNorm(omega, throw=False) under jax.jit (or run it eagerly)"
+            )
+            raise TypeError(msg)
+        real = (
+            str(jnp.dtype(x.dtype))
+            if not jnp.iscomplexobj(x)
+            else ("float32" if x.dtype == jnp.complex64 else "float64")
+        )
+        if not jax.config.read("jax_enable_x64"):
+            return _host_factor(rule, norm, real)
+        n = self.astype(norm, "float64")
+        ratio = jnp.where(n != 0, self.divide(float(rule.omega), n), jnp.inf)
+        return self.astype(jnp.minimum(ratio, 1.0), real)[0]
 
     def to_host(self, a: Any) -> Any:
         if _traced(a):
@@ -150,6 +226,47 @@ class JaxAdapter(Adapter):
             )
             raise TypeError(msg)
         return super().to_host(a)
+
+
+class _Placement:
+    """A sharding of an ``ndim``-dimensional array, equal to every equivalent one."""
+
+    __slots__ = ("ndim", "sharding")
+
+    def __init__(self, sharding: Any, ndim: int) -> None:
+        self.sharding = sharding
+        self.ndim = ndim
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Placement):
+            return NotImplemented
+        return bool(
+            self.ndim == other.ndim
+            and self.sharding.is_equivalent_to(other.sharding, self.ndim)
+        )
+
+    def __hash__(self) -> int:
+        return hash(frozenset(d.id for d in self.sharding.device_set))
+
+    def __repr__(self) -> str:
+        return repr(self.sharding)
+
+
+def _host_factor(rule: Any, norm: Any, real: str) -> Any:
+    """``rule.factor`` of a traced norm, run on the host by ``jax.pure_callback``."""
+    from agnosticopt.adapters.numpy import NumpyAdapter
+
+    host = NumpyAdapter()
+    meta = np.empty(0, dtype=real)
+
+    def factor(value: np.ndarray) -> np.ndarray:
+        kind = np.dtype(real).type
+        return np.asarray(
+            rule.factor(kind(np.asarray(value).reshape(-1)[0]), meta, host), dtype=real
+        )
+
+    out = jax.ShapeDtypeStruct((), jnp.dtype(real))
+    return jax.pure_callback(factor, out, norm)
 
 
 _ADAPTERS: dict[tuple[str, bool], JaxAdapter] = {}
@@ -194,12 +311,24 @@ def _split(state: Any, name: str, keys: list[Any], children: list[Any]) -> Any:
         return None
     cls = type(state)
     fields = getattr(cls, "_fields", None)
+    if cls is ScheduledState:  # its count is traced, a Python int too: one compilation
+        keys.append(jax.tree_util.GetAttrKey(f"{name}.t"))
+        children.append(state.t)
+        return (
+            "namedtuple",
+            cls,
+            (_DYNAMIC, _split(state.state, f"{name}.state", keys, children)),
+        )
     if isinstance(state, tuple) and fields is not None:
-        parts = tuple(_split(p, f"{name}.{f}", keys, children)
-                      for f, p in zip(fields, state, strict=True))
+        parts = tuple(
+            _split(p, f"{name}.{f}", keys, children)
+            for f, p in zip(fields, state, strict=True)
+        )
         return ("namedtuple", cls, parts)
     if cls is tuple or cls is list:
-        parts = tuple(_split(p, f"{name}.{i}", keys, children) for i, p in enumerate(state))
+        parts = tuple(
+            _split(p, f"{name}.{i}", keys, children) for i, p in enumerate(state)
+        )
         return (cls.__name__, parts)
     if cls is dict:
         names = tuple(state)
@@ -223,7 +352,9 @@ def _join(skeleton: Any, children: Iterator[Any]) -> Any:
     if kind == "namedtuple":
         return skeleton[1]._make([_join(p, children) for p in skeleton[2]])
     if kind == "dict":
-        return {k: _join(p, children) for k, p in zip(skeleton[1], skeleton[2], strict=True)}
+        return {
+            k: _join(p, children) for k, p in zip(skeleton[1], skeleton[2], strict=True)
+        }
     parts = [_join(p, children) for p in skeleton[1]]
     return tuple(parts) if kind == "tuple" else parts
 
@@ -242,7 +373,7 @@ def _flatten_leaf(leaf: Any) -> tuple[list[Any], Any]:
 
 
 def _unflatten_leaf(aux: Any, children: Any) -> Any:
-    from agnosticopt._tree import Leaf
+    from agnosticopt._leaf import Leaf
 
     rule, frozen, skeleton = aux
     return Leaf(rule, _join(skeleton, iter(children)), frozen)
@@ -250,7 +381,7 @@ def _unflatten_leaf(aux: Any, children: Any) -> Any:
 
 def _register_pytrees() -> None:
     """Make :class:`~agnosticopt.Leaf` a pytree (once per process)."""
-    from agnosticopt._tree import Leaf
+    from agnosticopt._leaf import Leaf
 
     with contextlib.suppress(ValueError):  # already registered (e.g. a module reload)
         jax.tree_util.register_pytree_with_keys(
@@ -261,7 +392,83 @@ def _register_pytrees() -> None:
 _register_pytrees()
 
 
-def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+def value_and_grad(
+    fn: Callable[[list[Any]], Any], arrays: list[Any]
+) -> tuple[Any, list[Any]]:
     """``fn(arrays)`` (a scalar) and its gradients by ``jax.value_and_grad`` (``train_``)."""
     value, grads = jax.value_and_grad(lambda leaves: fn(list(leaves)))(list(arrays))
     return value, list(grads)
+
+
+# -- schedules of a traced step count (Scheduled under jax.jit) -------------------------------
+
+
+def schedule_value(schedule: Any, t: Any) -> Any:
+    """The value of ``schedule`` at the traced step count ``t``: a 0-d array.
+
+    The formulas of :mod:`agnosticopt.schedules`, in the same order of
+    operations, computed in float64 when JAX's 64-bit mode is on (then rounded to
+    the parameter dtype at use, as the host's Python floats are) and in float32
+    otherwise. XLA's ``cos`` and ``pow`` are not the host's libm: their float64
+    values can differ in the last bit (rarely visible after rounding to float32).
+    """
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    t = jnp.asarray(t)
+    return jnp.broadcast_to(_schedule(schedule, t, dtype), t.shape)
+
+
+def _schedule(s: Any, t: Any, dtype: Any) -> Any:
+    from agnosticopt import _schedules as sch
+
+    def c(v: float) -> Any:
+        return jnp.asarray(v, dtype)
+
+    kind = type(s)
+    if kind is sch.Constant:
+        return c(s.value)
+    if kind is sch.Linear:
+        value = c(s.start) + c(s.end - s.start) * (t.astype(dtype) / c(s.steps))
+        return jnp.where(t >= s.steps, c(s.end), value)
+    if kind is sch.Cosine:
+        arc = c(math.pi) * t.astype(dtype) / c(s.steps)
+        value = c(s.end) + c(s.start - s.end) * (1 + jnp.cos(arc)) / 2
+        return jnp.where(t >= s.steps, c(s.end), value)
+    if kind is sch.Exponential:
+        return c(s.start) * c(s.rate) ** (t.astype(dtype) / c(s.steps))
+    if kind is sch.Step:
+        return c(s.start) * c(s.rate) ** (t // s.every).astype(dtype)
+    if kind is sch.Polynomial:
+        value = c(s.end) + c(s.start - s.end) * (1 - t.astype(dtype) / c(s.steps)) ** c(
+            s.power
+        )
+        return jnp.where(t >= s.steps, c(s.end), value)
+    if kind is sch.OneCycle:
+        up = round(s.pct_start * s.steps)
+        low = s.peak / s.div
+        after = (
+            c(s.peak)
+            if up == s.steps
+            else _schedule(
+                sch.Cosine(s.peak, low / s.final_div, s.steps - up), t - up, dtype
+            )
+        )
+        if up == 0:
+            return after
+        return jnp.where(
+            t < up, _schedule(sch.Cosine(low, s.peak, up), t, dtype), after
+        )
+    if kind is sch.Join:
+        begins = (0, *s.boundaries)
+        value = _schedule(s.schedules[-1], t - begins[-1], dtype)
+        for schedule, begin, boundary in reversed(
+            list(zip(s.schedules, begins, s.boundaries, strict=False))
+        ):
+            value = jnp.where(
+                t < boundary, _schedule(schedule, t - begin, dtype), value
+            )
+        return value
+    msg = (
+        f"Scheduled under jax.jit evaluates the schedules of agnosticopt.schedules on the "
+        f"device; {s!r} is not one of them: run this update eagerly, or use those schedules"
+    )
+    raise TypeError(msg)

@@ -34,7 +34,9 @@ _DTYPE_NAMES: dict[Any, str] = {}
 
 def _nd(result: Any, *operands: Any) -> Any:
     """``result`` as an ndarray when an operand was one (ufuncs give 0-d scalars)."""
-    if isinstance(result, np.generic) and any(isinstance(o, np.ndarray) for o in operands):
+    if isinstance(result, np.generic) and any(
+        isinstance(o, np.ndarray) for o in operands
+    ):
         return np.asarray(result)
     return result
 
@@ -145,7 +147,7 @@ class NumpyAdapter(Adapter):
         """
         from agnosticopt.adapters import _fast
 
-        return _fast.plan(_fast.numpy_arrays(), items)
+        return _fast.plan(numpy_arrays(), items)
 
 
 _ADAPTER = NumpyAdapter()
@@ -158,3 +160,48 @@ def adapter(x: Any) -> Adapter | None:
     """
     kind = type(x)
     return _ADAPTER if kind is np.ndarray or kind is np.memmap else None
+
+
+# -- the fast path's memory access ----------------------------------------------------------------
+
+
+class NumpyArrays:
+    """How the fast path (:mod:`agnosticopt.adapters._fast`) reads and writes numpy arrays."""
+
+    name = "numpy"
+    array_type: type = np.ndarray
+
+    def __init__(self) -> None:
+        self.dtypes = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+
+    def dtype(self, a: Any) -> str | None:
+        """The dtype of a plain, aligned, C-contiguous float32/float64 ndarray, else None."""
+        if (
+            type(a) is not np.ndarray
+        ):  # subclasses (masked arrays...) have their own maths
+            return None
+        flags = a.flags
+        if not (flags.c_contiguous and flags.aligned):
+            return None
+        return self.dtypes.get(a.dtype)
+
+    def writeable(self, a: Any) -> bool:
+        """Whether a kernel may write into ``a``."""
+        return bool(a.flags.writeable)
+
+    def address(self, a: Any) -> int:
+        """The address of the first element."""
+        return a.__array_interface__["data"][0]
+
+    def written(self, arrays: list[Any]) -> None:
+        """Called after kernels wrote into ``arrays`` (numpy keeps no version counter)."""
+
+
+_ARRAYS: list[NumpyArrays] = []
+
+
+def numpy_arrays() -> NumpyArrays:
+    """The numpy memory access of the fast path (one instance)."""
+    if not _ARRAYS:
+        _ARRAYS.append(NumpyArrays())
+    return _ARRAYS[0]

@@ -292,10 +292,24 @@ class TorchAdapter(Adapter):
             stride == 0 and n > 1 for stride, n in zip(x.stride(), x.shape, strict=True)
         )
 
+    def check_leaf(self, x: Any, path: str) -> None:
+        """Raise for ``p.to_local()`` of a DTensor, a view that updates would not reach."""
+        fn = getattr(x, "grad_fn", None)
+        if fn is not None and type(fn).__name__ == "_ToTorchTensorBackward":
+            msg = (
+                f"the tensor at {path} is DTensor.to_local(), a view: an in-place update "
+                "would not reach the DTensor and the rules would see only this shard "
+                "(a norm would be the shard's). Give the DTensor parameter itself "
+                "(see docs/scaling.md)"
+            )
+            raise TypeError(msg)
+
     def rewrap(self, old: Any, new: Any) -> Any:
         """``new`` as ``old``'s class: an ``nn.Parameter`` stays one, with ``requires_grad``."""
         if type(old) is torch.Tensor:
-            return new.requires_grad_(True) if old.requires_grad and new.is_leaf else new
+            return (
+                new.requires_grad_(True) if old.requires_grad and new.is_leaf else new
+            )
         if isinstance(old, torch.nn.Parameter):
             return torch.nn.Parameter(new, requires_grad=old.requires_grad)
         return new.as_subclass(type(old))
@@ -312,7 +326,11 @@ class TorchAdapter(Adapter):
 
     def overlaps(self, a: Any, b: Any) -> bool:
         """Whether the element spans of ``a`` and ``b`` meet (exact on the CPU)."""
-        if a.device != b.device or a.layout != torch.strided or b.layout != torch.strided:
+        if (
+            a.device != b.device
+            or a.layout != torch.strided
+            or b.layout != torch.strided
+        ):
             return a.device == b.device
         sa, sb = _span(a), _span(b)
         if sa[1] <= sb[0] or sb[1] <= sa[0]:
@@ -352,7 +370,7 @@ class TorchAdapter(Adapter):
             return None
         from agnosticopt.adapters import _fast
 
-        return _fast.plan(_fast.torch_arrays(self), items)
+        return _fast.plan(torch_arrays(self), items)
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -405,11 +423,23 @@ def adapter(x: Any) -> Adapter | None:
     """The torch adapter for the device type of tensor ``x``."""
     if not isinstance(x, torch.Tensor):
         return None
+    if type(x) is not torch.Tensor and _is_dtensor(x):  # FSDP2 / DTensor: local shards
+        from agnosticopt.adapters import dtensor
+
+        return dtensor.adapter(x)
     kind = x.device.type
     found = _ADAPTERS.get(kind)
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
     return found
+
+
+def _is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a DTensor (without importing torch.distributed otherwise)."""
+    import sys
+
+    found = sys.modules.get("torch.distributed.tensor")
+    return found is not None and isinstance(x, found.DTensor)
 
 
 def container_flattener(cls: type) -> Callable[[Any], Node] | None:
@@ -427,11 +457,18 @@ def container_flattener(cls: type) -> Callable[[Any], Node] | None:
 def _module_node(module: Any) -> Node:
     pairs = list(module.named_parameters())
     params = tuple(p for _, p in pairs)
-    return Node(module, "module", tuple(n for n, _ in pairs), params,
-                grads=tuple(p.grad for p in params))
+    return Node(
+        module,
+        "module",
+        tuple(n for n, _ in pairs),
+        params,
+        grads=tuple(p.grad for p in params),
+    )
 
 
-def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[Any, list[Any]]:
+def value_and_grad(
+    fn: Callable[[list[Any]], Any], arrays: list[Any]
+) -> tuple[Any, list[Any]]:
     """``fn(arrays)`` (a scalar tensor) and its gradients by autograd (``train_``).
 
     ``fn`` gets detached views of ``arrays`` that require grad, so the model's
@@ -446,3 +483,106 @@ def value_and_grad(fn: Callable[[list[Any]], Any], arrays: list[Any]) -> tuple[A
             raise TypeError(msg)
         grads = torch.autograd.grad(value, leaves, allow_unused=True)
     return value.detach(), list(grads)
+
+
+def value_and_grad_in_place(
+    fn: Callable[[], Any], arrays: list[Any]
+) -> tuple[Any, list[Any]]:
+    """``fn()`` (a scalar tensor) and its gradients with respect to ``arrays`` themselves.
+
+    For a model holding an ``nn.Module`` (``train_``), whose parameters cannot
+    be swapped for detached copies: autograd runs through the parameters in
+    place. Those that do not require grad are switched on for the call and back
+    off after it; ``torch.autograd.grad`` leaves every ``.grad`` alone. An
+    array that ``fn`` does not use gets ``None`` (no step).
+    """
+    for a in arrays:
+        if a.grad_fn is not None:
+            msg = (
+                "train_: a model's tensors must be leaves of autograd (parameters), "
+                f"got one computed by {type(a.grad_fn).__name__}"
+            )
+            raise TypeError(msg)
+    switched = [a for a in arrays if not a.requires_grad]
+    try:
+        for a in switched:
+            a.requires_grad_(True)
+        with torch.enable_grad():
+            value = fn()
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                msg = (
+                    f"train_: the loss must be a tensor with one element, got {value!r}"
+                )
+                raise TypeError(msg)
+            grads = torch.autograd.grad(value, arrays, allow_unused=True)
+    finally:
+        for a in switched:
+            a.requires_grad_(False)
+    return value.detach(), list(grads)
+
+
+# -- the fast path's memory access ----------------------------------------------------------------
+
+
+class TorchArrays:
+    """How the fast path (:mod:`agnosticopt.adapters._fast`) reads and writes CPU tensors.
+
+    ``nn.Parameter`` too. Tensors are accessed through their data pointers (zero
+    copy). After the kernels, the version counter of every written tensor is
+    bumped, as torch's in-place operations do, so that autograd still detects a
+    stale saved tensor.
+    """
+
+    name = "torch"
+    array_type: type = torch.Tensor
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self.dtypes = {torch.float32: "float32", torch.float64: "float64"}
+
+    def dtype(self, t: Any) -> str | None:
+        """The dtype of a contiguous, dense, CPU float32/float64 tensor, else None."""
+        name = self.dtypes.get(t.dtype)
+        if name is None or not t.is_cpu or t.layout != torch.strided:
+            return None
+        if not t.is_contiguous() or t.is_neg() or t.is_conj():
+            return None
+        try:
+            t.data_ptr()
+        except (
+            RuntimeError
+        ):  # no storage (functorch's vmap/grad wrappers, fake tensors)
+            return None
+        return name
+
+    def writeable(self, t: Any) -> bool:
+        """The adapter's rule for in-place writes, for a contiguous CPU tensor.
+
+        Not a non-leaf tensor that requires grad (its graph would be wrong), not
+        an inference tensor outside inference mode; contiguous tensors have no
+        expanded (stride 0) dimensions.
+        """
+        if t.requires_grad and not t.is_leaf:
+            return False
+        return not t.is_inference() or torch.is_inference_mode_enabled()
+
+    def address(self, t: Any) -> int:
+        """The address of the first element."""
+        return t.data_ptr()
+
+    def written(self, tensors: list[Any]) -> None:
+        """Bump the version counters of ``tensors``."""
+        bump = torch.autograd.graph.increment_version
+        for t in tensors:  # one at a time: torch < 2.5 takes no list
+            bump(t)
+
+
+_ARRAYS: dict[int, TorchArrays] = {}
+
+
+def torch_arrays(adapter: Any) -> TorchArrays:
+    """The CPU torch memory access of the fast path for ``adapter`` (one per adapter)."""
+    found = _ARRAYS.get(id(adapter))
+    if found is None or found.adapter is not adapter:
+        found = _ARRAYS[id(adapter)] = TorchArrays(adapter)
+    return found

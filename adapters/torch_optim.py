@@ -64,8 +64,19 @@ _BY_RULE: dict[str, dict[str, str]] = {
 }
 
 #: Every torch name this front end knows; the tuple-valued ones are the pairs.
-TORCH_NAMES = frozenset({"lr", "betas", "eps", "weight_decay", "momentum", "alpha", "rho",
-                         "etas", "step_sizes"})
+TORCH_NAMES = frozenset(
+    {
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "momentum",
+        "alpha",
+        "rho",
+        "etas",
+        "step_sizes",
+    }
+)
 _PAIRS = frozenset({"betas", "etas", "step_sizes"})
 
 
@@ -141,7 +152,9 @@ def _with_values(rule: Any, changes: Mapping[str, Any]) -> Any:
     if isinstance(rule, opt.MixedPrecision):
         new = _with_values(rule.rule, changes)
         return rule if new is rule.rule else opt.MixedPrecision(rule.dtype, new)
-    mine = {field: changes[name] for name, field in _fields(rule).items() if name in changes}
+    mine = {
+        field: changes[name] for name, field in _fields(rule).items() if name in changes
+    }
     return rule.adjust(**mine) if mine else rule
 
 
@@ -151,7 +164,9 @@ def _shape(rule: Any) -> Any:
         return ("OptimiserChain", tuple(_shape(r) for r in rule.opts))
     if isinstance(rule, opt.MixedPrecision):
         return ("MixedPrecision", rule.dtype, _shape(rule.rule))
-    fixed = tuple(sorted((f, getattr(rule, f, None)) for f in getattr(rule, "fixed_fields", ())))
+    fixed = tuple(
+        sorted((f, getattr(rule, f, None)) for f in getattr(rule, "fixed_fields", ()))
+    )
     return (type(rule), fixed)
 
 
@@ -252,18 +267,26 @@ class TorchOptimizer(torch.optim.Optimizer):
     takes no step and keeps its state. See ``docs/torch.md``.
     """
 
-    def __init__(self, params: Iterable[Any], rule: Rule | None = None,
-                 **hyperparameters: Any) -> None:
+    def __init__(
+        self, params: Iterable[Any], rule: Rule | None = None, **hyperparameters: Any
+    ) -> None:
         unknown = sorted(set(hyperparameters) - TORCH_NAMES)
         if unknown:
-            msg = (f"TorchOptimizer: unknown hyperparameters {unknown}; torch names "
-                   f"known: {sorted(TORCH_NAMES)} (other fields: set them on the rule)")
+            msg = (
+                f"TorchOptimizer: unknown hyperparameters {unknown}; torch names "
+                f"known: {sorted(TORCH_NAMES)} (other fields: set them on the rule)"
+            )
             raise TypeError(msg)
         if rule is not None:
             _check_rule(rule, "TorchOptimizer")
             _check_names(rule, hyperparameters, "TorchOptimizer")
-            rule = _with_values(rule, {k: _normal(k, v, "TorchOptimizer")
-                                       for k, v in hyperparameters.items()})
+            rule = _with_values(
+                rule,
+                {
+                    k: _normal(k, v, "TorchOptimizer")
+                    for k, v in hyperparameters.items()
+                },
+            )
             defaults: dict[str, Any] = {"rule": rule, **_values(rule, "TorchOptimizer")}
         elif hyperparameters:
             msg = "TorchOptimizer: hyperparameters given, but no rule to give them to"
@@ -288,7 +311,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         pass
 
     def __getstate__(self) -> dict[str, Any]:
-        hooks = {k for k in self.__dict__ if k.startswith("_optimizer_") and k.endswith("hooks")}
+        hooks = {
+            k
+            for k in self.__dict__
+            if k.startswith("_optimizer_") and k.endswith("hooks")
+        }
         return {k: v for k, v in self.__dict__.items() if k not in hooks}
 
     # -- param groups ----------------------------------------------------------------------
@@ -331,13 +358,18 @@ class TorchOptimizer(torch.optim.Optimizer):
                 msg = f"{where}: {p.layout} parameters are not supported"
                 raise TypeError(msg)
         try:
-            tree = (opt.setup(rule, list(params)) if _any_trainable(params)
-                    else [None] * len(params))
+            tree = (
+                opt.setup(rule, list(params))
+                if _any_trainable(params)
+                else [None] * len(params)
+            )
         except BaseException:
             self.param_groups.pop()
             raise
         self._tree.append(tree)
-        self._groups.append(_Group(rule, _normal_values(values, where), tree, _shape(rule)))
+        self._groups.append(
+            _Group(rule, _normal_values(values, where), tree, _shape(rule))
+        )
 
     def _sync(self) -> None:
         """Give the rules the hyperparameters the group dicts now hold.
@@ -345,20 +377,26 @@ class TorchOptimizer(torch.optim.Optimizer):
         Everything is checked before any rule changes.
         """
         new: list[tuple[int, Any, dict[str, Any]]] = []
-        for k, (group, info) in enumerate(zip(self.param_groups, self._groups, strict=True)):
+        for k, (group, info) in enumerate(
+            zip(self.param_groups, self._groups, strict=True)
+        ):
             where = f"param group {k}"
             rule = group.get("rule")
             if rule is not info.rule:  # replaced by the user: same kind, new values
                 _check_rule(rule, where)
                 if _shape(rule) != info.shape:
-                    msg = (f"{where}: 'rule' was replaced by {rule!r}, whose state differs "
-                           f"from that of {info.rule!r}; make a new optimizer instead")
+                    msg = (
+                        f"{where}: 'rule' was replaced by {rule!r}, whose state differs "
+                        f"from that of {info.rule!r}; make a new optimizer instead"
+                    )
                     raise ValueError(msg)
                 values = _normal_values(_values(rule, where), where)
                 new.append((k, rule, values))
                 continue
-            values = {n: _normal(n, group[n], where) if n in group else None
-                      for n in info.values}
+            values = {
+                n: _normal(n, group[n], where) if n in group else None
+                for n in info.values
+            }
             missing = [n for n, v in values.items() if v is None]
             if missing:
                 msg = f"{where} lost its {missing} (needed by its rule {rule!r})"
@@ -462,30 +500,40 @@ class TorchOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        saved_groups, saved_state = (
+            state_dict.get("param_groups"),
+            state_dict.get("state"),
+        )
         if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
             msg = "load_state_dict: expected a dict with 'state' and 'param_groups'"
             raise TypeError(msg)
         if len(saved_groups) != len(self.param_groups):
-            msg = (f"load_state_dict: the state dict has {len(saved_groups)} param groups, "
-                   f"this optimizer {len(self.param_groups)}")
+            msg = (
+                f"load_state_dict: the state dict has {len(saved_groups)} param groups, "
+                f"this optimizer {len(self.param_groups)}"
+            )
             raise ValueError(msg)
         self._sync()
         errors: list[str] = []
         plans = []
-        for k, (group, info, saved) in enumerate(zip(self.param_groups, self._groups,
-                                                     saved_groups, strict=True)):
+        for k, (group, info, saved) in enumerate(
+            zip(self.param_groups, self._groups, saved_groups, strict=True)
+        ):
             plans.append(self._load_group(k, group, info, saved, saved_state, errors))
         if errors:
-            msg = "load_state_dict: the state dict does not fit:\n  " + "\n  ".join(errors)
+            msg = "load_state_dict: the state dict does not fit:\n  " + "\n  ".join(
+                errors
+            )
             raise ValueError(msg)
-        for (rule, states, packed), group, info in zip(plans, self.param_groups, self._groups,
-                                                        strict=True):
+        for (rule, states, packed), group, info in zip(
+            plans, self.param_groups, self._groups, strict=True
+        ):
             for leaf, new in zip(info.leaves, states, strict=True):
                 if leaf is not None:
                     leaf.rule, leaf.state, leaf.frozen = rule, new.state, new.frozen
-            keep: dict[str, Any] = {k: group[k] for k in ("params", "param_names")
-                                    if k in group}
+            keep: dict[str, Any] = {
+                k: group[k] for k in ("params", "param_names") if k in group
+            }
             group.clear()
             group.update(packed)
             group.update(keep)
@@ -496,27 +544,39 @@ class TorchOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _load_group(self, k: int, group: dict[str, Any], info: _Group, saved: Any,
-                    saved_state: Mapping[Any, Any], errors: list[str]) -> Any:
+    def _load_group(
+        self,
+        k: int,
+        group: dict[str, Any],
+        info: _Group,
+        saved: Any,
+        saved_state: Mapping[Any, Any],
+        errors: list[str],
+    ) -> Any:
         where = f"param group {k}"
         if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), list):
             errors.append(f"{where}: not a param group with 'params'")
             return None, [], {}
         ids, params = saved["params"], group["params"]
         if len(ids) != len(params):
-            errors.append(f"{where}: {len(ids)} parameters in the state dict, "
-                          f"{len(params)} here")
+            errors.append(
+                f"{where}: {len(ids)} parameters in the state dict, {len(params)} here"
+            )
             return None, [], {}
         names, saved_names = group.get("param_names"), saved.get("param_names")
-        labels = [repr(n) for n in names] if names else [f"#{i}" for i in range(len(params))]
+        labels = (
+            [repr(n) for n in names] if names else [f"#{i}" for i in range(len(params))]
+        )
         order = list(ids)
         if names and isinstance(saved_names, list) and len(saved_names) == len(ids):
             position = dict(zip(saved_names, ids, strict=True))
             missing = [n for n in names if n not in position]
             extra = [n for n in saved_names if n not in set(names)]
             if missing or extra:
-                errors.append(f"{where}: parameter names differ: missing {missing}, "
-                              f"unexpected {extra}")
+                errors.append(
+                    f"{where}: parameter names differ: missing {missing}, "
+                    f"unexpected {extra}"
+                )
                 return None, [], {}
             order = [position[n] for n in names]
         rule = None
@@ -537,16 +597,27 @@ class TorchOptimizer(torch.optim.Optimizer):
                 errors.append(f"{where}, parameter {label}: no state (index {sid!r})")
                 states.append(leaf)
                 continue
-            states.append(leaf_from_entries(leaf, entries, f"{where}, parameter {label}",
-                                            problems=errors,
-                                            rule=leaf.rule if rule is None else rule))
-        packed = {key: v for key, v in saved.items()
-                  if key not in ("params", "param_names", "rule")}
+            states.append(
+                leaf_from_entries(
+                    leaf,
+                    entries,
+                    f"{where}, parameter {label}",
+                    problems=errors,
+                    rule=leaf.rule if rule is None else rule,
+                )
+            )
+        packed = {
+            key: v
+            for key, v in saved.items()
+            if key not in ("params", "param_names", "rule")
+        }
         return rule, states, packed
 
 
 def _check_rule(rule: Any, where: str) -> None:
-    if not (callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))):
+    if not (
+        callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))
+    ):
         msg = f"{where}: the rule must be an agnosticopt rule such as opt.AdamW(), got {rule!r}"
         raise TypeError(msg)
 
@@ -555,8 +626,10 @@ def _check_names(rule: Any, given: Mapping[str, Any], where: str) -> None:
     have = set(_values(rule, where))
     unknown = sorted(set(given) - have)
     if unknown:
-        msg = (f"{where}: the rule {rule!r} has no hyperparameter called {unknown} "
-               f"(its torch names: {sorted(have)})")
+        msg = (
+            f"{where}: the rule {rule!r} has no hyperparameter called {unknown} "
+            f"(its torch names: {sorted(have)})"
+        )
         raise ValueError(msg)
 
 
@@ -566,4 +639,3 @@ def _normal_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _any_trainable(params: Iterable[torch.Tensor]) -> bool:
     return any(p.is_floating_point() or p.is_complex() for p in params)
-

@@ -25,6 +25,7 @@ from agnosticopt._adam import (
     RAdam,
 )
 from agnosticopt._adaptive import AdaDelta, AdaGrad, Lion, RMSProp, Rprop
+from agnosticopt._adjust import adjust, adjust_, freeze_, thaw_
 from agnosticopt._checkpoint import convert, load_state_dict, state_dict
 from agnosticopt._checkpoint_file import load, save
 from agnosticopt._clip import ClipGrad, ClipNorm
@@ -32,23 +33,29 @@ from agnosticopt._containers import register_container
 from agnosticopt._decay import SignDecay, WeightDecay
 from agnosticopt._flat import Restructure, destructure, trainables
 from agnosticopt._global import ClipGlobalNorm, SkipNonFinite
+from agnosticopt._leaf import Leaf
 from agnosticopt._norm import NUMERICS_VERSION, norm
+from agnosticopt._ops import OperatorWarning
 from agnosticopt._paths import ByPath, by_path
-from agnosticopt._rule import Replace, Rule
+from agnosticopt._rule import (
+    DECAY,
+    NONNEGATIVE,
+    NONNEGATIVE_OR_INF,
+    Range,
+    Replace,
+    Rule,
+    check_precision,
+    eps,
+    hyper,
+    hyperparameter,
+)
 from agnosticopt._schedules import Scheduled, ScheduledState
+from agnosticopt._setup import setup
 from agnosticopt._sgd import Descent, Momentum, Nesterov
 from agnosticopt._speed import set_fast_path
+from agnosticopt._trace import RuleOps, ops_used
 from agnosticopt._train import History, TrainStep, train_
-from agnosticopt._tree import (
-    Leaf,
-    adjust,
-    adjust_,
-    freeze_,
-    setup,
-    thaw_,
-    update,
-    update_,
-)
+from agnosticopt._update import update, update_
 from agnosticopt._wrappers import AccumGrad, MixedPrecision, OptimiserChain
 from agnosticopt._xp import adapter_for, register_adapter
 
@@ -65,12 +72,18 @@ def __getattr__(name: str) -> _Any:
 
     return getattr(importlib.import_module(module), name)
 
+
 __version__ = "0.1.0"
 
-if "jax" in __import__("sys").modules:  # JAX already imported: state trees are pytrees now
+if (
+    "jax" in __import__("sys").modules
+):  # JAX already imported: state trees are pytrees now
     import agnosticopt.adapters.jax  # noqa: F401  (registers Leaf; else done at the first JAX array)
 
 __all__ = [
+    "DECAY",
+    "NONNEGATIVE",
+    "NONNEGATIVE_OR_INF",
     "NUMERICS_VERSION",
     "AMSGrad",
     "AccumGrad",
@@ -93,13 +106,16 @@ __all__ = [
     "NAdam",
     "Nesterov",
     "OAdam",
+    "OperatorWarning",
     "OptimiserChain",
     "RAdam",
     "RMSProp",
+    "Range",
     "Replace",
     "Restructure",
     "Rprop",
     "Rule",
+    "RuleOps",
     "Scheduled",
     "ScheduledState",
     "SignDecay",
@@ -110,12 +126,17 @@ __all__ = [
     "adjust",
     "adjust_",
     "by_path",
+    "check_precision",
     "convert",
     "destructure",
+    "eps",
     "freeze_",
+    "hyper",
+    "hyperparameter",
     "load",
     "load_state_dict",
     "norm",
+    "ops_used",
     "register_adapter",
     "register_container",
     "save",

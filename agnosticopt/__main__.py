@@ -1,8 +1,8 @@
-"""``python -m agnosticopt``: the command line (see :mod:`agnosticopt._cli`)."""
+"""``python -m agnosticopt``: the command line (:mod:`agnosticopt.conformance._cli`)."""
 
 import sys
 
-from agnosticopt._cli import main
+from agnosticopt.conformance._cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import DECAY, NONNEGATIVE, Rule, eps, hyper, hyperparameter
 
 __all__ = ["AMSGrad", "AdaBelief", "AdaMax", "Adam", "AdamW", "NAdam", "OAdam", "RAdam"]
@@ -33,12 +34,14 @@ class AdamState(NamedTuple):
     beta_t: tuple[Any, Any]
 
 
-def ema(xp: Any, beta: Any, old: Any, new: Any) -> Any:
+def ema(xp: RuleNamespace, beta: Any, old: Any, new: Any) -> Any:
     """``beta * old + (1 - beta) * new``, operation by operation."""
     return xp.add(xp.multiply(beta, old), xp.multiply(1 - beta, new))
 
 
-def _moments(xp: Any, x: Any, rule: Any, state: Any, dx: Any) -> tuple[Any, Any, Any, Any]:
+def _moments(
+    xp: RuleNamespace, x: Any, rule: Any, state: Any, dx: Any
+) -> tuple[Any, Any, Any, Any]:
     """Adam's two moment updates; returns ``(b1, b2, m, v)``."""
     b1, b2 = hyper(xp, x, *rule.beta)
     m = ema(xp, b1, state.m, dx)
@@ -46,11 +49,13 @@ def _moments(xp: Any, x: Any, rule: Any, state: Any, dx: Any) -> tuple[Any, Any,
     return b1, b2, m, v
 
 
-def _init_adam(rule: Any, x: Any, xp: Any) -> AdamState:
+def _init_adam(rule: Any, x: Any, xp: RuleNamespace) -> AdamState:
     return AdamState(xp.zeros_like(x), xp.real_zeros_like(x), hyper(xp, x, *rule.beta))
 
 
-def _adam_direction(xp: Any, m: Any, v: Any, beta_t: Any, epsilon: Any) -> Any:
+def _adam_direction(
+    xp: RuleNamespace, m: Any, v: Any, beta_t: Any, epsilon: Any
+) -> Any:
     """``(m / (1 - bt1)) / (sqrt(v / (1 - bt2)) + epsilon)``."""
     bt1, bt2 = beta_t
     den = xp.add(xp.sqrt(xp.divide(v, 1 - bt2)), epsilon)
@@ -80,19 +85,31 @@ class Adam(Rule):
     -----
     Unlike torch.optim.Adam, ε is added after bias-correcting ``v`` and η
     multiplies last, so results differ in the last bits from torch's three paths.
+
+    References
+    ----------
+    - Kingma and Ba, *Adam: a method for stochastic optimization*,
+      [arXiv:1412.6980](https://arxiv.org/abs/1412.6980).
+    - Optimisers.jl, ``src/rules.jl`` (``Adam``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AdamState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdamState:
         return _init_adam(self, x, xp)
 
-    def apply(self, state: AdamState, x: Any, dx: Any, xp: Any) -> tuple[AdamState, Any]:
+    def apply(
+        self, state: AdamState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdamState, Any]:
         (eta,) = hyper(xp, x, self.eta)
         b1, b2, m, v = _moments(xp, x, self, state, dx)
-        step = xp.multiply(_adam_direction(xp, m, v, state.beta_t, eps(xp, x, self.epsilon)), eta)
+        step = xp.multiply(
+            _adam_direction(xp, m, v, state.beta_t, eps(xp, x, self.epsilon)), eta
+        )
         bt1, bt2 = state.beta_t
         return AdamState(m, v, (bt1 * b1, bt2 * b2)), step
 
@@ -117,18 +134,28 @@ class AdamW(Rule):
         Weight decay (λ; Julia's ``lambda``). The default 0 makes AdamW equal Adam.
     couple
         Keyword only. ``True`` (default, torch's form) multiplies the decay by η.
+
+    References
+    ----------
+    - Loshchilov and Hutter, *Decoupled weight decay regularization*,
+      [arXiv:1711.05101](https://arxiv.org/abs/1711.05101).
+    - Optimisers.jl, ``src/rules.jl`` (``AdamW``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     lambda_: float = hyperparameter(0.0, NONNEGATIVE, precision="nonzero")
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
     couple: bool = field(default=True, kw_only=True)
 
-    def init(self, x: Any, xp: Any) -> AdamState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdamState:
         return _init_adam(self, x, xp)
 
-    def apply(self, state: AdamState, x: Any, dx: Any, xp: Any) -> tuple[AdamState, Any]:
+    def apply(
+        self, state: AdamState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdamState, Any]:
         eta, epsilon, lam = hyper(xp, x, self.eta, self.epsilon, self.lambda_)
         b1, b2, m, v = _moments(xp, x, self, state, dx)
         d = _adam_direction(xp, m, v, state.beta_t, epsilon)
@@ -171,16 +198,26 @@ class RAdam(Rule):
     eta, beta, epsilon
         As :class:`Adam`. With β2 = 0.999 the first four steps take the
         momentum branch.
+
+    References
+    ----------
+    - Liu et al., *On the variance of the adaptive learning rate and beyond*,
+      [arXiv:1908.03265](https://arxiv.org/abs/1908.03265).
+    - Optimisers.jl, ``src/rules.jl`` (``RAdam``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> RAdamState:
+    def init(self, x: Any, xp: RuleNamespace) -> RAdamState:
         return RAdamState(*_init_adam(self, x, xp), 1)
 
-    def apply(self, state: RAdamState, x: Any, dx: Any, xp: Any) -> tuple[RAdamState, Any]:
+    def apply(
+        self, state: RAdamState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[RAdamState, Any]:
         (eta,) = hyper(xp, x, self.eta)
         b1, b2, m, v = _moments(xp, x, self, state, dx)
         bt1, bt2 = state.beta_t
@@ -218,22 +255,33 @@ class NAdam(Rule):
     -----
     Optimisers.jl's quirk, kept on purpose: ``v`` is multiplied by an extra
     β2 inside the square root.
+
+    References
+    ----------
+    - Dozat, *Incorporating Nesterov momentum into Adam* (ICLR workshop 2016).
+    - Optimisers.jl, ``src/rules.jl`` (``NAdam``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AdamState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdamState:
         return _init_adam(self, x, xp)
 
-    def apply(self, state: AdamState, x: Any, dx: Any, xp: Any) -> tuple[AdamState, Any]:
+    def apply(
+        self, state: AdamState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdamState, Any]:
         (eta,) = hyper(xp, x, self.eta)
         b1, b2, m, v = _moments(xp, x, self, state, dx)
         bt1, bt2 = state.beta_t
         a = xp.divide(xp.multiply(b1, m), 1 - b1 * bt1)
         b = xp.divide(xp.multiply(1 - b1, dx), 1 - bt1)
-        d = xp.add(xp.sqrt(xp.divide(xp.multiply(v, b2), 1 - bt2)), eps(xp, x, self.epsilon))
+        d = xp.add(
+            xp.sqrt(xp.divide(xp.multiply(v, b2), 1 - bt2)), eps(xp, x, self.epsilon)
+        )
         step = xp.multiply(xp.divide(xp.add(a, b), d), eta)
         return AdamState(m, v, (bt1 * b1, bt2 * b2)), step
 
@@ -261,16 +309,24 @@ class OAdam(Rule):
     -----
     Default β is (0.5, 0.9). Unlike :class:`Adam`, η multiplies *first*
     (Optimisers.jl's placement, kept on purpose).
+
+    References
+    ----------
+    - Daskalakis et al., *Training GANs with optimism*,
+      [arXiv:1711.00141](https://arxiv.org/abs/1711.00141).
+    - Optimisers.jl, ``src/rules.jl`` (``OAdam``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
     beta: tuple[float, float] = hyperparameter((0.5, 0.9), DECAY, precision="below_one")
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> OAdamState:
+    def init(self, x: Any, xp: RuleNamespace) -> OAdamState:
         return OAdamState(*_init_adam(self, x, xp), xp.zeros_like(x))
 
-    def apply(self, state: OAdamState, x: Any, dx: Any, xp: Any) -> tuple[OAdamState, Any]:
+    def apply(
+        self, state: OAdamState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[OAdamState, Any]:
         (eta,) = hyper(xp, x, self.eta)
         b1, b2, m, v = _moments(xp, x, self, state, dx)
         bt1, bt2 = state.beta_t
@@ -298,16 +354,26 @@ class AdaMax(Rule):
         u = \\frac{(\\eta/(1-\\beta_1^t))\\, m}{u_\\infty + \\epsilon}
 
     with ``m`` as in :class:`Adam`; β2's power is tracked but unused.
+
+    References
+    ----------
+    - Kingma and Ba, *Adam: a method for stochastic optimization*,
+      [arXiv:1412.6980](https://arxiv.org/abs/1412.6980).
+    - Optimisers.jl, ``src/rules.jl`` (``AdaMax``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AdaMaxState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdaMaxState:
         return AdaMaxState(*_init_adam(self, x, xp))
 
-    def apply(self, state: AdaMaxState, x: Any, dx: Any, xp: Any) -> tuple[AdaMaxState, Any]:
+    def apply(
+        self, state: AdaMaxState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdaMaxState, Any]:
         eta, b1, b2 = hyper(xp, x, self.eta, *self.beta)
         m = ema(xp, b1, state.m, dx)
         u = xp.maximum(xp.multiply(b2, state.u), xp.abs(dx))
@@ -341,19 +407,31 @@ class AMSGrad(Rule):
     Optimisers.jl's quirks, kept on purpose: there is no bias correction, and
     all three states start filled with the raw ``epsilon`` rounded to the
     parameter dtype (no float16 floor, so 1e-8 becomes 0 in float16).
+
+    References
+    ----------
+    - Reddi, Kale and Kumar, *On the convergence of Adam and beyond*,
+      [arXiv:1904.09237](https://arxiv.org/abs/1904.09237).
+    - Optimisers.jl, ``src/rules.jl`` (``AMSGrad``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AMSGradState:
+    def init(self, x: Any, xp: RuleNamespace) -> AMSGradState:
         (e,) = hyper(xp, x, self.epsilon)
         return AMSGradState(
-            xp.full_like(x, e), xp.full_like(x, e, real=True), xp.full_like(x, e, real=True)
+            xp.full_like(x, e),
+            xp.full_like(x, e, real=True),
+            xp.full_like(x, e, real=True),
         )
 
-    def apply(self, state: AMSGradState, x: Any, dx: Any, xp: Any) -> tuple[AMSGradState, Any]:
+    def apply(
+        self, state: AMSGradState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AMSGradState, Any]:
         (eta,) = hyper(xp, x, self.eta)
         _, _, m, v = _moments(xp, x, self, state, dx)
         v_hat = xp.maximum(state.v_hat, v)
@@ -380,16 +458,26 @@ class AdaBelief(Rule):
 
     with ``m`` updated first, as in :class:`Adam`, and used new in ``s``.
     The default ε is 1e-16 (1.19e-7 in float16).
+
+    References
+    ----------
+    - Zhuang et al., *AdaBelief optimizer*,
+      [arXiv:2010.07468](https://arxiv.org/abs/2010.07468).
+    - Optimisers.jl, ``src/rules.jl`` (``AdaBelief``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), DECAY, precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), DECAY, precision="below_one"
+    )
     epsilon: float = hyperparameter(1e-16, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AdaBeliefState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdaBeliefState:
         return AdaBeliefState(*_init_adam(self, x, xp))
 
-    def apply(self, state: AdaBeliefState, x: Any, dx: Any, xp: Any) -> tuple[AdaBeliefState, Any]:
+    def apply(
+        self, state: AdaBeliefState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdaBeliefState, Any]:
         eta, b1, b2 = hyper(xp, x, self.eta, *self.beta)
         e = eps(xp, x, self.epsilon)
         m = ema(xp, b1, state.m, dx)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 from agnosticopt._adam import ema
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import (
     DECAY,
     NONNEGATIVE,
@@ -54,6 +55,13 @@ class RMSProp(Rule):
     -----
     No bias correction and no momentum term, unlike torch.optim.RMSprop's
     ``momentum`` option.
+
+    References
+    ----------
+    - Hinton, Srivastava and Swersky, *Neural Networks for Machine Learning*,
+      lecture 6e (2012); centred: Graves,
+      [arXiv:1308.0850](https://arxiv.org/abs/1308.0850).
+    - Optimisers.jl, ``src/rules.jl`` (``RMSProp``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
@@ -74,14 +82,18 @@ class RMSProp(Rule):
     ) -> None:
         for name, value in (("eta", eta), ("rho", rho), ("epsilon", epsilon)):
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "centred", centered if centered is not False else centred)
+        object.__setattr__(
+            self, "centred", centered if centered is not False else centred
+        )
         self.__post_init__()
 
-    def init(self, x: Any, xp: Any) -> RMSPropState:
+    def init(self, x: Any, xp: RuleNamespace) -> RMSPropState:
         lin = xp.zeros_like(x) if self.centred else None
         return RMSPropState(xp.real_zeros_like(x), lin)
 
-    def apply(self, state: RMSPropState, x: Any, dx: Any, xp: Any) -> tuple[RMSPropState, Any]:
+    def apply(
+        self, state: RMSPropState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[RMSPropState, Any]:
         eta, rho = hyper(xp, x, self.eta, self.rho)
         quad = ema(xp, rho, state.quad, xp.abs2(dx))
         lin, spread = None, quad
@@ -104,16 +116,22 @@ class AdaGrad(Rule):
     -----
     The accumulator starts at the raw ``epsilon`` rounded to the parameter
     dtype (no float16 floor there, as in Optimisers.jl).
+
+    References
+    ----------
+    - Duchi, Hazan and Singer, *Adaptive subgradient methods for online learning and
+      stochastic optimization*, JMLR 12 (2011).
+    - Optimisers.jl, ``src/rules.jl`` (``AdaGrad``).
     """
 
     eta: float = hyperparameter(0.1, NONNEGATIVE, precision="nonzero")
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> Any:
+    def init(self, x: Any, xp: RuleNamespace) -> Any:
         (e,) = hyper(xp, x, self.epsilon)
         return xp.full_like(x, e, real=True)
 
-    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> tuple[Any, Any]:
         (eta,) = hyper(xp, x, self.eta)
         acc = xp.add(state, xp.abs2(dx))
         den = xp.add(xp.sqrt(acc), eps(xp, x, self.epsilon))
@@ -141,15 +159,23 @@ class AdaDelta(Rule):
     -----
     There is no learning rate: ``adjust(tree, eta)`` leaves AdaDelta unchanged,
     as in Optimisers.jl. ε sits inside both square roots on purpose.
+
+    References
+    ----------
+    - Zeiler, *ADADELTA: an adaptive learning rate method*,
+      [arXiv:1212.5701](https://arxiv.org/abs/1212.5701).
+    - Optimisers.jl, ``src/rules.jl`` (``AdaDelta``).
     """
 
     rho: float = hyperparameter(0.9, Range(0, 1), precision="below_one")
     epsilon: float = hyperparameter(1e-8, NONNEGATIVE)
 
-    def init(self, x: Any, xp: Any) -> AdaDeltaState:
+    def init(self, x: Any, xp: RuleNamespace) -> AdaDeltaState:
         return AdaDeltaState(xp.real_zeros_like(x), xp.real_zeros_like(x))
 
-    def apply(self, state: AdaDeltaState, x: Any, dx: Any, xp: Any) -> tuple[AdaDeltaState, Any]:
+    def apply(
+        self, state: AdaDeltaState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[AdaDeltaState, Any]:
         (rho,) = hyper(xp, x, self.rho)
         e = eps(xp, x, self.epsilon)
         acc = ema(xp, rho, state.acc, xp.abs2(dx))
@@ -196,28 +222,42 @@ class Rprop(Rule):
     -----
     Optimisers.jl writes the defaults as Float32 literals (``1f-3``,
     ``1.2f0``, ...); here they are the Python floats of the same decimals.
+
+    References
+    ----------
+    - Riedmiller and Braun, *A direct adaptive method for faster backpropagation
+      learning: the RPROP algorithm* (1993).
+    - Optimisers.jl, ``src/rules.jl`` (``Rprop``).
     """
 
     eta: float = hyperparameter(1e-3, NONNEGATIVE, precision="nonzero")
     ell: tuple[float, float] = hyperparameter(
-        (0.5, 1.2), (Range(0, 1, lo_open=True, hi_open=True), Range(1, math.inf, lo_open=True, hi_open=True)),
+        (0.5, 1.2),
+        (
+            Range(0, 1, lo_open=True, hi_open=True),
+            Range(1, math.inf, lo_open=True, hi_open=True),
+        ),
         precision=("below_one", None),
     )
     gamma: tuple[float, float] = hyperparameter(
         (1e-6, 50.0), (NONNEGATIVE, NONNEGATIVE_OR_INF), ordered=True
     )
 
-    def init(self, x: Any, xp: Any) -> RpropState:
+    def init(self, x: Any, xp: RuleNamespace) -> RpropState:
         (eta,) = hyper(xp, x, self.eta)
         return RpropState(xp.zeros_like(x), xp.full_like(x, eta))
 
-    def apply(self, state: RpropState, x: Any, dx: Any, xp: Any) -> tuple[RpropState, Any]:
+    def apply(
+        self, state: RpropState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[RpropState, Any]:
         l1, l2, g1, g2 = hyper(xp, x, *self.ell, *self.gamma)
         prod = xp.multiply(state.g_prev, dx)
         grow = xp.minimum(xp.multiply(state.steps, l2), g2)
         shrink = xp.maximum(xp.multiply(state.steps, l1), g1)
         flipped = xp.less(prod, 0)
-        steps = xp.where(xp.greater(prod, 0), grow, xp.where(flipped, shrink, state.steps))
+        steps = xp.where(
+            xp.greater(prod, 0), grow, xp.where(flipped, shrink, state.steps)
+        )
         g_prev = xp.where(flipped, xp.zeros_like(dx), dx)
         return RpropState(g_prev, steps), xp.multiply(steps, xp.sign(g_prev))
 
@@ -238,15 +278,23 @@ class Lion(Rule):
     defaults the step is close to ``η sign(0.998 g + 0.0009 m_old)``, i.e.
     nearly signSGD. ``Lion(eta, (1 - b, 1 - b))`` is Signum with momentum ``b``.
     Real parameters only (``sign`` of a complex number is not exact).
+
+    References
+    ----------
+    - Chen et al., *Symbolic discovery of optimization algorithms*,
+      [arXiv:2302.06675](https://arxiv.org/abs/2302.06675).
+    - Optimisers.jl, ``src/rules.jl`` (``Lion``).
     """
 
     eta: float = hyperparameter(0.001, NONNEGATIVE, precision="nonzero")
-    beta: tuple[float, float] = hyperparameter((0.9, 0.999), Range(0, 1), precision="below_one")
+    beta: tuple[float, float] = hyperparameter(
+        (0.9, 0.999), Range(0, 1), precision="below_one"
+    )
 
-    def init(self, x: Any, xp: Any) -> Any:
+    def init(self, x: Any, xp: RuleNamespace) -> Any:
         return xp.zeros_like(x)
 
-    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> tuple[Any, Any]:
         eta, b1, b2 = hyper(xp, x, self.eta, *self.beta)
         m = xp.add(xp.multiply(b2, dx), xp.multiply(1 - b2, state))
         mix = xp.add(xp.multiply(b2 - b1, dx), xp.multiply(b1, m))

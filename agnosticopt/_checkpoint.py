@@ -40,12 +40,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, flatten, format_path
+from agnosticopt._leaf import Leaf, trainable_adapter
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import Rule
-from agnosticopt._tree import Leaf, setup, trainable_adapter
+from agnosticopt._setup import setup
 from agnosticopt._xp import adapter_for
 
 __all__ = [
@@ -196,8 +199,10 @@ def _encode(value: Any, where: str) -> Any:
 
     if isinstance(value, Schedule):  # a schedule of Scheduled: its class and fields
         cls = type(value).__name__
-        fields = {f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
-                  for f in dataclasses.fields(value)}
+        fields = {
+            f.name: _encode(getattr(value, f.name), f"{where}.{f.name}")
+            for f in dataclasses.fields(value)
+        }
         return {"schedule": cls, "fields": fields}
     if value is None or isinstance(value, (bool, str)):
         return value
@@ -207,7 +212,9 @@ def _encode(value: Any, where: str) -> Any:
         number = float(value)
         if math.isfinite(number):
             return number
-        return {"float": "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")}
+        return {
+            "float": "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")
+        }
     if isinstance(value, (tuple, list)):
         return [_encode(v, where) for v in value]
     msg = f"describe_rule: {where} is a {type(value).__name__}, which has no JSON form"
@@ -273,7 +280,9 @@ def _build_rule(desc: Any, where: str) -> Any:
     unknown = sorted(set(fields) - set(names))
     missing = [n for n in names if n not in fields]
     if unknown or missing:
-        msg = f"{where}: {name} has fields {names}; the description has {sorted(fields)}"
+        msg = (
+            f"{where}: {name} has fields {names}; the description has {sorted(fields)}"
+        )
         raise ValueError(msg)
     values = {k: _decode(fields[k], f"{where}.{k}") for k in names}
     try:
@@ -294,7 +303,11 @@ def _build_schedule(desc: dict[str, Any], where: str) -> Any:
 
     name, fields = desc["schedule"], desc["fields"]
     cls = getattr(schedules, name, None) if isinstance(name, str) else None
-    if name not in schedules.__all__ or not isinstance(cls, type) or not isinstance(fields, dict):
+    if (
+        name not in schedules.__all__
+        or not isinstance(cls, type)
+        or not isinstance(fields, dict)
+    ):
         msg = f"{where}: {name!r} is not one of agnosticopt's schedules"
         raise ValueError(msg)
     values = {k: _decode(v, f"{where}.{k}") for k, v in fields.items()}
@@ -307,7 +320,7 @@ def _build_schedule(desc: dict[str, Any], where: str) -> Any:
 
 def _same_description(rule: Any, desc: Any) -> bool:
     try:
-        return describe_rule(rule) == desc
+        return bool(describe_rule(rule) == desc)
     except TypeError:
         return False
 
@@ -362,7 +375,9 @@ def _is_numpy_generic(value: Any) -> bool:
 
 def _is_float_scalar(value: Any) -> bool:
     """A host numpy scalar of a floating-point dtype (ml_dtypes' bfloat16 included)."""
-    return _is_numpy_generic(value) and (value.dtype.kind in "fc" or "float" in value.dtype.name)
+    return _is_numpy_generic(value) and (
+        value.dtype.kind in "fc" or "float" in value.dtype.name
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -411,7 +426,9 @@ def _describe_value(value: Any) -> str:
 
 
 def _slot_kind(template: Any) -> str:
-    if _is_numpy_generic(template):  # before adapter_for: numpy scalars have a namespace
+    if _is_numpy_generic(
+        template
+    ):  # before adapter_for: numpy scalars have a namespace
         return "scalar" if _is_float_scalar(template) else "int"
     if adapter_for(template) is not None:
         return "array"
@@ -422,6 +439,16 @@ def _slot_kind(template: Any) -> str:
     return "other"
 
 
+def _zero_d_integer(value: Any) -> Any:
+    """A 0-d integer array (``Scheduled``'s count after a jitted step) as a host int."""
+    if getattr(value, "ndim", None) == 0 and "int" in str(getattr(value, "dtype", "")):
+        try:
+            return operator.index(value)
+        except TypeError:
+            return value
+    return value
+
+
 def _restore_part(template: Any, value: Any, where: str, problems: list[str]) -> Any:
     """``value`` checked against the template part and made like it (a copy)."""
     kind = _slot_kind(template)
@@ -430,14 +457,19 @@ def _restore_part(template: Any, value: Any, where: str, problems: list[str]) ->
     if kind == "scalar":
         return _restore_scalar(type(template), value, where, problems)
     if kind == "int":
+        value = _zero_d_integer(value)
         ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if not ok:
-            problems.append(f"{where}: mis-typed, expected an integer, got {_describe_value(value)}")
+            problems.append(
+                f"{where}: mis-typed, expected an integer, got {_describe_value(value)}"
+            )
             return template
         return type(template)(value)
     if kind == "bool":
         if not isinstance(value, bool):
-            problems.append(f"{where}: mis-typed, expected a bool, got {_describe_value(value)}")
+            problems.append(
+                f"{where}: mis-typed, expected a bool, got {_describe_value(value)}"
+            )
         return value
     if type(value) is not type(template):
         problems.append(
@@ -473,19 +505,26 @@ def _restore_scalar(kind: type, value: Any, where: str, problems: list[str]) -> 
         return kind(0)
     with np.errstate(all="ignore"):
         out = kind(value)
-    if not (float(out) == float(value) or (math.isnan(float(out)) and math.isnan(value))):
+    if not (
+        float(out) == float(value) or (math.isnan(float(out)) and math.isnan(value))
+    ):
         problems.append(f"{where}: mis-typed, {value!r} is not a {expected} value")
     return out
 
 
 def _restore_array(template: Any, value: Any, where: str, problems: list[str]) -> Any:
     txp = adapter_for(template)
-    if txp.shape(template) == () and (_is_numpy_generic(value) or (
-            isinstance(value, numbers.Real) and not isinstance(value, bool))):
+    if txp.shape(template) == () and (
+        _is_numpy_generic(value)
+        or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+    ):
         # a host scalar that jax.jit made a 0-d array: a number fits it
         kind = txp.scalar_type(template)
-        scalar = _restore_scalar(kind, value, where, problems) if not txp.is_complex(
-            template) else None
+        scalar = (
+            _restore_scalar(kind, value, where, problems)
+            if not txp.is_complex(template)
+            else None
+        )
         if scalar is None:
             problems.append(f"{where}: mis-typed, expected {_describe_value(template)}")
             return template
@@ -552,14 +591,21 @@ def _from_numpy(host: Any, template: Any) -> Any:
         except (TypeError, ValueError):
             pass
         # torch does not: through float32, which holds every bfloat16 exactly
-        wide = space.asarray(np.asarray(host).astype(np.float32), device=device, copy=True)
+        wide = space.asarray(
+            np.asarray(host).astype(np.float32), device=device, copy=True
+        )
         return txp.astype(wide, "bfloat16")
     return space.asarray(np.asarray(host), device=device, copy=True)
 
 
-def leaf_from_entries(template: Leaf, entries: Mapping[str, Any], where: str = "",
-                      *, problems: list[str] | None = None,
-                      rule: Any = None) -> Leaf:
+def leaf_from_entries(
+    template: Leaf,
+    entries: Mapping[str, Any],
+    where: str = "",
+    *,
+    problems: list[str] | None = None,
+    rule: Any = None,
+) -> Leaf:
     """A new Leaf from the entries of :func:`leaf_entries`, made like ``template``.
 
     Parameters
@@ -602,7 +648,9 @@ def leaf_from_entries(template: Leaf, entries: Mapping[str, Any], where: str = "
     if "frozen" in entries:
         frozen = entries["frozen"]
         if not isinstance(frozen, bool):
-            found.append(f"{label}frozen: mis-typed, expected a bool, got {_describe_value(frozen)}")
+            found.append(
+                f"{label}frozen: mis-typed, expected a bool, got {_describe_value(frozen)}"
+            )
     parts = dict(_state_parts(template.state, "state"))
     extra = [n for n in entries if n not in parts and n not in ("rule", "frozen")]
     found.extend(f"{label}{n}: extra entry, the target has none" for n in extra)
@@ -610,7 +658,8 @@ def leaf_from_entries(template: Leaf, entries: Mapping[str, Any], where: str = "
     found.extend(f"{label}{n}: missing" for n in missing)
     values = {
         n: _restore_part(parts[n], entries[n], f"{label}{n}", found)
-        for n in parts if n in entries
+        for n in parts
+        if n in entries
     }
     if own and len(found) > start:
         raise CheckpointError(f"the entries for {where!r} do not fit the target", found)
@@ -637,14 +686,20 @@ def _rebuild_state(template: Any, name: str, values: Mapping[str, Any]) -> Any:
         return None
     fields = getattr(type(template), "_fields", None)
     if isinstance(template, tuple) and fields is not None:
-        parts = [_rebuild_state(p, f"{name}.{f}", values)
-                 for f, p in zip(fields, template, strict=True)]
+        parts = [
+            _rebuild_state(p, f"{name}.{f}", values)
+            for f, p in zip(fields, template, strict=True)
+        ]
         return type(template)._make(parts)  # type: ignore[attr-defined]
     if isinstance(template, (tuple, list)):
-        items = [_rebuild_state(p, f"{name}.{i}", values) for i, p in enumerate(template)]
+        items = [
+            _rebuild_state(p, f"{name}.{i}", values) for i, p in enumerate(template)
+        ]
         return type(template)(items) if type(template) in (tuple, list) else items
     if isinstance(template, dict):
-        return {k: _rebuild_state(p, f"{name}.{k}", values) for k, p in template.items()}
+        return {
+            k: _rebuild_state(p, f"{name}.{k}", values) for k, p in template.items()
+        }
     return values.get(name, template)
 
 
@@ -688,13 +743,16 @@ def state_dict(tree: Any) -> dict[str, Any]:
     return out
 
 
-def _group(sd: Mapping[str, Any], known: set[str],
-           problems: list[str]) -> dict[str, dict[str, Any]]:
+def _group(
+    sd: Mapping[str, Any], known: set[str], problems: list[str]
+) -> dict[str, dict[str, Any]]:
     """The entries of ``sd`` by parameter key; unknown keys become problems."""
     grouped: dict[str, dict[str, Any]] = {k: {} for k in known}
     for full, value in sd.items():
         if not isinstance(full, str) or SEP not in full:
-            problems.append(f"{full!r}: extra entry, not a key '<parameter>{SEP}<entry>'")
+            problems.append(
+                f"{full!r}: extra entry, not a key '<parameter>{SEP}<entry>'"
+            )
             continue
         key, _, name = full.rpartition(SEP)
         if key not in grouped:
@@ -703,8 +761,9 @@ def _group(sd: Mapping[str, Any], known: set[str],
         grouped[key][name] = value
     for key, entries in grouped.items():
         if not entries:
-            problems.append(f"{key}{SEP}*: missing, the state dict has no entry for "
-                            f"this parameter")
+            problems.append(
+                f"{key}{SEP}*: missing, the state dict has no entry for this parameter"
+            )
     return grouped
 
 
@@ -714,10 +773,10 @@ class _NoInit:
 
     rule: Any
 
-    def init(self, x: Any, xp: Any) -> None:
+    def init(self, x: Any, xp: RuleNamespace) -> None:
         return None
 
-    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> tuple[Any, Any]:
         raise NotImplementedError
 
 
@@ -738,8 +797,14 @@ def _model_arrays(model: Any) -> dict[KeyPath, Any]:
     return out
 
 
-def _restore(tree: Any, grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
-             what: str, *, model: Any = None, rules: Mapping[str, Any] | None = None) -> Any:
+def _restore(
+    tree: Any,
+    grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
+    what: str,
+    *,
+    model: Any = None,
+    rules: Mapping[str, Any] | None = None,
+) -> Any:
     """Load entries into the Leaves of ``tree``, all or nothing.
 
     ``grouped_of(known_keys, problems)`` gives the entries per parameter key.
@@ -781,12 +846,18 @@ def _restore(tree: Any, grouped_of: Callable[[set[str], list[str]], dict[str, di
             continue
         x = arrays[path]
         template = Leaf(rule, rule.init(x, trainable_adapter(x)))
-        new[key] = leaf_from_entries(template, entries, key, problems=problems, rule=rule)
+        new[key] = leaf_from_entries(
+            template, entries, key, problems=problems, rule=rule
+        )
     if problems:
         raise CheckpointError(what, problems)
     for key, (_, leaf) in leaves.items():
         restored = new[key]
-        leaf.rule, leaf.state, leaf.frozen = restored.rule, restored.state, restored.frozen
+        leaf.rule, leaf.state, leaf.frozen = (
+            restored.rule,
+            restored.state,
+            restored.frozen,
+        )
     return tree
 
 
@@ -800,7 +871,9 @@ def _fresh_tree(rule: Any, model: Any) -> Any:
 
 
 def _is_rule_and_model(target: Any) -> bool:
-    return isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], Rule)
+    return (
+        isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], Rule)
+    )
 
 
 def load_state_dict(target: Any, sd: Mapping[str, Any]) -> Any:
@@ -848,9 +921,15 @@ def load_state_dict(target: Any, sd: Mapping[str, Any]) -> Any:
 
     if _is_rule_and_model(target):
         rule, model = target
-        return _restore(_fresh_tree(rule, model), grouped_of,
-                        "load_state_dict: the state dict does not fit the model", model=model)
-    return _restore(target, grouped_of, "load_state_dict: the state dict does not fit the tree")
+        return _restore(
+            _fresh_tree(rule, model),
+            grouped_of,
+            "load_state_dict: the state dict does not fit the model",
+            model=model,
+        )
+    return _restore(
+        target, grouped_of, "load_state_dict: the state dict does not fit the tree"
+    )
 
 
 # -- across backends in memory ------------------------------------------------------------
@@ -860,10 +939,14 @@ def _is_state_tree(obj: Any) -> bool:
     return bool(_tree_leaves(obj))
 
 
-def _renew(like: Any, grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
-           what: str, rules: Mapping[str, Any] | None = None) -> Any:
+def _renew(
+    like: Any,
+    grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
+    what: str,
+    rules: Mapping[str, Any] | None = None,
+) -> Any:
     """A new tree shaped like the state tree ``like``, its Leaves the templates."""
-    from agnosticopt._tree import _map_leaves
+    from agnosticopt._leaf import _map_leaves
 
     leaves = _keyed_leaves(like)
     problems: list[str] = []
@@ -873,14 +956,20 @@ def _renew(like: Any, grouped_of: Callable[[set[str], list[str]], dict[str, dict
         entries = grouped.get(key)
         if entries:
             rule = rules.get(key) if rules is not None else None
-            new[id(leaf)] = leaf_from_entries(leaf, entries, key, problems=problems, rule=rule)
+            new[id(leaf)] = leaf_from_entries(
+                leaf, entries, key, problems=problems, rule=rule
+            )
     if problems:
         raise CheckpointError(what, problems)
     return _map_leaves(like, lambda leaf: new[id(leaf)])
 
 
-def _into(like: Any, grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
-          what: str, rules: Mapping[str, Any] | None = None) -> Any:
+def _into(
+    like: Any,
+    grouped_of: Callable[[set[str], list[str]], dict[str, dict[str, Any]]],
+    what: str,
+    rules: Mapping[str, Any] | None = None,
+) -> Any:
     """A new tree on the backend of ``like`` (a model, or a state tree)."""
     if _is_state_tree(like):
         return _renew(like, grouped_of, f"{what} the tree", rules)
@@ -923,13 +1012,17 @@ def convert(tree: Any, *, like: Any) -> Any:
     """
     source = _keyed_leaves(tree)
     if not source:
-        msg = "convert: the first argument holds no Leaf; pass a state tree made by setup"
+        msg = (
+            "convert: the first argument holds no Leaf; pass a state tree made by setup"
+        )
         raise TypeError(msg)
     raw = {key: leaf_entries(leaf, raw=True) for key, (_, leaf) in source.items()}
     rules = {key: leaf.rule for key, (_, leaf) in source.items()}
 
     def grouped_of(known: set[str], problems: list[str]) -> dict[str, dict[str, Any]]:
-        flat = {f"{k}{SEP}{n}": v for k, entries in raw.items() for n, v in entries.items()}
+        flat = {
+            f"{k}{SEP}{n}": v for k, entries in raw.items() for n, v in entries.items()
+        }
         return _group(flat, known, problems)
 
     return _into(like, grouped_of, "convert: the state tree does not fit", rules)

@@ -38,9 +38,19 @@ VERSION = 1
 _HEADER_LIMIT = 100_000_000  # safetensors' own limit on the header's size
 
 _WRITE_DTYPES = {
-    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
-    "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
 }
 _READ_DTYPES = {v: k for k, v in _WRITE_DTYPES.items()}
 _COMPLEX_PARTS = {"complex64": "float32", "complex128": "float64"}
@@ -55,7 +65,9 @@ def _host_numpy(value: Any) -> Any:
     xp = adapter_for(value)
     out = np.array(xp.to_numpy(value), copy=True)
     if xp.dtype_name(value) == "bfloat16" and out.dtype.name != "bfloat16":
-        out = out.astype(_ml_dtypes().bfloat16)  # float32 holding bfloat16 values: exact
+        out = out.astype(
+            _ml_dtypes().bfloat16
+        )  # float32 holding bfloat16 values: exact
     return out
 
 
@@ -83,7 +95,12 @@ def _tensor_bytes(a: Any) -> tuple[str, list[int], bytes, bool]:
         raise TypeError(msg)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return code, [int(n) for n in a.shape], np.ascontiguousarray(a).tobytes(), is_complex
+    return (
+        code,
+        [int(n) for n in a.shape],
+        np.ascontiguousarray(a).tobytes(),
+        is_complex,
+    )
 
 
 def _metadata_value(value: Any, where: str) -> Any:
@@ -138,8 +155,12 @@ def save(path: Any, tree: Any) -> None:
         if desc not in rules:
             rules.append(desc)
         info: dict[str, Any] = {
-            "path": list(keys), "rule": rules.index(desc), "frozen": entries.pop("frozen"),
-            "host": [], "complex": [], "values": {},
+            "path": list(keys),
+            "rule": rules.index(desc),
+            "frozen": entries.pop("frozen"),
+            "host": [],
+            "complex": [],
+            "values": {},
         }
         for name, value in entries.items():
             full = f"{key}{SEP}{name}"
@@ -169,8 +190,9 @@ def save(path: Any, tree: Any) -> None:
             os.remove(temporary)
 
 
-def _serialize(tensors: Mapping[str, tuple[str, list[int], bytes]],
-               metadata: Mapping[str, str]) -> bytes:
+def _serialize(
+    tensors: Mapping[str, tuple[str, list[int], bytes]], metadata: Mapping[str, str]
+) -> bytes:
     """The safetensors encoding: header length, JSON header, then the data."""
     import json
     import struct
@@ -179,7 +201,11 @@ def _serialize(tensors: Mapping[str, tuple[str, list[int], bytes]],
     chunks, offset = [], 0
     for name in sorted(tensors):
         code, shape, data = tensors[name]
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": code,
+            "shape": shape,
+            "data_offsets": [offset, offset + len(data)],
+        }
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
@@ -216,37 +242,48 @@ def _read(path: Any) -> tuple[dict[str, Any], set[str]]:
         data = f.read()
     bad = f"load: {where!r} is not a valid agnosticopt checkpoint"
     if len(data) < 8:
-        raise CheckpointError(bad, [f"the file has {len(data)} bytes, less than a header"])
+        raise CheckpointError(
+            bad, [f"the file has {len(data)} bytes, less than a header"]
+        )
     (size,) = struct.unpack("<Q", data[:8])
     if size > min(_HEADER_LIMIT, len(data) - 8):
         why = f"the header length {size} exceeds the file ({len(data)} bytes) or 100 MB"
         raise CheckpointError(bad, [why])
     try:
         tensors = safetensors.deserialize(data)
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except Exception as exc:  # SafetensorError, and whatever bad bytes make json raise
         raise CheckpointError(bad, [f"safetensors: {exc}"]) from exc
     meta = _metadata(header, bad)
     problems: list[str] = []
     flat: dict[str, Any] = {}
     leaves: dict[str, Any] = meta["leaves"]
-    complex_names = {f"{k}{SEP}{n}" for k, info in leaves.items() for n in info["complex"]}
+    complex_names = {
+        f"{k}{SEP}{n}" for k, info in leaves.items() for n in info["complex"]
+    }
     for name, spec in tensors:
         dtype = _READ_DTYPES.get(str(spec.get("dtype")).upper())
         if dtype is None:
-            problems.append(f"{name}: mis-typed, dtype {spec.get('dtype')!r} is not one a "
-                            "state can have")
+            problems.append(
+                f"{name}: mis-typed, dtype {spec.get('dtype')!r} is not one a "
+                "state can have"
+            )
             continue
         npdtype = _ml_dtypes().bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-        array = np.frombuffer(bytes(spec["data"]), dtype=np.dtype(npdtype).newbyteorder("<"))
+        array = np.frombuffer(
+            bytes(spec["data"]), dtype=np.dtype(npdtype).newbyteorder("<")
+        )
         array = array.astype(np.dtype(npdtype)).reshape(spec["shape"])
         if name in complex_names:
             if dtype not in ("float32", "float64") or array.shape[-1:] != (2,):
-                problems.append(f"{name}: mis-typed, a complex entry must be float32 or "
-                                f"float64 with a last axis of 2, got {dtype} {array.shape}")
+                problems.append(
+                    f"{name}: mis-typed, a complex entry must be float32 or "
+                    f"float64 with a last axis of 2, got {dtype} {array.shape}"
+                )
                 continue
             array = np.ascontiguousarray(array).view(
-                "complex64" if dtype == "float32" else "complex128")[..., 0]
+                "complex64" if dtype == "float32" else "complex128"
+            )[..., 0]
         flat[name] = array
     for key, info in leaves.items():
         flat[f"{key}{SEP}rule"] = meta["rules"][info["rule"]]
@@ -266,38 +303,57 @@ def _metadata(header: Any, bad: str) -> dict[str, Any]:
     raw = header.get("__metadata__") if isinstance(header, dict) else None
     text = raw.get(META_KEY) if isinstance(raw, dict) else None
     if not isinstance(text, str):
-        why = f"the header has no {META_KEY!r} metadata: not written by agnosticopt.save"
+        why = (
+            f"the header has no {META_KEY!r} metadata: not written by agnosticopt.save"
+        )
         raise CheckpointError(bad, [why])
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise CheckpointError(bad, [f"the {META_KEY!r} metadata is not JSON: {exc}"]) from exc
+        raise CheckpointError(
+            bad, [f"the {META_KEY!r} metadata is not JSON: {exc}"]
+        ) from exc
     problems = []
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         problems.append(f"the metadata's format is not {FORMAT!r}")
     elif meta.get("version") != VERSION:
-        problems.append(f"format version {meta.get('version')!r}; this agnosticopt reads "
-                        f"version {VERSION}")
-    elif not isinstance(meta.get("rules"), list) or not isinstance(meta.get("leaves"), dict):
+        problems.append(
+            f"format version {meta.get('version')!r}; this agnosticopt reads "
+            f"version {VERSION}"
+        )
+    elif not isinstance(meta.get("rules"), list) or not isinstance(
+        meta.get("leaves"), dict
+    ):
         problems.append("the metadata needs a list 'rules' and a dict 'leaves'")
     else:
         for key, info in meta["leaves"].items():
             problems.extend(_check_info(key, info, len(meta["rules"])))
     if problems:
         raise CheckpointError(bad, problems)
-    return meta
+    checked: dict[str, Any] = meta  # a dict with the fields above
+    return checked
 
 
 def _check_info(key: str, info: Any, n_rules: int) -> list[str]:
-    shape = {"path": list, "rule": int, "frozen": bool, "host": list, "complex": list,
-             "values": dict}
+    shape = {
+        "path": list,
+        "rule": int,
+        "frozen": bool,
+        "host": list,
+        "complex": list,
+        "values": dict,
+    }
     if not isinstance(info, dict) or set(info) != set(shape):
         return [f"{key}: the metadata of a parameter needs the keys {sorted(shape)}"]
-    problems = [f"{key}: metadata {k!r} must be a {t.__name__}"
-                for k, t in shape.items() if not isinstance(info[k], t)
-                or (t is int and isinstance(info[k], bool))]
+    problems = [
+        f"{key}: metadata {k!r} must be a {t.__name__}"
+        for k, t in shape.items()
+        if not isinstance(info[k], t) or (t is int and isinstance(info[k], bool))
+    ]
     if not problems and not 0 <= info["rule"] < n_rules:
-        problems.append(f"{key}: metadata 'rule' {info['rule']} is not an index of 'rules'")
+        problems.append(
+            f"{key}: metadata 'rule' {info['rule']} is not an index of 'rules'"
+        )
     if not problems and not all(isinstance(n, str) for n in info["complex"]):
         problems.append(f"{key}: metadata 'complex' must list entry names")
     return problems
@@ -336,7 +392,9 @@ def load(path: Any, like: Any = None) -> Any:
     flat, host = _read(path)
     where = os.fspath(path)
     if like is None:
-        return {k: _plain(v[()]) if k in host and _zero_d(v) else v for k, v in flat.items()}
+        return {
+            k: _plain(v[()]) if k in host and _zero_d(v) else v for k, v in flat.items()
+        }
 
     def grouped_of(known: set[str], problems: list[str]) -> dict[str, dict[str, Any]]:
         return _group(flat, known, problems)
@@ -346,4 +404,3 @@ def load(path: Any, like: Any = None) -> Any:
 
 def _zero_d(value: Any) -> bool:
     return getattr(value, "shape", None) == ()
-

@@ -47,8 +47,13 @@ _CONTAINER_BACKENDS = {"torch": "torch"}
 _BACKEND_FLATTENERS: dict[type, Callable[[Any], Node] | None] = {}
 
 
-def register_container(cls: type, flatten: Flattener, unflatten: Unflattener, *,
-                       trainable: Trainable = None) -> None:
+def register_container(
+    cls: type,
+    flatten: Flattener,
+    unflatten: Unflattener,
+    *,
+    trainable: Trainable = None,
+) -> None:
     """Make instances of ``cls`` (and of its subclasses) containers.
 
     Parameters
@@ -220,7 +225,9 @@ def _backend_flattener(cls: type) -> Callable[[Any], Node] | None:
     base class comes from that backend, so no backend is imported up front.
     """
     for base in cls.__mro__:
-        name = _CONTAINER_BACKENDS.get((getattr(base, "__module__", None) or "").partition(".")[0])
+        name = _CONTAINER_BACKENDS.get(
+            (getattr(base, "__module__", None) or "").partition(".")[0]
+        )
         if name is not None:
             adapter = importlib.import_module(f"agnosticopt.adapters.{name}")
             found = getattr(adapter, "container_flattener", None)
@@ -269,8 +276,9 @@ def _flatten_registered(obj: Any, flattener: Flattener, trainable: Trainable) ->
     return Node(obj, "registered", keys, children, untrainable=frozenset(keys) - wanted)
 
 
-def _rebuild_mapping(obj: Mapping[Any, Any], keys: tuple[Hashable, ...],
-                     children: list[Any]) -> Any:
+def _rebuild_mapping(
+    obj: Mapping[Any, Any], keys: tuple[Hashable, ...], children: list[Any]
+) -> Any:
     if type(obj) is dict:
         return dict(zip(keys, children, strict=True))
     if isinstance(obj, MutableMapping):

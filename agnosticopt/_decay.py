@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import NONNEGATIVE, Rule, hyper, hyperparameter
 
 __all__ = ["SignDecay", "WeightDecay"]
@@ -23,14 +24,22 @@ class WeightDecay(Rule):
     ----------
     lambda_
         Penalty (λ; Julia's ``lambda``).
+
+    References
+    ----------
+    - Krogh and Hertz, *A simple weight decay can improve generalization* (NIPS
+      1991).
+    - Optimisers.jl, ``src/rules.jl`` (``WeightDecay``).
     """
 
     lambda_: float = hyperparameter(5e-4, NONNEGATIVE, precision="nonzero")
 
-    def init(self, x: Any, xp: Any) -> None:
+    def init(self, x: Any, xp: RuleNamespace) -> None:
         return None
 
-    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+    def apply(
+        self, state: None, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[None, Any]:
         (lam,) = hyper(xp, x, self.lambda_)
         return None, xp.add(dx, xp.multiply(lam, x))
 
@@ -49,13 +58,19 @@ class SignDecay(Rule):
     ----------
     lambda_
         Penalty (λ; Julia's ``lambda``).
+
+    References
+    ----------
+    - Optimisers.jl, ``src/rules.jl`` (``SignDecay``).
     """
 
     lambda_: float = hyperparameter(1e-3, NONNEGATIVE, precision="nonzero")
 
-    def init(self, x: Any, xp: Any) -> None:
+    def init(self, x: Any, xp: RuleNamespace) -> None:
         return None
 
-    def apply(self, state: None, x: Any, dx: Any, xp: Any) -> tuple[None, Any]:
+    def apply(
+        self, state: None, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[None, Any]:
         (lam,) = hyper(xp, x, self.lambda_)
         return None, xp.add(dx, xp.multiply(lam, xp.sign(x)))

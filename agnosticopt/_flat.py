@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any, Literal, overload
 
 from agnosticopt._containers import KeyPath, flatten, format_path
-from agnosticopt._tree import trainable_adapter
+from agnosticopt._leaf import trainable_adapter
+from agnosticopt._protocols import ArrayAdapter
 from agnosticopt._xp import adapter_for
 
 __all__ = ["Restructure", "destructure", "trainables"]
@@ -18,7 +19,7 @@ class _Found:
 
     path: KeyPath
     x: Any
-    xp: Any
+    xp: ArrayAdapter
 
 
 def _find(model: Any) -> list[_Found]:
@@ -200,8 +201,14 @@ class Restructure:
         offset = 0
         for f in found:
             size = f.xp.size(f.x)
-            slot = _Slot(f.x, offset, size, f.xp.shape(f.x), f.xp.dtype_name(f.x),
-                         f.xp.is_complex(f.x))
+            slot = _Slot(
+                f.x,
+                offset,
+                size,
+                f.xp.shape(f.x),
+                f.xp.dtype_name(f.x),
+                f.xp.is_complex(f.x),
+            )
             self._slots.append(slot)
             offset += size
         self.length = offset
@@ -243,7 +250,7 @@ class Restructure:
         return _rebuild(self.model, pieces)
 
 
-def _piece(fxp: Any, flat: Any, slot: _Slot) -> Any:
+def _piece(fxp: ArrayAdapter, flat: Any, slot: _Slot) -> Any:
     part = fxp.xp.reshape(flat[slot.offset : slot.offset + slot.size], slot.shape)
     if fxp.is_complex(part) and not slot.complex:
         part = fxp.xp.real(part)

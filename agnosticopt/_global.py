@@ -24,13 +24,26 @@ other leaves: :class:`CrossLeaf` rules raise there.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from agnosticopt._clip import ClipNorm
 from agnosticopt._containers import KeyPath, format_path
-from agnosticopt._norm import combine_nodes, finish_norm, norm_nodes
+from agnosticopt._norm import (
+    ShardNorm,
+    combine_nodes,
+    finish_norm,
+    node_width,
+    norm_nodes,
+    shard_norm_finish,
+    shard_norm_nodes,
+    shard_of,
+)
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import NONNEGATIVE_OR_INF, Replace, Rule, hyperparameter
 from agnosticopt._wrappers import MixedPrecision, MixedPrecisionState, OptimiserChain
 
@@ -39,6 +52,7 @@ __all__ = [
     "CrossLeaf",
     "Part",
     "Request",
+    "ShardNorms",
     "SkipNonFinite",
     "SkipNonFiniteState",
     "cross_leaf_plain",
@@ -62,7 +76,7 @@ class Part(NamedTuple):
     """One leaf's share of a cross-leaf reduction, as :meth:`CrossLeaf.reduce` sees it."""
 
     path: KeyPath
-    xp: Any
+    xp: RuleNamespace
     x: Any
     dx: Any
 
@@ -78,10 +92,10 @@ class CrossLeaf(Rule):
     rules) clips by the norm of both parts.
     """
 
-    def init(self, x: Any, xp: Any) -> Any:
+    def init(self, x: Any, xp: RuleNamespace) -> Any:
         return None
 
-    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> tuple[Any, Any]:
         msg = (
             f"{type(self).__name__} reduces over every leaf of a model: use it through "
             "setup and update/update_ (alone, in an OptimiserChain or a MixedPrecision), "
@@ -89,7 +103,7 @@ class CrossLeaf(Rule):
         )
         raise TypeError(msg)
 
-    def apply_staged(self, state: Any, x: Any, dx: Any, xp: Any) -> Staged:
+    def apply_staged(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> Staged:
         """One leaf's step: yield the request, then :meth:`finish` with the answer."""
         shared = yield Request(self, dx)
         return self.finish(state, x, dx, xp, shared)
@@ -98,7 +112,9 @@ class CrossLeaf(Rule):
         """The shared value of every leaf, from all their inputs (tree order)."""
         raise NotImplementedError
 
-    def finish(self, state: Any, x: Any, dx: Any, xp: Any, shared: Any) -> tuple[Any, Any]:
+    def finish(
+        self, state: Any, x: Any, dx: Any, xp: RuleNamespace, shared: Any
+    ) -> tuple[Any, Any]:
         """``(new_state, step)`` of one leaf, given its shared value."""
         raise NotImplementedError
 
@@ -107,7 +123,7 @@ _WIDTH = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
 _REAL = {"complex64": "float32", "complex128": "float64"}
 
 
-def _real_name(xp: Any, a: Any) -> str:
+def _real_name(xp: RuleNamespace, a: Any) -> str:
     name = xp.dtype_name(a)
     return _REAL.get(name, name)
 
@@ -133,6 +149,37 @@ def one_backend(rule: str, parts: list[Part]) -> Any:
             )
             raise TypeError(msg)
     return first.xp
+
+
+def _shards(rule: str, parts: list[Part]) -> list[Any]:
+    """Each part's shard (:func:`agnosticopt._norm.shard_of`): all or none, on one mesh."""
+    shards = [shard_of(p.x) for p in parts]
+    sharded = [k for k, s in enumerate(shards) if s is not None]
+    if not sharded:
+        return shards
+    plain = [k for k, s in enumerate(shards) if s is None]
+    if plain:
+        msg = (
+            f"{rule}: the parameter at {format_path(parts[sharded[0]].path)} is sharded "
+            f"(a DTensor) and the one at {format_path(parts[plain[0]].path)} is not; a "
+            "reduction over every leaf needs all of them DTensors on one mesh (make the "
+            "others DTensors with Replicate() placements, or give them their own rule)"
+        )
+        raise TypeError(msg)
+    first = shards[0]
+    for k, shard in enumerate(shards):
+        shard.check(rule)
+        if shard.mesh != first.mesh:
+            msg = (
+                f"{rule}: the parameters at {format_path(parts[0].path)} and "
+                f"{format_path(parts[k].path)} are DTensors on different device meshes"
+            )
+            raise ValueError(msg)
+    return shards
+
+
+def _terms_combine(xp: RuleNamespace, p: float) -> Any:
+    return xp.maximum if p == math.inf else xp.add
 
 
 @dataclass(frozen=True)
@@ -170,6 +217,13 @@ class ClipGlobalNorm(CrossLeaf):
     dtype. Unlike :class:`ClipNorm` (Optimisers.jl's, per array) the ratio is
     not evaluated in float64 on the host: that would need a host
     synchronisation. Leaves with no gradient (``None``) or frozen take no part.
+
+    References
+    ----------
+    - Pascanu, Mikolov and Bengio, *On the difficulty of training recurrent neural
+      networks*, [arXiv:1211.5063](https://arxiv.org/abs/1211.5063).
+    - torch's ``torch.nn.utils.clip_grad_norm_`` and optax's
+      ``clip_by_global_norm``.
     """
 
     omega: float = hyperparameter(1.0, NONNEGATIVE_OR_INF)
@@ -186,13 +240,26 @@ class ClipGlobalNorm(CrossLeaf):
         """``(xp, norm, dtype)``: the global norm of the parts as a 1-element array."""
         xp = one_backend(type(self).__name__, parts)
         dtype = _reduction_dtype(parts)
+        shards = _shards(type(self).__name__, parts)
         nodes: list[Any] = []
-        offset = 0
+        offset = width = 0
         combine: Any = None
-        for part in parts:
-            found, combine = norm_nodes(xp, part.dx, self.p, offset, dtype)
+        for part, shard in zip(parts, shards, strict=True):
+            if shard is None:
+                found, combine = norm_nodes(xp, part.dx, self.p, offset, dtype)
+                offset += xp.size(part.dx)
+            else:  # a local shard: its range of the leaf, the leaf at its global offset
+                found, combine = norm_nodes(
+                    xp, part.dx, self.p, offset + shard.offset, dtype
+                )
+                if not shard.contributes:
+                    found = []
+                width += node_width(shard.total)
+                offset += shard.total
             nodes += found
-            offset += xp.size(part.dx)
+        if shards[0] is not None:  # one all-gather of the nodes of every leaf
+            nodes = shards[0].gather(nodes, width)
+            combine = _terms_combine(xp, self.p)
         if offset == 0:
             return xp, None, dtype
         return xp, finish_norm(xp, combine_nodes(nodes, offset, combine), self.p), dtype
@@ -223,7 +290,9 @@ class ClipGlobalNorm(CrossLeaf):
             shared.append(by_dtype[name])
         return shared
 
-    def finish(self, state: Any, x: Any, dx: Any, xp: Any, shared: Any) -> tuple[Any, Any]:
+    def finish(
+        self, state: Any, x: Any, dx: Any, xp: RuleNamespace, shared: Any
+    ) -> tuple[Any, Any]:
         if shared is None:
             return None, dx
         return None, xp.multiply(dx, shared)
@@ -258,6 +327,10 @@ class SkipNonFinite(CrossLeaf):
     state (step counters, Adam's β powers, by the numerics contract), which a
     device-side select cannot keep unchanged. On numpy and CPU torch it is
     free. Frozen leaves and leaves without a gradient take no part.
+
+    References
+    ----------
+    - optax's ``apply_if_finite``.
     """
 
     rule: Rule
@@ -268,10 +341,10 @@ class SkipNonFinite(CrossLeaf):
             raise TypeError(msg)
         super().__post_init__()
 
-    def init(self, x: Any, xp: Any) -> SkipNonFiniteState:
+    def init(self, x: Any, xp: RuleNamespace) -> SkipNonFiniteState:
         return SkipNonFiniteState(self.rule.init(x, xp), 0)
 
-    def apply_staged(self, state: Any, x: Any, dx: Any, xp: Any) -> Staged:
+    def apply_staged(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> Staged:
         finite = yield Request(self, dx)
         if not finite:
             return SkipNonFiniteState(state.state, state.skips + 1), None
@@ -279,7 +352,9 @@ class SkipNonFinite(CrossLeaf):
         return SkipNonFiniteState(inner, state.skips), step
 
     def reduce(self, parts: list[Part]) -> list[Any]:
-        verdict: dict[str, Any] = {}  # adapter name -> 0-d bool array, all finite so far
+        verdict: dict[
+            str, Any
+        ] = {}  # adapter name -> 0-d bool array, all finite so far
         adapters = {}
         for part in parts:
             xp = part.xp
@@ -288,6 +363,9 @@ class SkipNonFinite(CrossLeaf):
             verdict[xp.name] = ok if seen is None else xp.xp.logical_and(seen, ok)
             adapters[xp.name] = xp
         finite = all(bool(adapters[name].to_host(v)) for name, v in verdict.items())
+        shard = next((s for s in (shard_of(p.x) for p in parts) if s is not None), None)
+        if shard is not None:  # every rank skips, or none
+            finite = shard.all_true(finite)
         return [finite] * len(parts)
 
     def hyperparameter_names(self) -> frozenset[str]:
@@ -295,6 +373,83 @@ class SkipNonFinite(CrossLeaf):
 
     def _adjust(self, changes: Any) -> Rule:
         return SkipNonFinite(self.rule._adjust(changes))
+
+
+@dataclass(frozen=True)
+class ShardNorms(CrossLeaf):
+    """The per-array norms of :class:`~agnosticopt.ClipNorm` on local shards, exchanged at once.
+
+    Not a rule of its own: on a sharded leaf (a DTensor's local shard, see
+    :func:`agnosticopt._norm.shard_of`) ``ClipNorm`` is run in stages
+    (:func:`staged`): each leaf reduces the tree nodes of its shard and yields
+    them to this stage; :meth:`reduce` exchanges the nodes of **every** such
+    leaf of the update in one all-gather per device mesh (each leaf's rows at
+    the same place on every rank: ``node_width`` of its length, which every rank
+    knows), and each leaf finishes its own norm from the nodes of all ranks,
+    the same bits as :func:`agnosticopt.norm` of the whole array in one process.
+    All instances are equal, so all sharded ``ClipNorm`` leaves meeting at one
+    stage share the exchange, whatever their ω and p.
+    """
+
+    def reduce(self, parts: list[Part]) -> list[Any]:
+        meshes: list[tuple[Any, list[int]]] = []  # (a shard, the parts on its mesh)
+        for k, part in enumerate(parts):
+            shard = shard_of(part.x)
+            for first, members in meshes:
+                if first.mesh == shard.mesh:
+                    members.append(k)
+                    break
+            else:
+                meshes.append((shard, [k]))
+        norms: list[Any] = [None] * len(parts)
+        for shard, members in meshes:
+            planned = [parts[k].dx for k in members]
+            pieces = [(pl.nodes, node_width(pl.total)) for pl in planned]
+            many = getattr(shard, "gather_many", None)
+            found = (
+                many(pieces)
+                if many is not None
+                else [shard.gather(nodes, width) for nodes, width in pieces]
+            )
+            for k, pl, nodes in zip(members, planned, found, strict=True):
+                norms[k] = shard_norm_finish(pl, nodes)
+        return norms
+
+
+_SHARD_NORMS = ShardNorms()
+
+#: True while a sharded leaf's chain runs in :func:`run_stages`: there ClipNorm has stages.
+_ON_SHARD: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "_ON_SHARD", default=False
+)
+
+
+@contextlib.contextmanager
+def _on_shard(sharded: bool) -> Iterator[None]:
+    token = _ON_SHARD.set(sharded)
+    try:
+        yield
+    finally:
+        _ON_SHARD.reset(token)
+
+
+def _clip_norm_staged(
+    rule: ClipNorm, state: Any, x: Any, dx: Any, xp: RuleNamespace
+) -> Staged:
+    """:meth:`ClipNorm.apply` on a local shard, its node exchange shared (:class:`ShardNorms`)."""
+    if (
+        getattr(xp, "lazy_clip", False)
+        and rule.p in (2, 1, math.inf, -math.inf)
+        and xp.size(dx) > 0
+    ):
+        return rule.apply(state, x, dx, xp)
+    planned = shard_norm_nodes(shard_of(x), dx, rule.p)
+    n = (
+        (yield Request(_SHARD_NORMS, planned))
+        if isinstance(planned, ShardNorm)
+        else planned
+    )
+    return None, xp.multiply(dx, rule.factor(n, x, xp))
 
 
 # -- running chains in stages -------------------------------------------------------------
@@ -323,13 +478,13 @@ def register_staged(kind: type, run: StagedFn, needs: Callable[[Any], bool]) -> 
 
 def has_stages(rule: Any) -> bool:
     """Whether ``rule`` is, or holds, a cross-leaf rule."""
-    if isinstance(rule, CrossLeaf):
+    if isinstance(rule, CrossLeaf) or (isinstance(rule, ClipNorm) and _ON_SHARD.get()):
         return True
     found = _STAGED.get(type(rule))
     return found is not None and found[1](rule)
 
 
-def staged(rule: Any, state: Any, x: Any, dx: Any, xp: Any) -> Staged:
+def staged(rule: Any, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> Staged:
     """Run ``rule`` on one leaf as a generator of :class:`Request` s.
 
     Returns ``(new_state, step)`` as ``rule.apply`` does; rules without stages
@@ -337,13 +492,17 @@ def staged(rule: Any, state: Any, x: Any, dx: Any, xp: Any) -> Staged:
     """
     if isinstance(rule, CrossLeaf):
         return (yield from rule.apply_staged(state, x, dx, xp))
+    if isinstance(rule, ClipNorm) and _ON_SHARD.get() and shard_of(x) is not None:
+        return (yield from _clip_norm_staged(rule, state, x, dx, xp))
     found = _STAGED.get(type(rule))
     if found is not None and found[1](rule):
         return (yield from found[0](rule, state, x, dx, xp))
     return rule.apply(state, x, dx, xp)
 
 
-def _chain(rule: OptimiserChain, state: Any, x: Any, dx: Any, xp: Any) -> Staged:
+def _chain(
+    rule: OptimiserChain, state: Any, x: Any, dx: Any, xp: RuleNamespace
+) -> Staged:
     """:meth:`OptimiserChain.apply` in stages."""
     states = []
     step = dx
@@ -354,16 +513,20 @@ def _chain(rule: OptimiserChain, state: Any, x: Any, dx: Any, xp: Any) -> Staged
     return tuple(states), step
 
 
-def _mixed(rule: MixedPrecision, state: MixedPrecisionState, x: Any, dx: Any,
-           xp: Any) -> Staged:
+def _mixed(
+    rule: MixedPrecision, state: MixedPrecisionState, x: Any, dx: Any, xp: RuleNamespace
+) -> Staged:
     """:meth:`MixedPrecision.apply` in stages."""
     master = state.master
-    inner, step = yield from staged(rule.rule, state.state, master,
-                                    xp.astype(dx, rule.dtype), xp)
+    inner, step = yield from staged(
+        rule.rule, state.state, master, xp.astype(dx, rule.dtype), xp
+    )
     if step is None:
         return MixedPrecisionState(master, inner), None
     master = xp.subtract(master, step)
-    return MixedPrecisionState(master, inner), Replace(xp.astype(master, xp.dtype_name(x)))
+    return MixedPrecisionState(master, inner), Replace(
+        xp.astype(master, xp.dtype_name(x))
+    )
 
 
 register_staged(OptimiserChain, _chain, lambda r: any(has_stages(s) for s in r.opts))
@@ -378,8 +541,13 @@ def cross_leaf_plain(entries: list[Any]) -> set[int]:
     then reports the mixed backends).
     """
     memo: dict[int, bool] = {}
-    found = [e for e in entries if e.grad is not None and not e.leaf.frozen
-             and memo.setdefault(id(e.leaf.rule), has_stages(e.leaf.rule))]
+    found = [
+        e
+        for e in entries
+        if e.grad is not None
+        and not e.leaf.frozen
+        and memo.setdefault(id(e.leaf.rule), has_stages(e.leaf.rule))
+    ]
     if len({e.xp.name for e in found}) <= 1:
         return set()
     return {id(e) for e in found}
@@ -388,6 +556,7 @@ def cross_leaf_plain(entries: list[Any]) -> set[int]:
 class _Running(NamedTuple):
     entry: Any
     steps: Staged
+    sharded: bool  # a local shard: its ClipNorm rules have stages (ShardNorms)
 
 
 def run_stages(entries: list[Any]) -> dict[int, tuple[Any, Any]]:
@@ -410,16 +579,23 @@ def run_stages(entries: list[Any]) -> dict[int, tuple[Any, Any]]:
     waiting: list[tuple[_Running, Request]] = []
     for entry in entries:
         rule = entry.leaf.rule
-        if memo.setdefault(id(rule), has_stages(rule)):
-            run = _Running(entry, staged(rule, entry.leaf.state, entry.x, entry.grad, entry.xp))
-            _advance(run, None, results, waiting, first=True)
+        sharded = shard_of(entry.x) is not None
+        if memo.setdefault(id(rule), has_stages(rule)) or (
+            sharded and _sharded_stages(rule)
+        ):
+            steps = staged(rule, entry.leaf.state, entry.x, entry.grad, entry.xp)
+            _advance(
+                _Running(entry, steps, sharded), None, results, waiting, first=True
+            )
     while waiting:
         groups: dict[Any, list[tuple[_Running, Request]]] = {}
         for item in waiting:
             groups.setdefault(item[1].rule, []).append(item)
         waiting = []
         for rule, members in groups.items():
-            parts = [Part(r.entry.path, r.entry.xp, r.entry.x, req.dx) for r, req in members]
+            parts = [
+                Part(r.entry.path, r.entry.xp, r.entry.x, req.dx) for r, req in members
+            ]
             with members[0][0].entry.xp.computing():
                 shared = rule.reduce(parts)
             for (run, _), value in zip(members, shared, strict=True):
@@ -427,10 +603,22 @@ def run_stages(entries: list[Any]) -> dict[int, tuple[Any, Any]]:
     return results
 
 
-def _advance(run: _Running, value: Any, results: dict[int, tuple[Any, Any]],
-             waiting: list[tuple[_Running, Request]], *, first: bool) -> None:
+def _sharded_stages(rule: Any) -> bool:
+    """Whether ``rule`` has stages on a local shard (it holds a ClipNorm)."""
+    with _on_shard(True):
+        return has_stages(rule)
+
+
+def _advance(
+    run: _Running,
+    value: Any,
+    results: dict[int, tuple[Any, Any]],
+    waiting: list[tuple[_Running, Request]],
+    *,
+    first: bool,
+) -> None:
     entry = run.entry
-    with entry.xp.computing():
+    with entry.xp.computing(), _on_shard(run.sharded):
         try:
             request = next(run.steps) if first else run.steps.send(value)
         except StopIteration as stop:

@@ -28,16 +28,22 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._xp import adapter_for
 
 __all__ = [
     "NUMERICS_VERSION",
     "Node",
+    "ShardNorm",
     "combine_nodes",
     "norm",
+    "norm_at",
     "norm_nodes",
     "pairwise_reduce",
     "reduce_piece",
+    "shard_norm_finish",
+    "shard_norm_nodes",
+    "shard_of",
     "tree_reduce",
 ]
 
@@ -60,8 +66,13 @@ class Node(NamedTuple):
     value: Any
 
 
-def reduce_piece(xp: Any, piece: Any, offset: int, combine: Combine,
-                 total: int | None = None) -> list[Node]:
+def reduce_piece(
+    xp: RuleNamespace,
+    piece: Any,
+    offset: int,
+    combine: Combine,
+    total: int | None = None,
+) -> list[Node]:
     """The tree nodes that lie wholly inside one contiguous piece of an array.
 
     Parameters
@@ -99,14 +110,18 @@ def reduce_piece(xp: Any, piece: Any, offset: int, combine: Combine,
         msg = f"a piece of {n} elements at offset {offset} is not inside [0, {total})"
         raise ValueError(msg)
     nodes: list[Node] = []
-    lo, hi, level = offset, offset + n, 0  # the nodes [lo, hi) of this level are in flat
+    lo, hi, level = (
+        offset,
+        offset + n,
+        0,
+    )  # the nodes [lo, hi) of this level are in flat
     while lo < hi:
         if lo & 1:  # its left sibling is in another piece: a finished node
             nodes.append(Node(level, lo, flat[0:1]))
             flat, lo = flat[1:], lo + 1
         if lo < hi and hi & 1:  # the last node's right sibling is not here
             m = hi - lo
-            nodes.append(Node(level, hi - 1, flat[m - 1:m]))
+            nodes.append(Node(level, hi - 1, flat[m - 1 : m]))
             flat, hi = flat[: m - 1], hi - 1
         if lo == hi:
             break
@@ -145,8 +160,10 @@ def combine_nodes(nodes: Iterable[Node], total: int, combine: Combine) -> Any:
     levels: list[dict[int, Any]] = [{} for _ in range(top + 1)]
     for node in nodes:
         if not (0 <= node.level <= top) or node.block in levels[node.level]:
-            msg = (f"node {node.level, node.block} is out of range or given twice: "
-                   f"the pieces do not cover [0, {total}) exactly once")
+            msg = (
+                f"node {node.level, node.block} is out of range or given twice: "
+                f"the pieces do not cover [0, {total}) exactly once"
+            )
             raise ValueError(msg)
         levels[node.level][node.block] = node.value
     for level in range(top):
@@ -156,20 +173,26 @@ def combine_nodes(nodes: Iterable[Node], total: int, combine: Combine) -> Any:
                 continue
             value = here.pop(j)
             if j & 1:
-                msg = (f"node {level, j} has no left sibling: the pieces do not cover "
-                       f"[0, {total}) exactly once")
+                msg = (
+                    f"node {level, j} has no left sibling: the pieces do not cover "
+                    f"[0, {total}) exactly once"
+                )
                 raise ValueError(msg)
             if (j + 1) << level >= total:  # the right sibling is past the end
                 merged = value
             elif j + 1 in here:
                 merged = combine(value, here.pop(j + 1))
             else:
-                msg = (f"node {level, j + 1} is missing: the pieces do not cover "
-                       f"[0, {total}) exactly once")
+                msg = (
+                    f"node {level, j + 1} is missing: the pieces do not cover "
+                    f"[0, {total}) exactly once"
+                )
                 raise ValueError(msg)
             if j >> 1 in up:
-                msg = (f"node {level + 1, j >> 1} is given twice: the pieces do not cover "
-                       f"[0, {total}) exactly once")
+                msg = (
+                    f"node {level + 1, j >> 1} is given twice: the pieces do not cover "
+                    f"[0, {total}) exactly once"
+                )
                 raise ValueError(msg)
             up[j >> 1] = merged
     root = levels[top]
@@ -179,7 +202,7 @@ def combine_nodes(nodes: Iterable[Node], total: int, combine: Combine) -> Any:
     return root[0]
 
 
-def tree_reduce(xp: Any, a: Any, combine: Combine) -> Any:
+def tree_reduce(xp: RuleNamespace, a: Any, combine: Combine) -> Any:
     """Reduce all of ``a`` by the aligned-block tree; a one-element array.
 
     Raises
@@ -192,7 +215,7 @@ def tree_reduce(xp: Any, a: Any, combine: Combine) -> Any:
 
 
 def pairwise_reduce(
-    xp: Any, a: Any, combine: Combine, identity: Any = None
+    xp: RuleNamespace, a: Any, combine: Combine, identity: Any = None
 ) -> Any:
     """Reduce ``a`` to a 0-d array by the aligned-block tree of ``combine`` calls.
 
@@ -214,7 +237,7 @@ def pairwise_reduce(
     return tree_reduce(xp, a, combine)[0]
 
 
-def _terms(xp: Any, dx: Any, p: float) -> tuple[Any, Combine]:
+def _terms(xp: RuleNamespace, dx: Any, p: float) -> tuple[Any, Combine]:
     """The elementwise terms of the p-norm (p = 2, 1, ±inf) and how they combine."""
     if p == 2:
         return xp.abs2(dx), xp.add
@@ -229,8 +252,19 @@ def _terms(xp: Any, dx: Any, p: float) -> tuple[Any, Combine]:
     raise ValueError(msg)
 
 
-def norm_nodes(xp: Any, dx: Any, p: float, offset: int, dtype: str | None = None
-               ) -> tuple[list[Node], Combine]:
+def _combine_of(xp: RuleNamespace, p: float) -> Combine:
+    """How the terms of the p-norm (p = 2, 1, ±inf) combine."""
+    if p in (1, 2):
+        return xp.add
+    if p in (math.inf, -math.inf):
+        return xp.maximum if p > 0 else xp.minimum
+    msg = f"the exact norms are p = 2, 1, inf and -inf, not {p!r}"
+    raise ValueError(msg)
+
+
+def norm_nodes(
+    xp: RuleNamespace, dx: Any, p: float, offset: int, dtype: str | None = None
+) -> tuple[list[Node], Combine]:
     """The tree nodes of one piece's p-norm terms (p = 2, 1, ±inf).
 
     Parameters
@@ -251,13 +285,18 @@ def norm_nodes(xp: Any, dx: Any, p: float, offset: int, dtype: str | None = None
     nodes, combine
         For :func:`combine_nodes`; finish with :func:`finish_norm`.
     """
+    by_blocks = getattr(
+        xp, "norm_nodes", None
+    )  # an adapter that reduces block by block
+    if by_blocks is not None:
+        return by_blocks(dx, p, offset, dtype), _combine_of(xp, p)
     terms, combine = _terms(xp, dx, p)
     if dtype is not None and xp.dtype_name(terms) != dtype:
         terms = xp.astype(terms, dtype)
     return reduce_piece(xp, terms, offset, combine), combine
 
 
-def finish_norm(xp: Any, value: Any, p: float) -> Any:
+def finish_norm(xp: RuleNamespace, value: Any, p: float) -> Any:
     """The norm from the combined root ``value`` (``sqrt`` for ``p = 2``)."""
     return xp.sqrt(value) if p == 2 else value
 
@@ -298,21 +337,108 @@ def norm(dx: Any, p: float = 2.0) -> Any:
     if p == 0:
         return real(xp.count_nonzero(dx))
     if p == 2:
-        total = tree_reduce(xp, xp.abs2(dx), xp.add)[0]
+        nodes, combine = norm_nodes(xp, dx, p, 0)
+        total = combine_nodes(nodes, xp.size(dx), combine)[0]
         return _sqrt(real(xp.to_host(total)))
     if p in (1, math.inf, -math.inf):
-        terms, combine = _terms(xp, dx, p)
-        return real(xp.to_host(tree_reduce(xp, terms, combine)[0]))
+        nodes, combine = norm_nodes(xp, dx, p, 0)
+        return real(xp.to_host(combine_nodes(nodes, xp.size(dx), combine)[0]))
     q = real(p)
     mag = _magnitude(xp, dx)
     total = real(xp.to_host(tree_reduce(xp, xp.pow(mag, q), xp.add)[0]))
     return total ** (real(1) / q)
 
 
-def _as_float64(xp: Any, dx: Any) -> Any:
+def shard_of(x: Any) -> Any:
+    """The shard description of a local shard (``None`` for a whole array).
+
+    An adapter of a sharded engine (``adapters/dtensor.py``) marks the local
+    shards it hands to the rules with an object with ``offset`` and ``total``
+    (where the shard lies in the flattened whole array), ``contributes`` (False
+    on ranks holding a replica they do not reduce), ``check(what)`` (raise if
+    the shard is not one contiguous range), ``gather(nodes, width)`` (the nodes
+    of every rank, one collective), optionally ``gather_many(pieces)`` (the same
+    for a list of ``(nodes, width)``, one collective for all; without it each
+    piece takes its own ``gather``) and ``all_true``/``sum_count``.
+    """
+    return getattr(x, "_agnosticopt_shard", None)
+
+
+def node_width(total: int) -> int:
+    """A bound on the number of nodes :func:`reduce_piece` gives for a piece of ``total``."""
+    return 2 * (max(total, 1).bit_length() + 1)
+
+
+def norm_at(x: Any, dx: Any, p: float = 2.0) -> Any:
+    """:func:`norm` of ``dx``, the step of parameter ``x``, which may be a local shard.
+
+    For a shard (see :func:`shard_of`) the norm is that of the whole array, the
+    same bits as :func:`norm` of it in one process: each rank reduces the tree
+    nodes of its index range and one all-gather exchanges them
+    (:func:`shard_norm_nodes`, then :func:`shard_norm_finish`).
+    """
+    shard = shard_of(x)
+    if shard is None:
+        return norm(dx, p)
+    planned = shard_norm_nodes(shard, dx, p)
+    if not isinstance(planned, ShardNorm):
+        return planned
+    found = shard.gather(planned.nodes, node_width(shard.total))
+    return shard_norm_finish(planned, found)
+
+
+class ShardNorm(NamedTuple):
+    """A local shard's part of a p-norm, before the exchange: see :func:`shard_norm_nodes`."""
+
+    nodes: list[Node]
+    total: int
+    combine: Combine
+    p: float
+    xp: Any
+    real: Any
+
+
+def shard_norm_nodes(shard: Any, dx: Any, p: float) -> Any:
+    """The tree nodes of a local shard's p-norm terms, or the norm if it needs none.
+
+    Returns a host scalar (the norm) when no node exchange is needed (an empty
+    array; ``p = 0``, which counts with one all-reduce), else a
+    :class:`ShardNorm` whose ``nodes`` (none on a rank that does not
+    contribute) the ranks exchange, ``node_width(shard.total)`` rows per rank;
+    hand the nodes of every rank to :func:`shard_norm_finish`.
+    """
+    shard.check(f"a {p}-norm")
+    xp = adapter_for(dx)
+    real = xp.scalar_type(dx)
+    if shard.total == 0:
+        return real(math.inf) if p == -math.inf else real(0)
+    if p == 0:
+        return real(shard.sum_count(int(xp.count_nonzero(dx))))
+    if p in (2, 1, math.inf, -math.inf):
+        terms, combine = _terms(xp, dx, p)
+    else:
+        terms, combine = xp.pow(_magnitude(xp, dx), real(p)), xp.add
+    nodes = reduce_piece(xp, terms, shard.offset, combine) if shard.contributes else []
+    return ShardNorm(nodes, shard.total, combine, p, xp, real)
+
+
+def shard_norm_finish(planned: ShardNorm, found: list[Node]) -> Any:
+    """The norm (a host scalar) from the nodes ``found`` of every rank."""
+    p, xp, real = planned.p, planned.xp, planned.real
+    total = real(xp.to_host(combine_nodes(found, planned.total, planned.combine)[0]))
+    if p == 2:
+        return _sqrt(total)
+    if p in (1, math.inf, -math.inf):
+        return total
+    return total ** (real(1) / real(p))
+
+
+def _as_float64(xp: RuleNamespace, dx: Any) -> Any:
     name = xp.dtype_name(dx)
     if not (name.startswith(("int", "uint")) or name == "bool"):
-        msg = f"norm expects a floating-point, complex, integer or bool array, got {name}"
+        msg = (
+            f"norm expects a floating-point, complex, integer or bool array, got {name}"
+        )
         raise TypeError(msg)
     out = xp.astype(dx, "float64")
     if xp.dtype_name(out) != "float64":
@@ -324,7 +450,7 @@ def _as_float64(xp: Any, dx: Any) -> Any:
     return out
 
 
-def _magnitude(xp: Any, dx: Any) -> Any:
+def _magnitude(xp: RuleNamespace, dx: Any) -> Any:
     return xp.sqrt(xp.abs2(dx)) if xp.is_complex(dx) else xp.abs(dx)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, flatten, format_path
-from agnosticopt._tree import _Setup
+from agnosticopt._setup import _Setup
 
 __all__ = ["ByPath", "by_path"]
 
@@ -30,7 +30,9 @@ Chooser = Callable[[KeyPath, Any], Any]
 
 
 def _is_rule(rule: Any) -> bool:
-    return callable(getattr(rule, "init", None)) and callable(getattr(rule, "apply", None))
+    return callable(getattr(rule, "init", None)) and callable(
+        getattr(rule, "apply", None)
+    )
 
 
 def joined(path: KeyPath, sep: str) -> str:
@@ -130,15 +132,15 @@ class ByPath:
     def setup_tree(self, model: Any) -> Any:
         """The state tree of ``model``: what ``opt.setup(self, model)`` returns."""
         builder = _PathSetup(self)
-        tree = builder.walk(model, ())
-        if builder.count == 0:
-            warnings.warn("setup found no trainable parameters in this model", UserWarning,
-                          stacklevel=3)
+        tree = builder.tree_of(model, stacklevel=4)
         unused = [p for p, _ in self.patterns if p not in builder.used]
         if unused and builder.count:
-            warnings.warn(f"by_path: the patterns {unused!r} matched no trainable array "
-                          "(each array takes the first pattern that matches)",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"by_path: the patterns {unused!r} matched no trainable array "
+                "(each array takes the first pattern that matches)",
+                UserWarning,
+                stacklevel=3,
+            )
         return tree
 
 
@@ -187,7 +189,9 @@ class _PathSetup(_Setup):
     def __init__(self, chooser: ByPath) -> None:
         super().__init__(None)
         self.chooser = chooser
-        self.chosen: dict[int, tuple[KeyPath, Any]] = {}  # id(array) -> first path, rule
+        self.chosen: dict[
+            int, tuple[KeyPath, Any]
+        ] = {}  # id(array) -> first path, rule
         self.used: set[str] = set()
 
     def rule_for(self, x: Any, path: KeyPath) -> Any:

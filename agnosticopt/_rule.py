@@ -15,6 +15,8 @@ and host-scalar expressions are evaluated in ``T`` in Optimisers.jl's order.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -23,12 +25,22 @@ import numbers
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, NamedTuple
 
+from agnosticopt._protocols import RuleNamespace
+
 __all__ = [
-    "DECAY", "NONNEGATIVE", "NONNEGATIVE_OR_INF", "Range", "Replace", "Rule",
-    "check_precision", "eps", "hyper", "hyperparameter",
+    "DECAY",
+    "NONNEGATIVE",
+    "NONNEGATIVE_OR_INF",
+    "Range",
+    "Replace",
+    "Rule",
+    "check_precision",
+    "eps",
+    "hyper",
+    "hyperparameter",
 ]
 
 
@@ -42,22 +54,56 @@ class Replace(NamedTuple):
     value: Any
 
 
-def hyper(xp: Any, x: Any, *values: float) -> tuple[Any, ...]:
+def refuse_unknown_hyperparameters(
+    who: str, names: Iterable[str], known: Iterable[str]
+) -> None:
+    """Raise a ValueError for the ``names`` that are not adjustable hyperparameters.
+
+    Parameters
+    ----------
+    who : str
+        The start of the message, up to the names (e.g. ``"Scheduled: Adam has no
+        adjustable hyperparameter"``).
+    names, known : iterable of str
+        The names asked for, and the adjustable hyperparameters there are.
+    """
+    known = sorted(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        msg = f"{who} {', '.join(map(repr, unknown))} (adjustable: {', '.join(known)})"
+        raise ValueError(msg)
+
+
+def hyper(xp: RuleNamespace, x: Any, *values: float) -> tuple[Any, ...]:
     """Round hyperparameters to the (real) dtype of the parameter ``x``.
 
     Returns numpy scalars, so that host arithmetic on them stays in ``T``.
     """
     t = xp.scalar_type(x)
-    return tuple(t(v) for v in values)
+    return tuple(
+        t(v)
+        if type(v) is float or isinstance(v, numbers.Number)
+        else _on_device(xp, t, v)
+        for v in values
+    )
 
 
-def eps(xp: Any, x: Any, epsilon: float) -> Any:
+def _on_device(xp: RuleNamespace, t: type, value: Any) -> Any:
+    """A hyperparameter that is a 0-d array (a schedule's value under ``jax.jit``),
+    rounded to the dtype ``t`` by the backend's ``astype``."""
+    return xp.astype(value, t.__name__)
+
+
+def eps(xp: RuleNamespace, x: Any, epsilon: float) -> Any:
     """Optimisers.jl's ``_eps``: ``T(epsilon)``, floored at ``1e-7`` in float16.
 
     In float16, ``epsilon == 0`` stays 0; otherwise the value is
     ``max(float16(1e-7), float16(epsilon))`` so that ``v + eps`` cannot be 0.
     """
     t = xp.scalar_type(x)
+    if type(epsilon) is not float and not _is_real(epsilon):
+        msg = "epsilon cannot follow a schedule under jax.jit (its float16 floor is a host max)"
+        raise TypeError(msg)
     value = t(epsilon)
     if t.__name__ == "float16" and epsilon != 0:
         return max(t(1e-7), value)
@@ -200,6 +246,12 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
                 errors.append(str(exc))
         msg = errors[0] if len(errors) == 1 else f"{where} must be {tp}, got {value!r}"
         raise TypeError(msg)
+    if origin is typing.Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            choices = ", ".join(map(repr, args))
+            msg = f"{where} must be one of {choices}, got {value!r}"
+            raise TypeError(msg)
+        return value
     if tp is float:
         if isinstance(value, bool) or not _is_real(value):
             msg = f"{where} must be a real number, got {value!r}"
@@ -238,8 +290,10 @@ def _check_tuple(where: str, args: tuple[Any, ...], value: Any) -> tuple[Any, ..
         what = "real numbers" if real else "items"
         msg = f"{where} must be a tuple of {len(items)} {what}, got {value!r}"
         raise TypeError(msg)
-    return tuple(_check_value(f"{where}[{i}]", a, v)
-                 for i, (a, v) in enumerate(zip(items, value, strict=True)))
+    return tuple(
+        _check_value(f"{where}[{i}]", a, v)
+        for i, (a, v) in enumerate(zip(items, value, strict=True))
+    )
 
 
 def _check_range(where: str, field: dataclasses.Field[Any], value: Any) -> None:
@@ -252,7 +306,9 @@ def _check_range(where: str, field: dataclasses.Field[Any], value: Any) -> None:
             if item not in allowed:
                 msg = f"{where}[{i}] must be in {allowed}, got {item!r}"
                 raise ValueError(msg)
-        if field.metadata.get("ordered") and any(a > b for a, b in itertools.pairwise(value)):
+        if field.metadata.get("ordered") and any(
+            a > b for a, b in itertools.pairwise(value)
+        ):
             msg = f"{where} must be in increasing order (min, max), got {value!r}"
             raise ValueError(msg)
     elif value not in valid:
@@ -278,7 +334,8 @@ def _precision_plan(cls: type) -> tuple[tuple[str, Any], ...]:
     plan = _PLANS.get(cls)
     if plan is None:
         plan = _PLANS[cls] = tuple(
-            (f.name, f.metadata["precision"]) for f in dataclasses.fields(cls)
+            (f.name, f.metadata["precision"])
+            for f in dataclasses.fields(cls)
             if f.metadata.get("precision") is not None
         )
     return plan
@@ -300,7 +357,25 @@ def _degenerate(kind: str, value: Any, rounded: Any) -> str | None:
 _PASSED: dict[tuple[int, type], Any] = {}
 
 
-def check_precision(rule: Rule, xp: Any, x: Any) -> None:
+#: Set while :class:`~agnosticopt.Scheduled` applies a rule whose scheduled
+#: hyperparameters are traced 0-d arrays (``jax.jit``): they cannot be checked on
+#: the host, so construction and precision checks are skipped for that rule.
+_TRACED_HYPERPARAMETERS = contextvars.ContextVar(
+    "traced_hyperparameters", default=False
+)
+
+
+@contextlib.contextmanager
+def traced_hyperparameters() -> Iterator[None]:
+    """Build and apply rules holding traced hyperparameters (no host checks)."""
+    token = _TRACED_HYPERPARAMETERS.set(True)
+    try:
+        yield
+    finally:
+        _TRACED_HYPERPARAMETERS.reset(token)
+
+
+def check_precision(rule: Rule, xp: RuleNamespace, x: Any) -> None:
     """Raise if a hyperparameter of ``rule`` degenerates in the dtype of ``x``.
 
     Run by every rule's ``init`` and ``apply`` (so at :func:`setup`, and at the
@@ -313,7 +388,7 @@ def check_precision(rule: Rule, xp: Any, x: Any) -> None:
         Naming the rule, the field, the dtype, and the remedy.
     """
     plan = _precision_plan(type(rule))
-    if not plan:
+    if not plan or _TRACED_HYPERPARAMETERS.get():
         return
     t = xp.scalar_type(x)
     key = (id(rule), t)
@@ -324,7 +399,8 @@ def check_precision(rule: Rule, xp: Any, x: Any) -> None:
         if isinstance(value, tuple):
             per = kinds if isinstance(kinds, tuple) else (kinds,) * len(value)
             items: list[tuple[str, str | None, Any]] = [
-                (f"{name}[{i}]", k, v) for i, (k, v) in enumerate(zip(per, value, strict=True))
+                (f"{name}[{i}]", k, v)
+                for i, (k, v) in enumerate(zip(per, value, strict=True))
             ]
         else:
             items = [(name, kinds, value)]
@@ -348,7 +424,7 @@ def check_precision(rule: Rule, xp: Any, x: Any) -> None:
 
 def _checking_init(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def init(self: Rule, x: Any, xp: Any) -> Any:
+    def init(self: Rule, x: Any, xp: RuleNamespace) -> Any:
         check_precision(self, xp, x)
         return fn(self, x, xp)
 
@@ -358,7 +434,7 @@ def _checking_init(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _checking_apply(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def apply(self: Rule, state: Any, x: Any, dx: Any, xp: Any) -> Any:
+    def apply(self: Rule, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> Any:
         check_precision(self, xp, x)
         return fn(self, state, x, dx, xp)
 
@@ -374,8 +450,9 @@ class Rule:
     Optimisers.jl's positional order. Field annotations (resolved with
     :func:`typing.get_type_hints`) drive type checks: ``float`` fields take any
     real number (ints become floats), ``tuple[float, float]`` exactly two reals,
-    ``tuple[float, ...]`` any number, ``Optional[X]`` also ``None``, ``bool`` a
-    bool, ``int`` an integer. Ranges and precision checks are declared once per
+    ``tuple[float, ...]`` any number, ``Optional[X]`` (or ``X | None``) also
+    ``None``, ``Literal[...]`` one of its values, ``bool`` a bool, ``int`` an
+    integer, any other class an instance of it. Ranges and precision checks are declared once per
     field with :func:`hyperparameter` and run at construction and in
     ``adjust``; NaN is never in range.
 
@@ -396,6 +473,8 @@ class Rule:
                 setattr(cls, name, wrap(fn))
 
     def __post_init__(self) -> None:
+        if _TRACED_HYPERPARAMETERS.get():
+            return
         hints = _hints(type(self))
         rule = type(self).__name__
         for field in dataclasses.fields(self):
@@ -405,11 +484,11 @@ class Rule:
                 object.__setattr__(self, field.name, checked)
 
     # -- the contract ------------------------------------------------------
-    def init(self, x: Any, xp: Any) -> Any:
+    def init(self, x: Any, xp: RuleNamespace) -> Any:
         """Return the initial state for parameter ``x``."""
         raise NotImplementedError
 
-    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(self, state: Any, x: Any, dx: Any, xp: RuleNamespace) -> tuple[Any, Any]:
         """Return ``(new_state, step)``; the caller does ``x <- x - step``."""
         raise NotImplementedError
 
@@ -443,5 +522,3 @@ class Rule:
         names = {f.name for f in dataclasses.fields(self)}
         mine = {k: v for k, v in changes.items() if k in names}
         return dataclasses.replace(self, **mine) if mine else self
-
-

@@ -16,11 +16,17 @@ hyperparameters from schedules at every step::
                   lambda_=schedules.Linear(1e-2, 0.0, 10_000))
 
 The step count lives in the leaf's state (:class:`ScheduledState`, a host
-``int``), so it travels with the state and checkpoints with it. Each value is a
+``int``; under ``jax.jit`` a traced one, see below), so it travels with the
+state and checkpoints with it. Each value is a
 Python float computed on the host, handed to the inner rule as if by
 ``adjust``, and rounded to the parameter dtype at use like every
 hyperparameter, so a scheduled run gives the bits of a hand-written loop that
 calls ``adjust_`` before every step, on every backend.
+
+Under ``jax.jit`` the count is traced (one compilation for every step) and the
+schedules of this module are evaluated on the device by the JAX adapter
+(``schedule_value``: float64 in JAX's 64-bit mode), their 0-d values rounded to
+the parameter dtype by the adapter's ``astype`` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import operator
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from agnosticopt._global import has_stages, register_staged, staged
-from agnosticopt._rule import Rule
+from agnosticopt._protocols import RuleNamespace
+from agnosticopt._rule import (
+    Rule,
+    refuse_unknown_hyperparameters,
+    traced_hyperparameters,
+)
 
 __all__ = [
     "Constant",
@@ -102,7 +115,9 @@ class Schedule:
             if kind == "float":
                 object.__setattr__(self, field.name, _real(owner, field.name, value))
             elif kind == "int":
-                object.__setattr__(self, field.name, _count(owner, field.name, value, 1))
+                object.__setattr__(
+                    self, field.name, _count(owner, field.name, value, 1)
+                )
 
     def __call__(self, t: int) -> float:
         """The value at step ``t``."""
@@ -159,7 +174,10 @@ class Cosine(Schedule):
     def _value(self, t: int) -> float:
         if t >= self.steps:
             return self.end
-        return self.end + (self.start - self.end) * (1 + math.cos(math.pi * t / self.steps)) / 2
+        return (
+            self.end
+            + (self.start - self.end) * (1 + math.cos(math.pi * t / self.steps)) / 2
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +302,9 @@ class Join(Schedule):
         return float(self.schedules[-1](t - begin))
 
 
-def warmup_cosine(peak: float, warmup: int, steps: int, start: float = 0.0,
-                  end: float = 0.0) -> Schedule:
+def warmup_cosine(
+    peak: float, warmup: int, steps: int, start: float = 0.0, end: float = 0.0
+) -> Schedule:
     """Linear warmup from ``start`` to ``peak`` in ``warmup`` steps, then a cosine
     decay to ``end`` at ``t = steps`` (``steps`` counts the warmup, as optax's
     ``warmup_cosine_decay_schedule``).
@@ -293,28 +312,39 @@ def warmup_cosine(peak: float, warmup: int, steps: int, start: float = 0.0,
     return _warmup(Cosine, peak, warmup, steps, start, end, "warmup_cosine")
 
 
-def warmup_linear(peak: float, warmup: int, steps: int, start: float = 0.0,
-                  end: float = 0.0) -> Schedule:
+def warmup_linear(
+    peak: float, warmup: int, steps: int, start: float = 0.0, end: float = 0.0
+) -> Schedule:
     """Linear warmup from ``start`` to ``peak`` in ``warmup`` steps, then a linear
     decay to ``end`` at ``t = steps`` (``steps`` counts the warmup).
     """
     return _warmup(Linear, peak, warmup, steps, start, end, "warmup_linear")
 
 
-def _warmup(decay: Callable[[float, float, int], Schedule], peak: float, warmup: int, steps: int, start: float,
-            end: float, owner: str) -> Schedule:
+def _warmup(
+    decay: Callable[[float, float, int], Schedule],
+    peak: float,
+    warmup: int,
+    steps: int,
+    start: float,
+    end: float,
+    owner: str,
+) -> Schedule:
     warmup = _count(owner, "warmup", warmup, 0)
     steps = _count(owner, "steps", steps, warmup + 1)
     if warmup == 0:
         return decay(peak, end, steps)
-    return Join((Linear(start, peak, warmup), decay(peak, end, steps - warmup)), (warmup,))
+    return Join(
+        (Linear(start, peak, warmup), decay(peak, end, steps - warmup)), (warmup,)
+    )
 
 
 # -- the rule ------------------------------------------------------------------------
 
 
 class ScheduledState(NamedTuple):
-    """The step count ``t`` (updates so far, a host int) and the inner ``state``."""
+    """The step count ``t`` (updates so far: a host int; a 0-d JAX integer array after
+    a jitted step) and the inner ``state``."""
 
     t: int
     state: Any
@@ -354,6 +384,11 @@ class Scheduled(Rule):
     ``adjust``/``adjust_`` change unscheduled hyperparameters as usual; a
     scheduled one takes a new schedule (a number there raises, because the
     schedule would override it at the next step).
+
+    References
+    ----------
+    - ParameterSchedulers.jl (Optimisers.jl has no schedules) and optax's
+      ``inject_hyperparams``.
     """
 
     rule: Rule
@@ -367,13 +402,11 @@ class Scheduled(Rule):
             msg = "Scheduled needs at least one hyperparameter schedule, e.g. eta=..."
             raise TypeError(msg)
         names = rule.hyperparameter_names()
-        unknown = sorted(set(schedules) - names)
-        if unknown:
-            msg = (
-                f"Scheduled: {type(rule).__name__} has no adjustable hyperparameter "
-                f"{', '.join(map(repr, unknown))} (adjustable: {', '.join(sorted(names))})"
-            )
-            raise ValueError(msg)
+        refuse_unknown_hyperparameters(
+            f"Scheduled: {type(rule).__name__} has no adjustable hyperparameter",
+            schedules,
+            names,
+        )
         for name, value in schedules.items():
             _check_schedule(name, value)
         object.__setattr__(self, "rule", rule)
@@ -392,7 +425,9 @@ class Scheduled(Rule):
         out = {}
         for name, schedule in self.schedules:
             if isinstance(schedule, tuple):
-                out[name] = tuple(_number(name, s(t) if callable(s) else s) for s in schedule)
+                out[name] = tuple(
+                    _number(name, s(t) if callable(s) else s) for s in schedule
+                )
             else:
                 value = schedule(t)
                 if isinstance(value, tuple):
@@ -410,13 +445,43 @@ class Scheduled(Rule):
         object.__setattr__(self, "_cached", (t, rule))
         return rule
 
-    def init(self, x: Any, xp: Any) -> ScheduledState:
+    def init(self, x: Any, xp: RuleNamespace) -> ScheduledState:
         return ScheduledState(0, self.at(0).init(x, xp))
 
-    def apply(self, state: ScheduledState, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
-        count = _host_count(state)
+    def apply(
+        self, state: ScheduledState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[Any, Any]:
+        count = _count_of(state)
+        if (
+            count is None
+        ):  # a traced count (jax.jit): the values are computed on the device
+            with traced_hyperparameters():
+                inner, step = self.rule._adjust(self._traced_values(state.t, xp)).apply(
+                    state.state, x, dx, xp
+                )
+            return ScheduledState(state.t + 1, inner), step
         inner, step = self.at(count).apply(state.state, x, dx, xp)
         return ScheduledState(count + 1, inner), step
+
+    def _traced_values(self, t: Any, xp: RuleNamespace) -> dict[str, Any]:
+        """The values at a traced step count ``t``: 0-d device arrays (numbers stay)."""
+        module = sys.modules.get(type(xp).__module__)
+        on_device = getattr(module, "schedule_value", None)
+        if on_device is None:
+            msg = (
+                f"Scheduled: the step count is a traced {type(t).__name__}, which "
+                f"{getattr(xp, 'name', xp)!r} cannot evaluate schedules on"
+            )
+            raise TypeError(msg)
+        out: dict[str, Any] = {}
+        for name, schedule in self.schedules:
+            if isinstance(schedule, tuple):
+                out[name] = tuple(
+                    on_device(s, t) if callable(s) else s for s in schedule
+                )
+            else:
+                out[name] = on_device(schedule, t)
+        return out
 
     def hyperparameter_names(self) -> frozenset[str]:
         return self.rule.hyperparameter_names()
@@ -439,13 +504,36 @@ class Scheduled(Rule):
         return Scheduled(rule, **scheduled)
 
 
+def _count_of(state: ScheduledState) -> int | None:
+    """The step count as a host int, or ``None`` when it is traced (``jax.jit``).
+
+    After a jitted step the count is a 0-d JAX integer array: eagerly it is
+    concrete and read back (``operator.index``), as a traced one cannot be.
+    """
+    count = state.t
+    if isinstance(count, numbers.Integral) and not isinstance(count, bool):
+        return int(count)
+    if getattr(count, "ndim", None) == 0 and "int" in str(getattr(count, "dtype", "")):
+        try:
+            return operator.index(count)
+        except TypeError:  # jax's ConcretizationTypeError: a tracer
+            return None
+    return _host_count(state)
+
+
 def _host_count(state: ScheduledState) -> int:
     count = state.t
+    if getattr(count, "ndim", None) == 0 and "int" in str(getattr(count, "dtype", "")):
+        try:
+            return operator.index(count)
+        except TypeError:
+            pass
     if isinstance(count, bool) or not isinstance(count, numbers.Integral):
         msg = (
             f"Scheduled: the step count in the state must be a host int, got "
             f"{type(count).__name__}; schedules are evaluated on the host "
-            "(under jax.jit the count must stay a Python int, see docs/training.md)"
+            "(a cross-leaf rule inside, such as ClipGlobalNorm, needs it on the host: "
+            "run such a Scheduled eagerly, see docs/training.md)"
         )
         raise TypeError(msg)
     return int(count)
@@ -459,7 +547,8 @@ def _check_schedule(name: str, value: Any) -> None:
     if callable(value):
         return
     if isinstance(value, tuple) and all(
-        callable(v) or (isinstance(v, numbers.Real) and not isinstance(v, bool)) for v in value
+        callable(v) or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+        for v in value
     ):
         return
     msg = (
@@ -479,8 +568,9 @@ def _number(name: str, value: Any) -> Any:
 # -- cross-leaf rules (ClipGlobalNorm, SkipNonFinite) inside a Scheduled -------------------
 
 
-def _scheduled_in_stages(rule: Scheduled, state: ScheduledState, x: Any, dx: Any,
-                         xp: Any) -> Any:
+def _scheduled_in_stages(
+    rule: Scheduled, state: ScheduledState, x: Any, dx: Any, xp: RuleNamespace
+) -> Any:
     """:meth:`Scheduled.apply` in stages, for a Scheduled holding a cross-leaf rule."""
     count = _host_count(state)
     inner, step = yield from staged(rule.at(count), state.state, x, dx, xp)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from agnosticopt._containers import flatten
 from agnosticopt._flat import _find, _rebuild
-from agnosticopt._tree import update_
+from agnosticopt._update import update_
 
 __all__ = ["History", "TrainStep", "train_"]
 
@@ -182,7 +182,8 @@ def _autodiff(loss: Callable[..., Any]) -> ValueAndGrad:
             raise TypeError(msg)
         xp = found[0].xp
         module = sys.modules.get(type(xp).__module__) or importlib.import_module(
-            type(xp).__module__)
+            type(xp).__module__
+        )
         backend_grad = getattr(module, "value_and_grad", None)
         if backend_grad is None:
             msg = (
@@ -191,6 +192,13 @@ def _autodiff(loss: Callable[..., Any]) -> ValueAndGrad:
             )
             raise TypeError(msg)
         ids = [id(f.x) for f in found]
+        if _holds_module(model):  # its parameters cannot be swapped: autograd in place
+            in_place = getattr(module, "value_and_grad_in_place", None)
+            if in_place is None:
+                msg = f"train_: {xp.name} has no in-place differentiation for a module"
+                raise TypeError(msg)
+            value, grads = in_place(lambda: loss(model, *args), [f.x for f in found])
+            return value, _grad_tree(model, dict(zip(ids, grads, strict=True)))
 
         def of_arrays(arrays: list[Any]) -> Any:
             return loss(_rebuild(model, dict(zip(ids, arrays, strict=True))), *args)
@@ -199,6 +207,14 @@ def _autodiff(loss: Callable[..., Any]) -> ValueAndGrad:
         return value, _grad_tree(model, dict(zip(ids, grads, strict=True)))
 
     return value_and_grad
+
+
+def _holds_module(model: Any) -> bool:
+    """Whether ``model`` is or holds a backend module (``torch.nn.Module``)."""
+    node = flatten(model)
+    if node is None:
+        return False
+    return node.kind == "module" or any(_holds_module(c) for c in node.children)
 
 
 def _grad_tree(model: Any, grads: dict[int, Any]) -> Any:
@@ -212,8 +228,10 @@ def _grad_tree(model: Any, grads: dict[int, Any]) -> Any:
                 return None
             placed.add(id(x))
             return grads[id(x)]
-        children = [None if k in node.untrainable else walk(c)
-                    for k, c in zip(node.keys, node.children, strict=True)]
+        children = [
+            None if k in node.untrainable else walk(c)
+            for k, c in zip(node.keys, node.children, strict=True)
+        ]
         if node.named:
             return dict(zip(node.keys, children, strict=True))
         return children
@@ -230,8 +248,11 @@ def _progress_bar(progress: bool | None, total: int | None) -> Any:
         from tqdm import tqdm  # type: ignore[import-untyped, import-not-found, unused-ignore]
     except ImportError:
         if progress:
-            warnings.warn("train_: progress=True needs tqdm (pip install "
-                          "'agnosticopt[progress]'); training without a progress bar",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                "train_: progress=True needs tqdm (pip install "
+                "'agnosticopt[progress]'); training without a progress bar",
+                UserWarning,
+                stacklevel=3,
+            )
         return None
     return tqdm(total=total, desc="train_", unit="step")

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from agnosticopt._containers import KeyPath, format_path
+from agnosticopt._leaf import _describe
+from agnosticopt._protocols import ArrayAdapter
 from agnosticopt._xp import adapter_for
 
 __all__ = ["Written", "check_state", "check_step", "overlapping_parameters"]
@@ -42,18 +44,19 @@ class _Array:
 
     __slots__ = ("adapter", "dtype", "kind", "name", "on_x_device", "shape")
 
-    def __init__(self, a: Any, axp: Any, x: Any, xp: Any) -> None:
+    def __init__(self, a: Any, axp: ArrayAdapter, x: Any, xp: ArrayAdapter) -> None:
         self.kind, self.name, self.adapter = type(a), axp.name, axp
         self.shape, self.dtype = axp.shape(a), a.dtype
-        self.on_x_device = (axp.name == xp.name and not xp.one_device
-                            and axp.device(a) == xp.device(x))
+        self.on_x_device = (
+            axp.name == xp.name and not xp.one_device and axp.device(a) == xp.device(x)
+        )
 
     def describe(self) -> str:
         dtype = str(self.dtype).rpartition(".")[2]
         return f"a {self.name} {dtype} array of shape {self.shape}"
 
 
-def _spec(state: Any, x: Any, xp: Any) -> Any:
+def _spec(state: Any, x: Any, xp: ArrayAdapter) -> Any:
     """The spec of ``state``: containers mirrored, arrays described, others ``None``.
 
     A container holding nothing to check (host scalars only) is ``None`` too.
@@ -71,8 +74,13 @@ def _spec(state: Any, x: Any, xp: Any) -> Any:
     return _Array(state, axp, x, xp)
 
 
-def _spec_for(leaf: Any, x: Any, xp: Any) -> Any:
-    key = (id(leaf.rule), type(x), tuple(x.shape), id(x.dtype))  # a dtype's hash is slow
+def _spec_for(leaf: Any, x: Any, xp: ArrayAdapter) -> Any:
+    key = (
+        id(leaf.rule),
+        type(x),
+        tuple(x.shape),
+        id(x.dtype),
+    )  # a dtype's hash is slow
     hit = _SPECS.get(key)
     if hit is not None:
         return hit[2]
@@ -84,7 +92,7 @@ def _spec_for(leaf: Any, x: Any, xp: Any) -> Any:
     return spec
 
 
-def check_state(leaf: Any, x: Any, xp: Any, path: KeyPath) -> None:
+def check_state(leaf: Any, x: Any, xp: ArrayAdapter, path: KeyPath) -> None:
     """Raise if ``leaf.state`` is not what ``leaf.rule.init`` makes for ``x``.
 
     Raises
@@ -99,33 +107,56 @@ def check_state(leaf: Any, x: Any, xp: Any, path: KeyPath) -> None:
         _check(spec, leaf.state, x, xp, path, ())
 
 
-def _check(spec: Any, state: Any, x: Any, xp: Any, path: KeyPath, where: tuple[Any, ...]) -> None:
+def _check(
+    spec: Any,
+    state: Any,
+    x: Any,
+    xp: ArrayAdapter,
+    path: KeyPath,
+    where: tuple[Any, ...],
+) -> None:
     if spec is None:
         return
     if type(spec) is _Array:
-        if (type(state) is not spec.kind
-                or (state.dtype is not spec.dtype and state.dtype != spec.dtype)
-                or state.shape != spec.shape
-                or (spec.on_x_device and state.device != x.device)):
+        if (
+            type(state) is not spec.kind
+            or (state.dtype is not spec.dtype and state.dtype != spec.dtype)
+            or state.shape != spec.shape
+            or (spec.on_x_device and state.device != x.device)
+        ):
             _check_array(spec, state, x, xp, path, where)
         return
     kind, inner = spec
     if kind is dict:
         if not isinstance(state, Mapping) or set(state) != set(inner):
-            _fail(TypeError, path, where, state, f"a dict with keys {sorted(inner, key=repr)}")
+            _fail(
+                TypeError,
+                path,
+                where,
+                state,
+                f"a dict with keys {sorted(inner, key=repr)}",
+            )
         for k, s in inner.items():
             _check(s, state[k], x, xp, path, (*where, k))
         return
     if type(state) is not kind or len(state) != len(inner):
-        _fail(TypeError, path, where, state, f"a {kind.__name__} of {len(inner)} entries")
+        _fail(
+            TypeError, path, where, state, f"a {kind.__name__} of {len(inner)} entries"
+        )
     fields = getattr(kind, "_fields", None)
     for i, s in enumerate(inner):
         if s is not None:
             _check(s, state[i], x, xp, path, (*where, fields[i] if fields else i))
 
 
-def _check_array(spec: _Array, a: Any, x: Any, xp: Any, path: KeyPath,
-                 where: tuple[Any, ...]) -> None:
+def _check_array(
+    spec: _Array,
+    a: Any,
+    x: Any,
+    xp: ArrayAdapter,
+    path: KeyPath,
+    where: tuple[Any, ...],
+) -> None:
     """The slow check of a state array that differs from the spec in type or more."""
     axp = adapter_for(a)
     if axp is None or not _related(axp, spec.adapter):
@@ -154,9 +185,13 @@ def _related(a: Any, b: Any) -> bool:
     return not generic and (isinstance(a, type(b)) or isinstance(b, type(a)))
 
 
-def _fail(kind: type[Exception], path: KeyPath, where: tuple[Any, ...], found: Any,
-          wanted: str) -> None:
-    from agnosticopt._tree import _describe
+def _fail(
+    kind: type[Exception],
+    path: KeyPath,
+    where: tuple[Any, ...],
+    found: Any,
+    wanted: str,
+) -> None:
 
     msg = (
         f"at {format_path(path)} the state{_where(where)} is {_describe(found)}, but "
@@ -169,13 +204,15 @@ def _where(where: tuple[Any, ...]) -> str:
     return "".join(f"[{k!r}]" for k in where)
 
 
-def check_step(step: Any, x: Any, xp: Any, path: KeyPath, rule: Any) -> None:
+def check_step(step: Any, x: Any, xp: ArrayAdapter, path: KeyPath, rule: Any) -> None:
     """Raise if ``step`` cannot be written into (or subtracted from) parameter ``x``."""
-    if (type(step) is type(x) and (step.dtype is x.dtype or step.dtype == x.dtype)
-            and step.shape == x.shape
-            and (xp.one_device or step.device == x.device)):
+    if (
+        type(step) is type(x)
+        and (step.dtype is x.dtype or step.dtype == x.dtype)
+        and step.shape == x.shape
+        and (xp.one_device or step.device == x.device)
+    ):
         return  # the usual step: an array like the parameter
-    from agnosticopt._tree import _describe
 
     sxp = adapter_for(step)
     problem = None
@@ -190,7 +227,11 @@ def check_step(step: Any, x: Any, xp: Any, path: KeyPath, rule: Any) -> None:
             f"at {format_path(path)} the rule {type(rule).__name__} returned a step that "
             f"is {_describe(step)}; a step must be {problem} ({_describe(x)})"
         )
-        raise TypeError(msg) if "backend" in problem or "dtype" in problem else ValueError(msg)
+        raise (
+            TypeError(msg)
+            if "backend" in problem or "dtype" in problem
+            else ValueError(msg)
+        )
 
 
 # -- memory overlap ---------------------------------------------------------------------------
@@ -217,7 +258,7 @@ def _check_group(group: list[tuple[Any, Any, KeyPath, bool]]) -> None:
     """Compare the parameters of one buffer whose byte ranges meet (a sweep by start)."""
     spans = [item[1].memory_span(item[0]) for item in group]
     if any(span is None for span in spans):  # no ranges: every pair
-        pairs = [(a, b) for i, a in enumerate(group) for b in group[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(group) for b in group[i + 1 :]]
     else:
         order = sorted(range(len(group)), key=lambda i: spans[i])
         open_: list[int] = []
@@ -244,12 +285,12 @@ class Written:
     def __init__(self) -> None:
         self.by_key: dict[Any, list[tuple[Any, Any]]] = {}
 
-    def add(self, x: Any, xp: Any) -> None:
+    def add(self, x: Any, xp: ArrayAdapter) -> None:
         key = xp.memory_key(x)
         if key is not None:
             self.by_key.setdefault(key, []).append((x, xp))
 
-    def overlaps(self, a: Any, xp: Any) -> bool:
+    def overlaps(self, a: Any, xp: ArrayAdapter) -> bool:
         """Whether array ``a`` shares memory with a parameter written in place."""
         if not self.by_key:
             return False

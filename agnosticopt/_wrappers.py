@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import Range, Replace, Rule, hyper, hyperparameter
 
 __all__ = ["AccumGrad", "MixedPrecision", "OptimiserChain"]
@@ -34,6 +35,10 @@ class OptimiserChain(Rule):
     *opts
         The rules, in order. A :class:`MixedPrecision` cannot be one of them:
         wrap the whole chain in it instead.
+
+    References
+    ----------
+    - Optimisers.jl, ``src/rules.jl`` (``OptimiserChain``).
     """
 
     opts: tuple[Rule, ...]
@@ -55,10 +60,12 @@ class OptimiserChain(Rule):
     def __reduce__(self) -> tuple[Any, ...]:
         return (OptimiserChain, self.opts)
 
-    def init(self, x: Any, xp: Any) -> tuple[Any, ...]:
+    def init(self, x: Any, xp: RuleNamespace) -> tuple[Any, ...]:
         return tuple(rule.init(x, xp) for rule in self.opts)
 
-    def apply(self, state: tuple[Any, ...], x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(
+        self, state: tuple[Any, ...], x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[Any, Any]:
         states = []
         step = dx
         for rule, sub in zip(self.opts, state, strict=True):
@@ -100,14 +107,20 @@ class AccumGrad(Rule):
     ----------
     n
         Number of gradients to accumulate (≥ 1).
+
+    References
+    ----------
+    - Optimisers.jl, ``src/rules.jl`` (``AccumGrad``).
     """
 
     n: int = hyperparameter(dataclasses.MISSING, Range(1, math.inf), precision="exact")
 
-    def init(self, x: Any, xp: Any) -> AccumGradState:
+    def init(self, x: Any, xp: RuleNamespace) -> AccumGradState:
         return AccumGradState(xp.zeros_like(x), 1)
 
-    def apply(self, state: AccumGradState, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(
+        self, state: AccumGradState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[Any, Any]:
         (n,) = hyper(xp, x, self.n)
         part = xp.divide(dx, n)
         acc = part if state.counter == 1 else xp.add(state.acc, part)
@@ -161,6 +174,12 @@ class MixedPrecision(Rule):
     returns ``x - (x - x_T)`` on its out-of-place one; here both
     :func:`update` and :func:`update_` give the rounded master copy, so the two
     stay bit-identical. There is no loss scaling.
+
+    References
+    ----------
+    - Micikevicius et al., *Mixed precision training*,
+      [arXiv:1710.03740](https://arxiv.org/abs/1710.03740).
+    - Optimisers.jl, ``src/rules.jl`` (``MixedPrecision``).
     """
 
     dtype: str
@@ -181,13 +200,17 @@ class MixedPrecision(Rule):
     def __reduce__(self) -> tuple[Any, ...]:
         return (MixedPrecision, (self.dtype, self.rule))
 
-    def init(self, x: Any, xp: Any) -> MixedPrecisionState:
+    def init(self, x: Any, xp: RuleNamespace) -> MixedPrecisionState:
         master = xp.astype(x, self.dtype)
         return MixedPrecisionState(master, self.rule.init(master, xp))
 
-    def apply(self, state: MixedPrecisionState, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+    def apply(
+        self, state: MixedPrecisionState, x: Any, dx: Any, xp: RuleNamespace
+    ) -> tuple[Any, Any]:
         master = state.master
-        inner, step = self.rule.apply(state.state, master, xp.astype(dx, self.dtype), xp)
+        inner, step = self.rule.apply(
+            state.state, master, xp.astype(dx, self.dtype), xp
+        )
         if step is None:
             return MixedPrecisionState(master, inner), None
         master = xp.subtract(master, step)

@@ -6,17 +6,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from agnosticopt._backends import ARRAY_MODULES
+
 __all__ = ["adapter_for", "register_adapter"]
 
-#: Top-level module of an array's type -> submodule of ``agnosticopt.adapters``.
-_BACKENDS = {
-    "numpy": "numpy",
-    "torch": "torch",
-    "array_api_strict": "array_api_strict",
-    "cupy": "cupy",
-    "jax": "jax",
-    "jaxlib": "jax",
-}
 
 _REGISTERED: list[Callable[[Any], Any]] = []
 #: The built-in adapters' ``adapter(x)`` per array type already met.
@@ -48,7 +41,7 @@ def adapter_for(x: Any) -> Any:
         return known(x)
     name = None
     for cls in kind.__mro__[:-1]:  # a subclass (of torch.Tensor...) made elsewhere
-        name = _BACKENDS.get(cls.__module__.partition(".")[0])
+        name = ARRAY_MODULES.get(cls.__module__.partition(".")[0])
         if name is not None:
             break
     if name is not None:

@@ -15,7 +15,11 @@ promise for any backend, ours or a third party's:
   ``update_``, dtype and device preservation, untouched inputs, stable state
   structure, ``None`` gradients and tied weights.
 
-Run it from the command line (``agnosticopt conformance --backend
+Your own rule: :func:`check_rule` (or ``agnosticopt conformance --rule
+mymodule:MyRule``) runs it on every installed backend and reports, per backend,
+identical, the elements that differ and by how many ulps, or the error.
+
+Run the suite from the command line (``agnosticopt conformance --backend
 mypkg.arrays:MyBackend``), from pytest (``AGNOSTICOPT_BACKEND=mypkg.arrays:MyBackend
 pytest --pyargs agnosticopt.conformance``, or with command-line options after
 ``-p agnosticopt.conformance.pytest_plugin``; see ``conftest.py``), or call the
@@ -68,6 +72,12 @@ from agnosticopt.conformance._data import (
     initial_parameter,
 )
 from agnosticopt.conformance._golden import GOLDEN_DTYPES, load_golden
+from agnosticopt.conformance._rule_check import (
+    RuleReport,
+    RuleResult,
+    check_rule,
+    load_rule,
+)
 from agnosticopt.conformance._trajectory import (
     DEFAULT_SIZE,
     DEFAULT_STEPS,
@@ -96,6 +106,8 @@ __all__ = [
     "KnownDeviation",
     "NumpyBackend",
     "NumpyReadonlyBackend",
+    "RuleReport",
+    "RuleResult",
     "TorchBackend",
     "as_backend",
     "as_case",
@@ -105,6 +117,7 @@ __all__ = [
     "check_golden",
     "check_inputs_untouched",
     "check_none_gradient",
+    "check_rule",
     "check_state_structure_stable",
     "check_tied_weights",
     "check_trajectory",
@@ -116,6 +129,7 @@ __all__ = [
     "hexfloat",
     "initial_parameter",
     "load_golden",
+    "load_rule",
     "reference_trajectory",
     "run_trajectory",
     "snapshot",

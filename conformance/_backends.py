@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from agnosticopt._backends import BACKEND_NAMES
+
 __all__ = [
     "BUILTIN_BACKENDS",
     "ArrayApiStrictBackend",
@@ -54,6 +56,14 @@ class Backend:
 
     #: Whether ``update_`` updates this backend's arrays in place.
     writeable: bool = False
+
+    #: Whether ``update_`` runs at all; ``False`` for a functional-only backend
+    #: (dask: immutable arrays), whose trajectories take ``update`` and whose
+    #: checks of ``update_`` are skipped with :attr:`in_place_refused`.
+    in_place: bool = True
+
+    #: Why ``update_`` is refused, when :attr:`in_place` is ``False``.
+    in_place_refused: str = "update_ is refused on this backend"
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -278,8 +288,8 @@ class CupyBackend(Backend):
         return a.device
 
 
-#: The built-in backends, by name, as factories.
-BUILTIN_BACKENDS: dict[str, Callable[[], Backend]] = {
+#: How to make each backend of the registry (``agnosticopt._backends``).
+_FACTORIES: dict[str, Callable[[], Backend]] = {
     "numpy": NumpyBackend,
     "numpy_readonly": NumpyReadonlyBackend,
     "torch": TorchBackend,
@@ -287,6 +297,13 @@ BUILTIN_BACKENDS: dict[str, Callable[[], Backend]] = {
     "array_api_strict": ArrayApiStrictBackend,
     "jax": JaxBackend,
     "cupy": CupyBackend,
+}
+
+#: The built-in backends, by name, as factories: one per entry of the registry
+#: (``agnosticopt._backends.BACKENDS``), in its order; a registry entry without a
+#: factory fails here, at import.
+BUILTIN_BACKENDS: dict[str, Callable[[], Backend]] = {
+    name: _FACTORIES[name] for name in BACKEND_NAMES
 }
 
 
@@ -337,7 +354,10 @@ def as_backend(obj: Any) -> Backend:
     """
     if isinstance(obj, Backend):
         return obj
-    if not (callable(getattr(obj, "asarray", None)) and callable(getattr(obj, "to_numpy", None))):
+    if not (
+        callable(getattr(obj, "asarray", None))
+        and callable(getattr(obj, "to_numpy", None))
+    ):
         msg = f"{obj!r} is not a conformance backend (it needs asarray and to_numpy)"
         raise TypeError(msg)
     return _Duck(obj)
@@ -350,6 +370,10 @@ class _Duck(Backend):
         super().__init__(str(getattr(obj, "name", type(obj).__name__)))
         self.obj = obj
         self.writeable = bool(getattr(obj, "writeable", False))
+        self.in_place = bool(getattr(obj, "in_place", True))
+        self.in_place_refused = str(
+            getattr(obj, "in_place_refused", self.in_place_refused)
+        )
 
     def unavailable(self) -> str | None:
         method = getattr(self.obj, "unavailable", None)

@@ -103,9 +103,13 @@ def as_case(case: Case | opt.Rule) -> Case:
     return case if isinstance(case, Case) else Case(type(case).__name__, case)
 
 
-def _prepare(backend: Any, case: Case | opt.Rule, dtype: str) -> tuple[Backend, Case]:
+def _prepare(
+    backend: Any, case: Case | opt.Rule, dtype: str, *, needs_update_: bool = False
+) -> tuple[Backend, Case]:
     b, c = as_backend(backend), as_case(case)
     reason = b.unavailable() or b.unsupported(dtype)
+    if not reason and needs_update_ and not b.in_place:
+        reason = b.in_place_refused
     if reason:
         raise unittest.SkipTest(f"{b.name}: {reason}")
     if dtype.startswith("complex") and not complex_ok(c.rule):
@@ -116,8 +120,14 @@ def _prepare(backend: Any, case: Case | opt.Rule, dtype: str) -> tuple[Backend, 
 class _Failure:
     """Builds the ConformanceError of one check run."""
 
-    def __init__(self, check: str, backend: Backend, case: Case, dtype: str,
-                 dataset: str | None = None) -> None:
+    def __init__(
+        self,
+        check: str,
+        backend: Backend,
+        case: Case,
+        dtype: str,
+        dataset: str | None = None,
+    ) -> None:
         self.check, self.backend, self.case = check, backend, case
         self.dtype, self.dataset = dtype, dataset
 
@@ -125,18 +135,29 @@ class _Failure:
         data = f", {self.dataset} data" if self.dataset else ""
         return f"{self.check}: {self.case.name} in {self.dtype}{data} on {self.backend.name}"
 
-    def error(self, what: str, comparison: Comparison | None = None) -> ConformanceError:
+    def error(
+        self, what: str, comparison: Comparison | None = None
+    ) -> ConformanceError:
         message = f"{self.header()}: {what}"
         if comparison is not None:
             message += "\n  " + comparison.describe().replace("\n", "\n  ")
             message += f"\n  rule: {self.case.rule!r}"
         return ConformanceError(
-            message, check=self.check, backend=self.backend.name, case=self.case.name,
-            dtype=self.dtype, dataset=self.dataset, comparison=comparison,
+            message,
+            check=self.check,
+            backend=self.backend.name,
+            case=self.case.name,
+            dtype=self.dtype,
+            dataset=self.dataset,
+            comparison=comparison,
         )
 
-    def differs(self, what: str, comparison: Comparison,
-                flushed: Callable[[], Comparison] | None = None) -> None:
+    def differs(
+        self,
+        what: str,
+        comparison: Comparison,
+        flushed: Callable[[], Comparison] | None = None,
+    ) -> None:
         """Raise if ``comparison`` found differences.
 
         ``flushed`` compares the backend's result with the same run on numpy
@@ -157,24 +178,33 @@ class _Failure:
             raise self.error(
                 f"{what}, and the declared deviation does not explain it ({deviation}): "
                 "it also differs from numpy run with subnormals flushed to zero "
-                "(FTZ and DAZ)", explained,
+                "(FTZ and DAZ)",
+                explained,
             )
         known = KnownDeviation(
             f"{deviation}; identical to numpy run with subnormals flushed to zero "
-            f"(FTZ and DAZ)\n{err}", check=err.check, backend=err.backend,
-            case=err.case, dtype=err.dtype, dataset=err.dataset, comparison=comparison,
+            f"(FTZ and DAZ)\n{err}",
+            check=err.check,
+            backend=err.backend,
+            case=err.case,
+            dtype=err.dtype,
+            dataset=err.dataset,
+            comparison=comparison,
         )
         known.deviation = deviation
         raise known
 
 
 @functools.lru_cache(maxsize=8)
-def _flushed_trajectory(rule: opt.Rule, dtype: str, dataset: str, steps: int | None,
-                        size: int) -> dict[str, Any]:
+def _flushed_trajectory(
+    rule: opt.Rule, dtype: str, dataset: str, steps: int | None, size: int
+) -> dict[str, Any]:
     """:func:`run_trajectory` on numpy with subnormals flushed (the last few cached)."""
     from agnosticopt.conformance._flush import flushed_backend
 
-    return run_trajectory(flushed_backend(), rule, dtype, dataset, steps=steps, size=size)
+    return run_trajectory(
+        flushed_backend(), rule, dtype, dataset, steps=steps, size=size
+    )
 
 
 def check_trajectory(
@@ -213,16 +243,23 @@ def check_trajectory(
     want = reference_trajectory(c.rule, dtype, dataset, steps, size)
     result = compare(got, want)
     length = DEFAULT_STEPS[dtype] if steps is None else steps
-    fail.differs(f"differs from numpy after {length} steps of {size} elements", result,
-                 lambda: compare(got, _flushed_trajectory(c.rule, dtype, dataset, steps, size)))
+    fail.differs(
+        f"differs from numpy after {length} steps of {size} elements",
+        result,
+        lambda: compare(got, _flushed_trajectory(c.rule, dtype, dataset, steps, size)),
+    )
     return result
 
 
-def check_golden(backend: Any, case: Case | opt.Rule, dtype: str = "float32") -> Comparison:
+def check_golden(
+    backend: Any, case: Case | opt.Rule, dtype: str = "float32"
+) -> Comparison:
     """The trajectory matches the committed golden file bit for bit."""
     b, c = _prepare(backend, case, dtype)
     if dtype not in GOLDEN_DTYPES:
-        raise unittest.SkipTest(f"no golden file for {dtype} (only {', '.join(GOLDEN_DTYPES)})")
+        raise unittest.SkipTest(
+            f"no golden file for {dtype} (only {', '.join(GOLDEN_DTYPES)})"
+        )
     meta, want = golden_snapshot(c, dtype)
     fail = _Failure("golden", b, c, dtype, meta["dataset"])
     got = golden_trajectory(b, c, dtype)
@@ -235,7 +272,8 @@ def check_golden(backend: Any, case: Case | opt.Rule, dtype: str = "float32") ->
 
     fail.differs(
         f"differs from the golden file after {meta['steps']} steps of {meta['size']} elements",
-        result, flushed,
+        result,
+        flushed,
     )
     return result
 
@@ -253,7 +291,7 @@ def check_update_matches_update_(
     On a backend whose arrays are ``writeable``, ``update_`` must also write
     into the parameter (return the same array object).
     """
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("update vs update_", b, c, dtype)
     xf, grads = _inputs(b, dtype)
     xi, _ = _inputs(b, dtype)
@@ -280,17 +318,24 @@ def _signature(snap: dict[str, Any]) -> dict[str, str]:
 
 
 def _diff_signatures(got: dict[str, str], want: dict[str, str]) -> str:
-    lines = [f"{p}: got {got.get(p, 'nothing')}, want {w}"
-             for p, w in want.items() if got.get(p) != w]
+    lines = [
+        f"{p}: got {got.get(p, 'nothing')}, want {w}"
+        for p, w in want.items()
+        if got.get(p) != w
+    ]
     lines += [f"{p}: got {g}, want nothing" for p, g in got.items() if p not in want]
     return "; ".join(lines)
 
 
 def check_dtype_preserved(
-    backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = SMALL_STEPS
+    backend: Any,
+    case: Case | opt.Rule,
+    dtype: str = "float32",
+    *,
+    steps: int = SMALL_STEPS,
 ) -> None:
     """The parameter keeps its dtype; every state array has numpy's dtype."""
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("dtype preserved", b, c, dtype)
     ref = NumpyBackend()
     x, grads = _inputs(b, dtype)
@@ -300,18 +345,23 @@ def check_dtype_preserved(
         name = opt.adapter_for(x).dtype_name(x)
         if name != dtype:
             raise fail.error(f"after {k} steps the parameter is {name}, not {dtype}")
-        got, want = _signature(snapshot(b, x, tree)), _signature(snapshot(ref, rx, rtree))
+        got, want = (
+            _signature(snapshot(b, x, tree)),
+            _signature(snapshot(ref, rx, rtree)),
+        )
         if got != want:
             raise fail.error(f"after {k} steps: {_diff_signatures(got, want)}")
         tree, x = opt.update_(tree, x, grads[k % len(grads)])
-        rtree, rx = opt.update(rtree, rx, rgrads[k % len(rgrads)])  # reference: plain path
+        rtree, rx = opt.update(
+            rtree, rx, rgrads[k % len(rgrads)]
+        )  # reference: plain path
 
 
 def check_state_structure_stable(
     backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = 7
 ) -> None:
     """The state keeps its structure, dtypes, shapes and host scalar types."""
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("state structure stable", b, c, dtype)
     x, grads = _inputs(b, dtype)
     tree = opt.setup(c.rule, x)
@@ -336,24 +386,32 @@ def _state_arrays(state: Any) -> list[Any]:
 
 
 def check_device_preserved(
-    backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = SMALL_STEPS
+    backend: Any,
+    case: Case | opt.Rule,
+    dtype: str = "float32",
+    *,
+    steps: int = SMALL_STEPS,
 ) -> None:
     """State and updated parameters live on the parameter's device.
 
     The built-in array-api-strict backend puts arrays on its non-default
     device, so state created on the default device is caught there.
     """
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("device preserved", b, c, dtype)
     x, grads = _inputs(b, dtype)
     device = b.device(x)
 
     def where(tree: Any, x: Any, when: str) -> None:
         if b.device(x) != device:
-            raise fail.error(f"{when}: the parameter moved from {device} to {b.device(x)}")
+            raise fail.error(
+                f"{when}: the parameter moved from {device} to {b.device(x)}"
+            )
         for k, a in enumerate(_state_arrays(tree.state)):
             if b.device(a) != device:
-                raise fail.error(f"{when}: state array {k} is on {b.device(a)}, not {device}")
+                raise fail.error(
+                    f"{when}: state array {k} is on {b.device(a)}, not {device}"
+                )
 
     tree = opt.setup(c.rule, x)
     where(tree, x, "after setup")
@@ -370,14 +428,18 @@ def _array_snapshot(b: Backend, value: Any) -> dict[str, Any]:
 
 
 def check_inputs_untouched(
-    backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = SMALL_STEPS
+    backend: Any,
+    case: Case | opt.Rule,
+    dtype: str = "float32",
+    *,
+    steps: int = SMALL_STEPS,
 ) -> None:
     """``update`` modifies neither model, gradients nor tree; ``update_`` not the gradients.
 
     On the read-only numpy backend any write into an input raises, so this
     check also catches writes that would leave the values unchanged.
     """
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("inputs untouched", b, c, dtype)
     x, grads = _inputs(b, dtype)
     model = {"w": x, "n": 3, "name": "layer"}
@@ -392,21 +454,32 @@ def check_inputs_untouched(
         if tree["w"] is not leaf or leaf.state is not state:
             raise fail.error("update changed the tree it was given")
         after = snapshot(b, x, tree["w"]), _array_snapshot(b, g["w"])
-        fail.differs(f"update (step {k + 1}) wrote into the parameter or state",
-                     compare(after[0], before[0]))
-        fail.differs(f"update (step {k + 1}) wrote into the gradient", compare(after[1], before[1]))
+        fail.differs(
+            f"update (step {k + 1}) wrote into the parameter or state",
+            compare(after[0], before[0]),
+        )
+        fail.differs(
+            f"update (step {k + 1}) wrote into the gradient",
+            compare(after[1], before[1]),
+        )
         del new_tree, new_model
         tree, model = opt.update_(tree, model, g)
-        fail.differs(f"update_ (step {k + 1}) wrote into the gradient",
-                     compare(_array_snapshot(b, g["w"]), before[1]))
+        fail.differs(
+            f"update_ (step {k + 1}) wrote into the gradient",
+            compare(_array_snapshot(b, g["w"]), before[1]),
+        )
         x = model["w"]
 
 
 def check_none_gradient(
-    backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = SMALL_STEPS
+    backend: Any,
+    case: Case | opt.Rule,
+    dtype: str = "float32",
+    *,
+    steps: int = SMALL_STEPS,
 ) -> None:
     """A ``None`` gradient means no step and no state change; leaves are independent."""
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("None gradient", b, c, dtype)
     xa, grads = _inputs(b, dtype)
     xb = b.asarray(-initial_parameter(dtype, SMALL_SIZE))
@@ -419,29 +492,41 @@ def check_none_gradient(
     for k in range(1, steps + 1):
         g = grads[(k + 1) % len(grads)]
         new_tree, new_model = opt.update(tree, model, {"a": g, "b": None})
-        fail.differs(f"update with a None gradient (step {k}) changed the parameter or state",
-                     compare(snapshot(b, new_model["b"], new_tree["b"]), frozen))
+        fail.differs(
+            f"update with a None gradient (step {k}) changed the parameter or state",
+            compare(snapshot(b, new_model["b"], new_tree["b"]), frozen),
+        )
         tree, model = opt.update_(tree, model, {"a": g, "b": None})
-        fail.differs(f"update_ with a None gradient (step {k}) changed the parameter or state",
-                     compare(snapshot(b, model["b"], tree["b"]), frozen))
+        fail.differs(
+            f"update_ with a None gradient (step {k}) changed the parameter or state",
+            compare(snapshot(b, model["b"], tree["b"]), frozen),
+        )
         alone, alone_x = opt.update_(alone, alone_x, g)
     whole = snapshot(b, model["a"], tree["a"])
     _, untouched = opt.update(tree, model, None)
-    fail.differs("update(tree, model, None) changed a parameter",
-                 compare(snapshot(b, untouched["a"], tree["a"]), whole))
+    fail.differs(
+        "update(tree, model, None) changed a parameter",
+        compare(snapshot(b, untouched["a"], tree["a"]), whole),
+    )
     if not has_stages(c.rule):  # a global norm depends on every leaf, by design
-        fail.differs("a parameter's result depends on another parameter of the model",
-                     compare(whole, snapshot(b, alone_x, alone)))
+        fail.differs(
+            "a parameter's result depends on another parameter of the model",
+            compare(whole, snapshot(b, alone_x, alone)),
+        )
 
 
 def check_tied_weights(
-    backend: Any, case: Case | opt.Rule, dtype: str = "float32", *, steps: int = SMALL_STEPS
+    backend: Any,
+    case: Case | opt.Rule,
+    dtype: str = "float32",
+    *,
+    steps: int = SMALL_STEPS,
 ) -> None:
     """An array at two places has one Leaf, gets the sum of its gradients, stays tied.
 
     The result must be numpy's bits for one array whose gradient is the sum.
     """
-    b, c = _prepare(backend, case, dtype)
+    b, c = _prepare(backend, case, dtype, needs_update_=True)
     fail = _Failure("tied weights", b, c, dtype)
     w, grads = _inputs(b, dtype)
     model = {"p": w, "q": w}
@@ -452,7 +537,9 @@ def check_tied_weights(
     rx, rgrads = _inputs(ref, dtype)
     rtree = opt.setup(c.rule, rx)
     with np.errstate(all="ignore"):
-        summed = [np.add(g, rgrads[(k + 1) % len(rgrads)]) for k, g in enumerate(rgrads)]
+        summed = [
+            np.add(g, rgrads[(k + 1) % len(rgrads)]) for k, g in enumerate(rgrads)
+        ]
     for k in range(steps):
         i, j = k % len(grads), (k + 1) % len(grads)
         g = {"p": grads[i], "q": grads[j]}
@@ -463,8 +550,10 @@ def check_tied_weights(
         if model["p"] is not model["q"]:
             raise fail.error("update_ untied the array")
         rtree, rx = opt.update(rtree, rx, summed[i])  # reference: plain path
-    fail.differs("differs from one array updated with the summed gradient",
-                 compare(snapshot(b, model["p"], tree["p"]), snapshot(ref, rx, rtree)))
+    fail.differs(
+        "differs from one array updated with the summed gradient",
+        compare(snapshot(b, model["p"], tree["p"]), snapshot(ref, rx, rtree)),
+    )
 
 
 #: Every check, in the order reports list them.
@@ -481,4 +570,3 @@ ALL_CHECKS: tuple[Callable[..., Any], ...] = (
 )
 #: The checks of one property each (all but the two trajectory comparisons).
 PROPERTY_CHECKS: tuple[Callable[..., Any], ...] = ALL_CHECKS[2:]
-

@@ -148,8 +148,11 @@ def ulp_distance(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     same_side = (og < 0) == (ow < 0)
     # same sign: the int64 difference cannot overflow; else it may, so use floats
     exact = np.abs(np.where(same_side, og - np.where(same_side, ow, og), 0))
-    dist = np.where(same_side, exact.astype(np.float64),
-                    np.abs(og.astype(np.float64) - ow.astype(np.float64)))
+    dist = np.where(
+        same_side,
+        exact.astype(np.float64),
+        np.abs(og.astype(np.float64) - ow.astype(np.float64)),
+    )
     nan_g, nan_w = np.isnan(g), np.isnan(w)
     dist[nan_g & nan_w] = 0.0
     dist[nan_g != nan_w] = np.inf
@@ -158,11 +161,25 @@ def ulp_distance(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 def _compare_arrays(path: str, got: Any, want: np.ndarray) -> Difference | None:
     if not isinstance(got, np.ndarray):
-        return Difference(path, 1, want.size, None, got, want, math.inf,
-                          f"expected an array, got {type(got).__name__}")
+        return Difference(
+            path,
+            1,
+            want.size,
+            None,
+            got,
+            want,
+            math.inf,
+            f"expected an array, got {type(got).__name__}",
+        )
     if got.dtype != want.dtype or got.shape != want.shape:
         return Difference(
-            path, want.size, want.size, None, got.dtype, want.dtype, math.inf,
+            path,
+            want.size,
+            want.size,
+            None,
+            got.dtype,
+            want.dtype,
+            math.inf,
             f"got {got.dtype} {got.shape}, want {want.dtype} {want.shape}",
         )
     if want.dtype.kind not in "fc":
@@ -170,8 +187,15 @@ def _compare_arrays(path: str, got: Any, want: np.ndarray) -> Difference | None:
         if diff.size == 0:
             return None
         i = int(diff[0])
-        return Difference(path, diff.size, want.size, i, got.reshape(-1)[i],
-                          want.reshape(-1)[i], math.inf)
+        return Difference(
+            path,
+            diff.size,
+            want.size,
+            i,
+            got.reshape(-1)[i],
+            want.reshape(-1)[i],
+            math.inf,
+        )
     g, w = _canonical(got), _canonical(want)
     width = g.dtype.itemsize
     differ = (g.view(f"u{width}") != w.view(f"u{width}")).reshape(-1)
@@ -182,15 +206,28 @@ def _compare_arrays(path: str, got: Any, want: np.ndarray) -> Difference | None:
         return None
     i = int(found[0])
     return Difference(
-        path, int(found.size), int(want.size), i, got.reshape(-1)[i],
-        want.reshape(-1)[i], float(ulp_distance(got, want).max()),
+        path,
+        int(found.size),
+        int(want.size),
+        i,
+        got.reshape(-1)[i],
+        want.reshape(-1)[i],
+        float(ulp_distance(got, want).max()),
     )
 
 
 def _compare_scalars(path: str, got: Any, want: Any) -> Difference | None:
     if type(got) is not type(want):
-        return Difference(path, 1, 1, None, got, want, math.inf,
-                          f"got {type(got).__name__} {got!r}, want {type(want).__name__} {want!r}")
+        return Difference(
+            path,
+            1,
+            1,
+            None,
+            got,
+            want,
+            math.inf,
+            f"got {type(got).__name__} {got!r}, want {type(want).__name__} {want!r}",
+        )
     if isinstance(want, (float, complex, np.floating, np.complexfloating)):
         # bits, not ==: -0.0 differs from 0.0 and NaN matches NaN, as in arrays
         found = _compare_arrays(path, np.asarray(got), np.asarray(want))
@@ -220,8 +257,18 @@ def compare(got: Snapshot, want: Snapshot) -> Comparison:
     found: list[Difference] = []
     for path, w in want.items():
         if path not in got:
-            found.append(Difference(path, 1, 1, None, None, w, math.inf,
-                                    "missing: the state structure differs"))
+            found.append(
+                Difference(
+                    path,
+                    1,
+                    1,
+                    None,
+                    None,
+                    w,
+                    math.inf,
+                    "missing: the state structure differs",
+                )
+            )
             continue
         g = got[path]
         if isinstance(w, np.ndarray):
@@ -231,8 +278,16 @@ def compare(got: Snapshot, want: Snapshot) -> Comparison:
         if diff is not None:
             found.append(diff)
     found.extend(
-        Difference(path, 1, 1, None, g, None, math.inf,
-                   "unexpected: the state structure differs")
+        Difference(
+            path,
+            1,
+            1,
+            None,
+            g,
+            None,
+            math.inf,
+            "unexpected: the state structure differs",
+        )
         for path, g in got.items()
         if path not in want
     )

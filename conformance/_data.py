@@ -98,7 +98,9 @@ def _assemble(
     return word.view(np.float64).astype(dtype)
 
 
-def _real(dtype: str, dataset: str, n: int, stream: _Bits, exponents: tuple[int, int]) -> np.ndarray:
+def _real(
+    dtype: str, dataset: str, n: int, stream: _Bits, exponents: tuple[int, int]
+) -> np.ndarray:
     sign = stream.words(n) & np.uint64(1)
     values = _assemble(dtype, sign, stream.uniform_int(n, *exponents), stream.words(n))
     if dataset == "normal":
@@ -117,12 +119,14 @@ def _real(dtype: str, dataset: str, n: int, stream: _Bits, exponents: tuple[int,
     mant = stream.words(n)
     scaled = {
         2: _assemble(dtype, sign, stream.uniform_int(n, tiny - 3, tiny + 3), mant),
-        3: _assemble(dtype, sign, stream.uniform_int(n, 3 * tiny // 2 - 3, 3 * tiny // 2), mant),
+        3: _assemble(
+            dtype, sign, stream.uniform_int(n, 3 * tiny // 2 - 3, 3 * tiny // 2), mant
+        ),
         5: _assemble(dtype, sign, np.full(n, _HUGE_EXP[dtype]), mant),
     }
     values = np.where(kind == 2, scaled[2], values)
     values = np.where(kind == 3, scaled[3], values)
-    subnormal = ((sign << np.uint64(bits - 1)) | (mant & np.uint64(1023)) | np.uint64(1))
+    subnormal = (sign << np.uint64(bits - 1)) | (mant & np.uint64(1023)) | np.uint64(1)
     subnormal = subnormal.astype(np.dtype(f"u{bits // 8}")).view(dtype)
     values = np.where(kind == 4, subnormal, values)
     values = np.where(kind == 0, np.zeros((), dtype), values)
@@ -131,7 +135,9 @@ def _real(dtype: str, dataset: str, n: int, stream: _Bits, exponents: tuple[int,
     return values.astype(dtype)
 
 
-def _array(dtype: str, dataset: str, n: int, label: str, exponents: tuple[int, int]) -> np.ndarray:
+def _array(
+    dtype: str, dataset: str, n: int, label: str, exponents: tuple[int, int]
+) -> np.ndarray:
     stream = _Bits(f"{label}-{dtype}-{dataset}-{n}")
     real = real_dtype(dtype)
     re = _real(real, dataset, n, stream, exponents)
@@ -143,7 +149,9 @@ def _array(dtype: str, dataset: str, n: int, label: str, exponents: tuple[int, i
     return out
 
 
-def bit_values(dtype: str, size: int, label: str, exponents: tuple[int, int]) -> np.ndarray:
+def bit_values(
+    dtype: str, size: int, label: str, exponents: tuple[int, int]
+) -> np.ndarray:
     """``size`` values ``±m·2^e``, ``e`` uniform in ``exponents``, from ``label``'s stream.
 
     The same label gives the same values on every platform.

@@ -35,7 +35,9 @@ __all__ = ["DEFAULT_RULE", "DemoResult", "make_problem", "train"]
 SAMPLES, INPUTS, HIDDEN = 256, 8, 32  # powers of two: the pairwise sums need no padding
 
 #: The demo's default rule chain.
-DEFAULT_RULE = opt.OptimiserChain(opt.WeightDecay(1e-4), opt.ClipNorm(1.0), opt.Adam(0.01))
+DEFAULT_RULE = opt.OptimiserChain(
+    opt.WeightDecay(1e-4), opt.ClipNorm(1.0), opt.Adam(0.01)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,9 @@ def make_problem(dtype: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndar
     x = bit_values(dtype, SAMPLES * INPUTS, "demo-x", (-2, 0)).reshape(SAMPLES, INPUTS)
     y = x[:, 0] * x[:, 1] - x[:, 2] + np.abs(x[:, 3]) * x[:, 4]
     params = {
-        "w1": bit_values(dtype, INPUTS * HIDDEN, "demo-w1", (-4, -2)).reshape(INPUTS, HIDDEN),
+        "w1": bit_values(dtype, INPUTS * HIDDEN, "demo-w1", (-4, -2)).reshape(
+            INPUTS, HIDDEN
+        ),
         "b1": np.zeros(HIDDEN, dtype=dtype),
         "w2": bit_values(dtype, HIDDEN, "demo-w2", (-5, -3)).reshape(HIDDEN, 1),
         "b2": np.zeros(1, dtype=dtype),
@@ -76,7 +80,9 @@ def tree_sum(xp: Any, a: Any, axis: int) -> Any:
     return a[(*lead, 0, ...)]
 
 
-def loss_and_grads(params: dict[str, Any], x: Any, y: Any) -> tuple[Any, dict[str, Any]]:
+def loss_and_grads(
+    params: dict[str, Any], x: Any, y: Any
+) -> tuple[Any, dict[str, Any]]:
     """Mean squared error of the perceptron and its gradient, exactly.
 
     Returns the loss as a one-element array and the gradients by name.
@@ -86,13 +92,16 @@ def loss_and_grads(params: dict[str, Any], x: Any, y: Any) -> tuple[Any, dict[st
     n, d = x.shape
     h = params["w1"].shape[1]
     # z1[n, j] = sum_i x[n, i] w1[i, j] + b1[j]
-    products = xp.multiply(ns.reshape(x, (n, d, 1)), ns.reshape(params["w1"], (1, d, h)))
+    products = xp.multiply(
+        ns.reshape(x, (n, d, 1)), ns.reshape(params["w1"], (1, d, h))
+    )
     z1 = xp.add(tree_sum(xp, products, 1), ns.reshape(params["b1"], (1, h)))
     active = xp.greater(z1, 0)
     a1 = xp.where(active, z1, xp.zeros_like(z1))
     # yhat[n] = sum_j a1[n, j] w2[j] + b2
-    yhat = xp.add(tree_sum(xp, xp.multiply(a1, ns.reshape(params["w2"], (1, h))), 1),
-                  params["b2"])
+    yhat = xp.add(
+        tree_sum(xp, xp.multiply(a1, ns.reshape(params["w2"], (1, h))), 1), params["b2"]
+    )
     r = xp.subtract(ns.reshape(yhat, (n, 1)), y)
     t = xp.scalar_type(r)
     loss = xp.divide(tree_sum(xp, xp.multiply(r, r), 0), t(n))
@@ -101,7 +110,9 @@ def loss_and_grads(params: dict[str, Any], x: Any, y: Any) -> tuple[Any, dict[st
     da1 = xp.multiply(dy, ns.reshape(params["w2"], (1, h)))
     dz1 = xp.where(active, da1, xp.zeros_like(da1))
     grads = {
-        "w1": tree_sum(xp, xp.multiply(ns.reshape(x, (n, d, 1)), ns.reshape(dz1, (n, 1, h))), 0),
+        "w1": tree_sum(
+            xp, xp.multiply(ns.reshape(x, (n, d, 1)), ns.reshape(dz1, (n, 1, h))), 0
+        ),
         "b1": tree_sum(xp, dz1, 0),
         "w2": ns.reshape(tree_sum(xp, xp.multiply(a1, dy), 0), (h, 1)),
         "b2": tree_sum(xp, dy, 0),
@@ -119,8 +130,14 @@ def digest(backend: Backend, params: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def train(backend: Backend, rule: opt.Rule, *, steps: int, dtype: str = "float32",
-          progress: Progress | None = None) -> DemoResult:
+def train(
+    backend: Backend,
+    rule: opt.Rule,
+    *,
+    steps: int,
+    dtype: str = "float32",
+    progress: Progress | None = None,
+) -> DemoResult:
     """Train the perceptron on ``backend`` for ``steps`` updates of ``rule``."""
     start, xs, ys = make_problem(dtype)
     params = {k: backend.asarray(v) for k, v in start.items()}
@@ -139,25 +156,46 @@ def train(backend: Backend, rule: opt.Rule, *, steps: int, dtype: str = "float32
     return DemoResult(backend.name, first, final, digest(backend, params))
 
 
-def render_demo(results: Sequence[DemoResult], *, rule: opt.Rule, steps: int, dtype: str,
-                unavailable: dict[str, str]) -> str:
+def render_demo(
+    results: Sequence[DemoResult],
+    *,
+    rule: opt.Rule,
+    steps: int,
+    dtype: str,
+    unavailable: dict[str, str],
+) -> str:
     """The per-backend table and the verdict."""
     t = np.dtype(dtype).type
-    rows = [[r.backend, f"{r.first_loss:.6g}", f"{t(r.final_loss)!s} ({hexfloat(t(r.final_loss))})",
-             r.digest] for r in results]
+    rows = [
+        [
+            r.backend,
+            f"{r.first_loss:.6g}",
+            f"{t(r.final_loss)!s} ({hexfloat(t(r.final_loss))})",
+            r.digest,
+        ]
+        for r in results
+    ]
     out = [
-        (f"2-layer perceptron ({INPUTS} -> {HIDDEN} ReLU -> 1), {SAMPLES} samples, {dtype}, "
-        f"{steps} steps of"),
+        (
+            f"2-layer perceptron ({INPUTS} -> {HIDDEN} ReLU -> 1), {SAMPLES} samples, {dtype}, "
+            f"{steps} steps of"
+        ),
         f"  {rule!r}",
         "",
-        format_table(["backend", "first loss", "final loss", "parameters sha256"], rows),
+        format_table(
+            ["backend", "first loss", "final loss", "parameters sha256"], rows
+        ),
         "",
     ]
     if unavailable:
-        out.append("not available: " + "; ".join(f"{n} ({w})" for n, w in unavailable.items()))
+        out.append(
+            "not available: " + "; ".join(f"{n} ({w})" for n, w in unavailable.items())
+        )
     digests = {r.digest for r in results}
     if len(digests) == 1:
         out.append(f"same bits on all {len(results)} backends.")
     else:
-        out.append(f"DIFFERENT bits: {len(digests)} distinct digests on {len(results)} backends.")
+        out.append(
+            f"DIFFERENT bits: {len(digests)} distinct digests on {len(results)} backends."
+        )
     return "\n".join(out)

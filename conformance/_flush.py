@@ -61,7 +61,9 @@ class FlushingAdapter(NumpyAdapter):
     #: The dtypes it flushes.
     dtypes: frozenset[str] = FLUSHED
 
-    def __init__(self, name: str = "numpy-flushed", array_type: type = FlushedArray) -> None:
+    def __init__(
+        self, name: str = "numpy-flushed", array_type: type = FlushedArray
+    ) -> None:
         super().__init__()
         self.name = name
         self.array_type = array_type
@@ -161,10 +163,15 @@ class FlushedBackend(Backend):
 
     writeable = False
 
-    def __init__(self, name: str = "numpy-flushed",
-                 adapter_type: type[FlushingAdapter] = FlushingAdapter) -> None:
+    def __init__(
+        self,
+        name: str = "numpy-flushed",
+        adapter_type: type[FlushingAdapter] = FlushingAdapter,
+    ) -> None:
         super().__init__(name)
-        self.array_type: type = type(f"{adapter_type.__name__}Array", (FlushedArray,), {})
+        self.array_type: type = type(
+            f"{adapter_type.__name__}Array", (FlushedArray,), {}
+        )
         self.flushing = adapter_type(name, self.array_type)
         array_type, flushing = self.array_type, self.flushing
         opt.register_adapter(lambda x: flushing if type(x) is array_type else None)

@@ -88,7 +88,9 @@ def _decode(kind: str, stored: np.ndarray | None) -> Any:
         return stored
     if kind == "numpy":
         return stored[()]
-    return {"bool": bool, "int": int, "float": float, "complex": complex}[kind](stored[()])
+    return {"bool": bool, "int": int, "float": float, "complex": complex}[kind](
+        stored[()]
+    )
 
 
 def make_golden(dtype: str, cases: tuple[Case, ...] = CASES) -> bytes:
@@ -108,8 +110,13 @@ def make_golden(dtype: str, cases: tuple[Case, ...] = CASES) -> bytes:
     }
     for case in cases:
         snap = run_trajectory(
-            NumpyBackend(), case.rule, dtype, GOLDEN_DATASET,
-            steps=GOLDEN_STEPS, size=GOLDEN_SIZE, period=GOLDEN_PERIOD,
+            NumpyBackend(),
+            case.rule,
+            dtype,
+            GOLDEN_DATASET,
+            steps=GOLDEN_STEPS,
+            size=GOLDEN_SIZE,
+            period=GOLDEN_PERIOD,
             in_place=False,  # the plain path: never the compiled fast path of update_
         )
         kinds = {}
@@ -120,7 +127,10 @@ def make_golden(dtype: str, cases: tuple[Case, ...] = CASES) -> bytes:
                 arrays[f"{case.name}|{path}"] = stored
         meta["cases"][case.name] = {"rule": repr(case.rule), "entries": kinds}
     buffer = io.BytesIO()
-    entries: dict[str, Any] = {"__meta__": np.array(json.dumps(meta, indent=1)), **arrays}
+    entries: dict[str, Any] = {
+        "__meta__": np.array(json.dumps(meta, indent=1)),
+        **arrays,
+    }
     np.savez_compressed(buffer, **entries)
     return buffer.getvalue()
 
@@ -190,15 +200,22 @@ def golden_snapshot(case: Case, dtype: str) -> tuple[dict[str, Any], dict[str, A
 
 
 def golden_trajectory(
-    backend: Backend, case: Case, dtype: str, *, in_place: bool = True
+    backend: Backend, case: Case, dtype: str, *, in_place: bool | None = None
 ) -> dict[str, Any]:
     """The snapshot of ``case`` on ``backend`` under the golden file's settings.
 
     ``in_place=False`` takes :func:`agnosticopt.update` (the plain path that
-    made the files) instead of ``update_``.
+    made the files) instead of ``update_``; by default ``update_`` unless the
+    backend is functional-only.
     """
     meta, _ = load_golden(dtype)
     return run_trajectory(
-        backend, case.rule, dtype, meta["dataset"],
-        steps=meta["steps"], size=meta["size"], period=meta["period"], in_place=in_place,
+        backend,
+        case.rule,
+        dtype,
+        meta["dataset"],
+        steps=meta["steps"],
+        size=meta["size"],
+        period=meta["period"],
+        in_place=in_place,
     )

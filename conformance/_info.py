@@ -14,18 +14,9 @@ import numpy as np
 from agnosticopt.conformance._backends import BUILTIN_BACKENDS, Backend
 from agnosticopt.conformance._table import format_table
 
-__all__ = ["backend_info", "render_info"]
+from agnosticopt._backends import backend_entry
 
-#: The library behind each built-in backend.
-_LIBRARY = {
-    "numpy": "numpy",
-    "numpy_readonly": "numpy",
-    "torch": "torch",
-    "torch_cuda": "torch",
-    "array_api_strict": "array_api_strict",
-    "jax": "jax",
-    "cupy": "cupy",
-}
+__all__ = ["backend_info", "render_info"]
 
 
 def _version(module: str) -> str:
@@ -40,14 +31,19 @@ def _torch_devices(device: str) -> list[str]:
 
     if device == "cpu":
         return ["cpu"]
-    return [f"cuda:{k} {torch.cuda.get_device_name(k)}" for k in range(torch.cuda.device_count())]
+    return [
+        f"cuda:{k} {torch.cuda.get_device_name(k)}"
+        for k in range(torch.cuda.device_count())
+    ]
 
 
 def _strict_devices() -> list[str]:
     import array_api_strict
 
-    names = [re.sub(r"^.*\('(.*)'\)$", r"\1", str(d))
-             for d in array_api_strict.__array_namespace_info__().devices()]
+    names = [
+        re.sub(r"^.*\('(.*)'\)$", r"\1", str(d))
+        for d in array_api_strict.__array_namespace_info__().devices()
+    ]
     return [f"{n} (conformance arrays)" if n == "device1" else n for n in names]
 
 
@@ -76,18 +72,24 @@ _DEVICES: dict[str, Callable[[], list[str]]] = {
 
 def backend_info(name: str, backend: Backend) -> dict[str, Any]:
     """Version, devices, adapter, fixes and declared deviations of one backend."""
-    library = _LIBRARY.get(name, name)
+    library = backend_entry(name).library if name in BUILTIN_BACKENDS else name
     from agnosticopt._norm import NUMERICS_VERSION
 
-    info: dict[str, Any] = {"backend": backend.name, "library": library,
-                            "version": _version(library),
-                            "numerics_version": NUMERICS_VERSION}
+    info: dict[str, Any] = {
+        "backend": backend.name,
+        "library": library,
+        "version": _version(library),
+        "numerics_version": NUMERICS_VERSION,
+    }
     why = backend.unavailable()
     if why:
         return {**info, "available": False, "reason": why}
     adapter = backend.adapter()
-    deviations = [f"flushes subnormals to zero in {', '.join(flushed)}"
-                  for flushed in [getattr(adapter, "flushes_subnormals", ())] if flushed]
+    deviations = [
+        f"flushes subnormals to zero in {', '.join(flushed)}"
+        for flushed in [getattr(adapter, "flushes_subnormals", ())]
+        if flushed
+    ]
     return {
         **info,
         "available": True,
@@ -95,15 +97,19 @@ def backend_info(name: str, backend: Backend) -> dict[str, Any]:
         "adapter": f"{type(adapter).__module__}.{type(adapter).__name__}",
         "fixes": list(getattr(adapter, "fixes", ())),
         "deviations": deviations,
-        "unsupported": {d: r for d in ("float16", "float64")
-                        if (r := backend.unsupported(d))},
+        "unsupported": {
+            d: r for d in ("float16", "float64") if (r := backend.unsupported(d))
+        },
         "fast_path": _fast_path(adapter),
     }
 
 
 def _fast_path(adapter: Any) -> str:
     """Whether ``update_`` runs compiled kernels on this adapter's arrays, and why not."""
-    if getattr(adapter, "fast_plan", None) is None or adapter.name not in ("numpy", "torch"):
+    if getattr(adapter, "fast_plan", None) is None or adapter.name not in (
+        "numpy",
+        "torch",
+    ):
         return "none (every operation one array-API call)"
     from agnosticopt._speed import fast_path_enabled
 
@@ -111,8 +117,10 @@ def _fast_path(adapter: Any) -> str:
         return "off: numba is not installed (pip install agnosticopt[fast])"
     if not fast_path_enabled():
         return "off: switched off (AGNOSTICOPT_FAST or set_fast_path)"
-    return (f"numba {_version('numba')} kernels in update_ for writeable float32/float64 arrays "
-            "(no fast-math: the plain path's bits)")
+    return (
+        f"numba {_version('numba')} kernels in update_ for writeable float32/float64 arrays "
+        "(no fast-math: the plain path's bits)"
+    )
 
 
 def render_info(infos: list[dict[str, Any]]) -> str:
@@ -126,8 +134,13 @@ def render_info(infos: list[dict[str, Any]]) -> str:
         f"{importlib.metadata.version('array-api-compat')}"
     )
     rows = [
-        [i["backend"], i["library"] + " " + i["version"],
-         ", ".join(i["devices"]) if i["available"] else "not available: " + i["reason"]]
+        [
+            i["backend"],
+            i["library"] + " " + i["version"],
+            ", ".join(i["devices"])
+            if i["available"]
+            else "not available: " + i["reason"],
+        ]
         for i in infos
     ]
     out = [head, "", format_table(["backend", "library", "devices"], rows), ""]

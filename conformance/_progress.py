@@ -31,8 +31,14 @@ class Progress:
     #: Seconds between redraws (the last state is always drawn on close).
     interval = 0.1
 
-    def __init__(self, total: int, *, stream: TextIO | None = None,
-                 enabled: bool | None = None, width: int = 28) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        width: int = 28,
+    ) -> None:
         self.total = max(total, 1)
         self.stream = sys.stderr if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
@@ -47,8 +53,12 @@ class Progress:
         self.draw(force=True)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def advance(self, n: int = 1, label: str | None = None) -> None:

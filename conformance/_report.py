@@ -76,7 +76,11 @@ def _outcome(run: Callable[[], Any], ok: str) -> tuple[str, float | None, str]:
     except KnownDeviation as exc:
         ulp = exc.comparison.max_ulp if exc.comparison else None
         first = exc.comparison.first if exc.comparison else None
-        return "deviation", ulp, exc.deviation + (f"; {first.describe()}" if first else "")
+        return (
+            "deviation",
+            ulp,
+            exc.deviation + (f"; {first.describe()}" if first else ""),
+        )
     except ConformanceError as exc:
         ulp = exc.comparison.max_ulp if exc.comparison else None
         return "differs", ulp, str(exc)
@@ -106,8 +110,14 @@ def run_matrix(
     results: list[Result] = []
     bar = progress or Progress(1, enabled=False)
 
-    def record(check: Callable[..., Any], b: Backend, case: Case, dtype: str,
-               dataset: str | None = None, **options: Any) -> None:
+    def record(
+        check: Callable[..., Any],
+        b: Backend,
+        case: Case,
+        dtype: str,
+        dataset: str | None = None,
+        **options: Any,
+    ) -> None:
         name = check.__name__.removeprefix("check_")
         where = f"{case.name} {dtype}{' ' + dataset if dataset else ''} on {b.name}"
         bar.show(f"{name}: {where}")
@@ -115,14 +125,24 @@ def run_matrix(
             options["dataset"] = dataset
         ok = "passed" if check in PROPERTY_CHECKS else "identical"
         status, ulp, detail = _outcome(lambda: check(b, case, dtype, **options), ok)
-        results.append(Result(name, b.name, case.name, dtype, dataset, status, ulp, detail))
+        results.append(
+            Result(name, b.name, case.name, dtype, dataset, status, ulp, detail)
+        )
         bar.advance()
 
     for dtype in dtypes:
         for case in cases:
             for dataset in datasets:
                 for b in backends:
-                    record(check_trajectory, b, case, dtype, dataset, steps=steps, size=size)
+                    record(
+                        check_trajectory,
+                        b,
+                        case,
+                        dtype,
+                        dataset,
+                        steps=steps,
+                        size=size,
+                    )
             for b in backends:
                 record(check_golden, b, case, dtype)
             for check in PROPERTY_CHECKS if properties else ():
@@ -131,8 +151,9 @@ def run_matrix(
     return results
 
 
-def matrix_size(n_backends: int, n_cases: int, n_dtypes: int, n_datasets: int,
-                *, properties: bool) -> int:
+def matrix_size(
+    n_backends: int, n_cases: int, n_dtypes: int, n_datasets: int, *, properties: bool
+) -> int:
     """The number of results :func:`run_matrix` produces (for the progress bar)."""
     per_case = n_datasets + 1 + (len(PROPERTY_CHECKS) if properties else 0)
     return n_backends * n_cases * n_dtypes * per_case
@@ -164,7 +185,9 @@ def _cell(results: list[Result], notes: _Notes) -> str:
     failed = [r for r in results if r.failed]
     if any(r.status == "error" for r in failed):
         bad = next(r for r in failed if r.status == "error")
-        return "error " + notes.mark(f"{bad.backend} {bad.case} {bad.dtype}: {_first_line(bad.detail)}")
+        return "error " + notes.mark(
+            f"{bad.backend} {bad.case} {bad.dtype}: {_first_line(bad.detail)}"
+        )
     if failed:
         worst = max(failed, key=lambda r: r.max_ulp or 0.0)
         ulp = format_ulp(worst.max_ulp if worst.max_ulp is not None else math.inf)
@@ -182,8 +205,15 @@ def _cell(results: list[Result], notes: _Notes) -> str:
     return ran[0].status
 
 
-def render_text(results: list[Result], *, backends: Sequence[Backend], dtypes: Sequence[str],
-                steps: int | None, size: int, unavailable: dict[str, str]) -> str:
+def render_text(
+    results: list[Result],
+    *,
+    backends: Sequence[Backend],
+    dtypes: Sequence[str],
+    steps: int | None,
+    size: int,
+    unavailable: dict[str, str],
+) -> str:
     """The tables: rule x backend per dtype, then the property checks."""
     notes = _Notes()
     names = [b.name for b in backends if b.name not in unavailable]
@@ -191,7 +221,9 @@ def render_text(results: list[Result], *, backends: Sequence[Backend], dtypes: S
     out: list[str] = []
     for dtype in dtypes:
         length = steps if steps is not None else DEFAULT_STEPS.get(dtype, 0)
-        datasets = sorted({r.dataset for r in results if r.check == "trajectory" and r.dataset})
+        datasets = sorted(
+            {r.dataset for r in results if r.check == "trajectory" and r.dataset}
+        )
         out.append(
             f"{dtype}: {length} steps x {size} elements ({' and '.join(datasets)} data), "
             f"and the golden trajectory ({GOLDEN_STEPS} steps x {GOLDEN_SIZE})"
@@ -200,12 +232,22 @@ def render_text(results: list[Result], *, backends: Sequence[Backend], dtypes: S
         for case in cases:
             row = [case]
             for name in names:
-                found = [r for r in results if r.case == case and r.dtype == dtype
-                         and r.backend == name and r.check in ("trajectory", "golden")]
+                found = [
+                    r
+                    for r in results
+                    if r.case == case
+                    and r.dtype == dtype
+                    and r.backend == name
+                    and r.check in ("trajectory", "golden")
+                ]
                 row.append(_cell(found, notes))
             rows.append(row)
         out += [format_table(["rule", *names], rows), ""]
-    checks = list(dict.fromkeys(r.check for r in results if r.check not in ("trajectory", "golden")))
+    checks = list(
+        dict.fromkeys(
+            r.check for r in results if r.check not in ("trajectory", "golden")
+        )
+    )
     if checks:
         out.append(f"property checks (every rule, {', '.join(dtypes)})")
         rows = []
@@ -215,29 +257,43 @@ def render_text(results: list[Result], *, backends: Sequence[Backend], dtypes: S
                 found = [r for r in results if r.check == check and r.backend == name]
                 failed = [r for r in found if r.failed]
                 if failed:
-                    row.append(f"{len(failed)} failed " + notes.mark(_first_line(failed[0].detail)))
+                    row.append(
+                        f"{len(failed)} failed "
+                        + notes.mark(_first_line(failed[0].detail))
+                    )
                 else:
                     row.append(_cell(found, notes))
             rows.append(row)
         out += [format_table(["check", *names], rows), ""]
     if unavailable:
-        out.append("not available: " + "; ".join(f"{n} ({why})" for n, why in unavailable.items()))
+        out.append(
+            "not available: "
+            + "; ".join(f"{n} ({why})" for n, why in unavailable.items())
+        )
     out += notes.render()
     failures = sum(r.failed for r in results)
     ran = sum(r.status != "skipped" for r in results)
     if not ran:
-        out.append("FAILED: no check ran (every one was skipped), so nothing was verified")
+        out.append(
+            "FAILED: no check ran (every one was skipped), so nothing was verified"
+        )
         return "\n".join(out)
     out.append(
-        f"FAILED: {failures} of {ran} checks differ or fail" if failures
+        f"FAILED: {failures} of {ran} checks differ or fail"
+        if failures
         else f"OK: {ran} checks, every backend gives numpy's bits"
-        + (" (apart from the declared deviations)" if any(r.status == "deviation" for r in results) else "")
+        + (
+            " (apart from the declared deviations)"
+            if any(r.status == "deviation" for r in results)
+            else ""
+        )
     )
     return "\n".join(out)
 
 
-def render_json(results: list[Result], *, settings: dict[str, Any],
-                unavailable: dict[str, str]) -> str:
+def render_json(
+    results: list[Result], *, settings: dict[str, Any], unavailable: dict[str, str]
+) -> str:
     """The results as one JSON document."""
     doc = {
         "settings": settings,

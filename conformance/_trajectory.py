@@ -47,7 +47,9 @@ def _is_namedtuple(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
-def snapshot_state(state: Any, to_numpy: Callable[[Any], np.ndarray], path: str = "state") -> dict[str, Any]:
+def snapshot_state(
+    state: Any, to_numpy: Callable[[Any], np.ndarray], path: str = "state"
+) -> dict[str, Any]:
     """Every array (as numpy) and host scalar in ``state``, keyed by path.
 
     NamedTuple fields are named (``state.m``), tuple items numbered
@@ -88,7 +90,7 @@ def run_trajectory(
     steps: int | None = None,
     size: int = DEFAULT_SIZE,
     period: int | None = None,
-    in_place: bool = True,
+    in_place: bool | None = None,
 ) -> dict[str, Any]:
     """The snapshot after ``steps`` chained updates of one parameter.
 
@@ -110,8 +112,11 @@ def run_trajectory(
     period
         Repeat the inputs' first ``period`` values (see ``initial_parameter``).
     in_place
-        Use :func:`agnosticopt.update_` (default) or :func:`agnosticopt.update`.
+        Use :func:`agnosticopt.update_` or :func:`agnosticopt.update`; default:
+        ``update_`` unless the backend is functional-only (``in_place`` false).
     """
+    if in_place is None:
+        in_place = bool(getattr(backend, "in_place", True))
     steps = DEFAULT_STEPS[dtype] if steps is None else steps
     x = backend.asarray(initial_parameter(dtype, size, period))
     grads = [backend.asarray(g) for g in gradient_pool(dtype, dataset, size, period)]
@@ -132,5 +137,6 @@ def reference_trajectory(
     compiled fast path of ``update_``: it is the rules' array-API code run one
     numpy operation at a time, so a backend's fast path is checked against it.
     """
-    return run_trajectory(NumpyBackend(), rule, dtype, dataset, steps=steps, size=size,
-                          in_place=False)
+    return run_trajectory(
+        NumpyBackend(), rule, dtype, dataset, steps=steps, size=size, in_place=False
+    )

@@ -39,14 +39,18 @@ def _check(dtype: str) -> list[str]:
     problems = []
     _, snaps = load_golden(dtype)
     extra = set(snaps) - {c.name for c in CASES}
-    problems += [f"{dtype}: the file has a case no longer in CASES: {name}" for name in extra]
+    problems += [
+        f"{dtype}: the file has a case no longer in CASES: {name}" for name in extra
+    ]
     for case in CASES:
         try:
             _, want = golden_snapshot(case, dtype)
         except LookupError as exc:
             problems.append(str(exc))
             continue
-        result = compare(golden_trajectory(NumpyBackend(), case, dtype, in_place=False), want)
+        result = compare(
+            golden_trajectory(NumpyBackend(), case, dtype, in_place=False), want
+        )
         if not result.identical:
             problems.append(f"{dtype} {case.name}: {result.describe()}")
     return problems
@@ -55,12 +59,20 @@ def _check(dtype: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the generator; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m agnosticopt.conformance.generate", description=__doc__.split("\n")[0]
+        prog="python -m agnosticopt.conformance.generate",
+        description=__doc__.split("\n")[0],
     )
-    parser.add_argument("--check", action="store_true",
-                        help="compare the committed files with numpy now; write nothing")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory to write to (default: next to this module)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the committed files with numpy now; write nothing",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory to write to (default: next to this module)",
+    )
     args = parser.parse_args(argv)
     if args.check:
         problems = [p for dtype in GOLDEN_DTYPES for p in _check(dtype)]

@@ -22,13 +22,38 @@ __all__ = ["pytest_addoption"]
 def pytest_addoption(parser: pytest.Parser) -> None:
     """Add ``--backend``, ``--case``, ``--dtype`` (repeatable), ``--steps``, ``--size``."""
     group = parser.getgroup("agnosticopt", "agnosticopt conformance suite")
-    group.addoption("--backend", action="append", default=None, dest="agnosticopt_backend",
-                    help="backend name or module:attribute (repeatable)")
-    group.addoption("--case", action="append", default=None, dest="agnosticopt_case",
-                    help="case name, e.g. Adam (repeatable)")
-    group.addoption("--dtype", action="append", default=None, dest="agnosticopt_dtype",
-                    help="parameter dtype (repeatable; default float32 and float64)")
-    group.addoption("--steps", type=int, default=None, dest="agnosticopt_steps",
-                    help="trajectory length (default: per dtype, 1000 in float32)")
-    group.addoption("--size", type=int, default=None, dest="agnosticopt_size",
-                    help="parameter size (default 131089)")
+    group.addoption(
+        "--backend",
+        action="append",
+        default=None,
+        dest="agnosticopt_backend",
+        help="backend name or module:attribute (repeatable)",
+    )
+    group.addoption(
+        "--case",
+        action="append",
+        default=None,
+        dest="agnosticopt_case",
+        help="case name, e.g. Adam (repeatable)",
+    )
+    group.addoption(
+        "--dtype",
+        action="append",
+        default=None,
+        dest="agnosticopt_dtype",
+        help="parameter dtype (repeatable; default float32 and float64)",
+    )
+    group.addoption(
+        "--steps",
+        type=int,
+        default=None,
+        dest="agnosticopt_steps",
+        help="trajectory length (default: per dtype, 1000 in float32)",
+    )
+    group.addoption(
+        "--size",
+        type=int,
+        default=None,
+        dest="agnosticopt_size",
+        help="parameter size (default 131089)",
+    )

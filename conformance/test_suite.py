@@ -24,12 +24,17 @@ from agnosticopt.conformance._checks import (
 
 
 def test_trajectory(
-    conformance_backend: Backend, case: Case, dtype: str, dataset: str,
-    steps: int | None, size: int,
+    conformance_backend: Backend,
+    case: Case,
+    dtype: str,
+    dataset: str,
+    steps: int | None,
+    size: int,
 ) -> None:
     try:
-        check_trajectory(conformance_backend, case, dtype, dataset=dataset,
-                         steps=steps, size=size)
+        check_trajectory(
+            conformance_backend, case, dtype, dataset=dataset, steps=steps, size=size
+        )
     except KnownDeviation as exc:
         pytest.xfail(str(exc))
 

@@ -24,7 +24,19 @@ SOURCE = ROOT / "build" / "docs-src"
 MARKER = re.compile(r"^<!-- api: ([\w.]+) -->$", re.MULTILINE)
 INCLUDE = re.compile(r"^<!-- include: ([\w./-]+) -->$", re.MULTILINE)
 # The order of the sections; modules not listed follow in alphabetical order.
-FIRST = ("_tree", "_sgd", "_adam", "_adaptive", "_decay", "_clip", "_wrappers", "_rule")
+FIRST = (
+    "_setup",
+    "_update",
+    "_adjust",
+    "_leaf",
+    "_sgd",
+    "_adam",
+    "_adaptive",
+    "_decay",
+    "_clip",
+    "_wrappers",
+    "_rule",
+)
 
 
 def _summary(module_name: str) -> str:

@@ -20,24 +20,19 @@ import pytest
 
 import agnosticopt as opt
 from agnosticopt import conformance
+from agnosticopt._backends import BACKEND_NAMES
 
-
-class Backend(enum.Enum):
-    """Array backends under test; the values are conformance backend names."""
-
-    NUMPY = "numpy"
-    NUMPY_READONLY = "numpy_readonly"
-    ARRAY_API_STRICT = "array_api_strict"
-    TORCH = "torch"
-    TORCH_CUDA = "torch_cuda"
-    JAX = "jax"
-    CUPY = "cupy"
+#: Array backends under test, one member per entry of the registry
+#: (``agnosticopt._backends``): ``BackendKind.TORCH_CUDA.value == "torch_cuda"``.
+BackendKind = enum.Enum(  # type: ignore[misc]  (members from the registry)
+    "BackendKind", {name.upper(): name for name in BACKEND_NAMES}
+)
 
 
 class BackendHelper:
     """Converts numpy arrays to one backend and back (tests' short-hand)."""
 
-    def __init__(self, kind: Backend) -> None:
+    def __init__(self, kind: BackendKind) -> None:
         self.kind = kind
         self.name = kind.value
         #: The public conformance backend doing the work.
@@ -68,15 +63,15 @@ class BackendHelper:
 
 #: The backends of the core tests (issue 2); identity tests use ALL_BACKENDS.
 CORE_BACKENDS = (
-    Backend.NUMPY,
-    Backend.NUMPY_READONLY,
-    Backend.TORCH,
-    Backend.ARRAY_API_STRICT,
+    BackendKind.NUMPY,
+    BackendKind.NUMPY_READONLY,
+    BackendKind.TORCH,
+    BackendKind.ARRAY_API_STRICT,
 )
-ALL_BACKENDS = tuple(Backend)
+ALL_BACKENDS = tuple(BackendKind)
 
 
-def backend_params(kinds: tuple[Backend, ...]) -> list[Any]:
+def backend_params(kinds: tuple[BackendKind, ...]) -> list[Any]:
     """pytest params for ``kinds``, each skipped with a reason when unavailable."""
     params = []
     for kind in kinds:
@@ -94,3 +89,21 @@ def fast_path(enabled: bool) -> Iterator[None]:
         yield
     finally:
         opt.set_fast_path(previous)
+
+
+def host_copy(a: Any) -> np.ndarray:
+    """A numpy copy of a numpy or torch array (to compare bits)."""
+    if type(a).__module__.startswith("torch"):
+        return a.detach().numpy().copy()
+    return np.array(a, copy=True)
+
+
+def state_leaves(state: Any) -> Iterator[Any]:
+    """The arrays (as numpy copies) and host scalars of a rule state, in order."""
+    if isinstance(state, (tuple, list)):
+        for item in state:
+            yield from state_leaves(item)
+    elif state is None or isinstance(state, (int, float, np.generic)):
+        yield state
+    else:
+        yield host_copy(state)

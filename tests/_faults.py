@@ -159,7 +159,9 @@ class FaultyBackend(Backend):
         return "cpu"
 
 
-def _cached(name: str, adapter_type: type[FaultyAdapter]) -> Callable[[], FaultyBackend]:
+def _cached(
+    name: str, adapter_type: type[FaultyAdapter]
+) -> Callable[[], FaultyBackend]:
     made: list[FaultyBackend] = []
 
     def factory() -> FaultyBackend:
@@ -177,7 +179,9 @@ reciprocal_backend = _cached("numpy-reciprocal-divide", ReciprocalDivideAdapter)
 ftz_backend = _cached("numpy-ftz", FlushSubnormalsAdapter)
 
 
-def _flushing(name: str, adapter_type: type[FlushingAdapter]) -> Callable[[], FlushedBackend]:
+def _flushing(
+    name: str, adapter_type: type[FlushingAdapter]
+) -> Callable[[], FlushedBackend]:
     made: list[FlushedBackend] = []
 
     def factory() -> FlushedBackend:
@@ -189,7 +193,9 @@ def _flushing(name: str, adapter_type: type[FlushingAdapter]) -> Callable[[], Fl
 
 
 declared_ftz_backend = _flushing("numpy-ftz-declared", DeclaredFlushAdapter)
-declared_ftz_sqrt_backend = _flushing("numpy-ftz-declared-sqrt", DeclaredFlushSqrtAdapter)
+declared_ftz_sqrt_backend = _flushing(
+    "numpy-ftz-declared-sqrt", DeclaredFlushSqrtAdapter
+)
 
 FAULTS = {
     "sqrt off by one ulp": sqrt_backend,

@@ -17,26 +17,38 @@ import agnosticopt as opt
 #: Steps before the save, and in all.
 K, N = 5, 9
 
-SHAPES = {"adam": ((300, 400), "float32"), "chain": ((200, 300), "float32"),
-          "acc": ((50_000,), "float64"), "radam": ((2_000,), "float32"),
-          "mixed": ((300, 400), "float16")}
+SHAPES = {
+    "adam": ((300, 400), "float32"),
+    "chain": ((200, 300), "float32"),
+    "acc": ((50_000,), "float64"),
+    "radam": ((2_000,), "float32"),
+    "mixed": ((300, 400), "float16"),
+}
 
 
 def case() -> tuple[dict[str, Any], dict[str, Any]]:
     """The rules and the initial (numpy) model, by parameter name."""
     rules = {
         "adam": opt.Adam(1e-3),
-        "chain": opt.OptimiserChain(opt.WeightDecay(1e-2), opt.ClipNorm(50.0), opt.Adam(1e-2)),
+        "chain": opt.OptimiserChain(
+            opt.WeightDecay(1e-2), opt.ClipNorm(50.0), opt.Adam(1e-2)
+        ),
         "acc": opt.OptimiserChain(opt.AccumGrad(3), opt.Momentum(1e-2, 0.9)),
         "radam": opt.RAdam(1e-3),
-        "mixed": opt.MixedPrecision(opt.OptimiserChain(opt.ClipNorm(100.0), opt.AdamW(1e-3))),
+        "mixed": opt.MixedPrecision(
+            opt.OptimiserChain(opt.ClipNorm(100.0), opt.AdamW(1e-3))
+        ),
     }
     rng = np.random.default_rng(7)
-    model = {k: _away_from_zero(rng, shape, dtype) for k, (shape, dtype) in SHAPES.items()}
+    model = {
+        k: _away_from_zero(rng, shape, dtype) for k, (shape, dtype) in SHAPES.items()
+    }
     return rules, model
 
 
-def _away_from_zero(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> Any:
+def _away_from_zero(
+    rng: np.random.Generator, shape: tuple[int, ...], dtype: str
+) -> Any:
     magnitude = 0.5 + np.abs(rng.standard_normal(shape))
     return (np.sign(rng.standard_normal(shape)) * magnitude).astype(dtype)
 
@@ -44,7 +56,9 @@ def _away_from_zero(rng: np.random.Generator, shape: tuple[int, ...], dtype: str
 def grads_at(step: int) -> dict[str, Any]:
     """The gradients of step ``step`` (numpy)."""
     rng = np.random.default_rng(100 + step)
-    return {k: _away_from_zero(rng, shape, dtype) for k, (shape, dtype) in SHAPES.items()}
+    return {
+        k: _away_from_zero(rng, shape, dtype) for k, (shape, dtype) in SHAPES.items()
+    }
 
 
 def bits(tree: Any, model: Any) -> dict[str, np.ndarray]:
@@ -58,7 +72,9 @@ def bits(tree: Any, model: Any) -> dict[str, np.ndarray]:
             if entry in ("rule", "frozen"):
                 continue
             xp = opt.adapter_for(value)
-            out[f"{name}/{entry}"] = xp.to_numpy(value) if xp is not None else np.asarray(value)
+            out[f"{name}/{entry}"] = (
+                xp.to_numpy(value) if xp is not None else np.asarray(value)
+            )
     return out
 
 

@@ -44,9 +44,29 @@ def _specials(name: str) -> np.ndarray:
     f = np.finfo(name)
     tiny, sub, big = float(f.tiny), float(f.smallest_subnormal), float(f.max)
     values = [
-        np.nan, 0.0, -0.0, np.inf, -np.inf, 1.0, -1.0, big, -big, tiny, -tiny,
-        sub, -sub, tiny - sub, -(tiny - sub), 3 * sub, tiny * 1.5,
-        1 + float(f.eps), 1 - float(f.eps) / 2, big / 2, 0.9, -0.9, 1e-3,
+        np.nan,
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        1.0,
+        -1.0,
+        big,
+        -big,
+        tiny,
+        -tiny,
+        sub,
+        -sub,
+        tiny - sub,
+        -(tiny - sub),
+        3 * sub,
+        tiny * 1.5,
+        1 + float(f.eps),
+        1 - float(f.eps) / 2,
+        big / 2,
+        0.9,
+        -0.9,
+        1e-3,
     ]
     values += {
         "float16": [1e-7, -6e-8, 6e4],
@@ -186,7 +206,10 @@ def operations(name: str, writeable: bool, casts: tuple[str, ...]) -> dict[str, 
     """Every primitive rules use, as ``op(adapter, operands) -> array``."""
     ops: dict[str, Op] = {}
     arith = {
-        "add": "add", "subtract": "subtract", "multiply": "multiply", "divide": "divide",
+        "add": "add",
+        "subtract": "subtract",
+        "multiply": "multiply",
+        "divide": "divide",
     }
     cplx = name in REAL
     for label, method in arith.items():
@@ -215,8 +238,12 @@ def operations(name: str, writeable: bool, casts: tuple[str, ...]) -> dict[str, 
         "maximum(s,ra)": lambda x, o: x.maximum(o["s"], o["ra"]),
         "clip(ra,-s,s)": lambda x, o: x.clip(o["ra"], -o["s"], o["s"]),
         "clip(ra,-0,+0)": lambda x, o: x.clip(o["ra"], o["z"], -o["z"]),
-        "where(ra>rb,a,b)": lambda x, o: x.where(x.greater(o["ra"], o["rb"]), o["a"], o["b"]),
-        "where(ra<t,ra,s)": lambda x, o: x.where(x.less(o["ra"], o["t"]), o["ra"], o["s"]),
+        "where(ra>rb,a,b)": lambda x, o: x.where(
+            x.greater(o["ra"], o["rb"]), o["a"], o["b"]
+        ),
+        "where(ra<t,ra,s)": lambda x, o: x.where(
+            x.less(o["ra"], o["t"]), o["ra"], o["s"]
+        ),
         "greater(ra,rb)": lambda x, o: x.greater(o["ra"], o["rb"]),
         "less(ra,rb)": lambda x, o: x.less(o["ra"], o["rb"]),
         "not_equal(ra,rb)": lambda x, o: x.not_equal(o["ra"], o["rb"]),
@@ -293,10 +320,12 @@ def _x64() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
-class Backend:
+class ArrayConverter:
     """How to move numpy data to one backend."""
 
-    def __init__(self, name: str, dtypes: tuple[str, ...], casts: tuple[str, ...]) -> None:
+    def __init__(
+        self, name: str, dtypes: tuple[str, ...], casts: tuple[str, ...]
+    ) -> None:
         self.name, self.dtypes, self.casts = name, dtypes, casts
 
     def convert(self, a: np.ndarray) -> Any:
@@ -319,7 +348,9 @@ class Backend:
         return cupy.asarray(a)
 
     def operands(self, o: dict[str, Any]) -> dict[str, Any]:
-        return {k: self.convert(v) if isinstance(v, np.ndarray) else v for k, v in o.items()}
+        return {
+            k: self.convert(v) if isinstance(v, np.ndarray) else v for k, v in o.items()
+        }
 
     def adapter(self, o: dict[str, Any]) -> Adapter:
         from agnosticopt import adapter_for
@@ -331,16 +362,16 @@ class Backend:
 
 ALL = ("float16", "float32", "float64", "complex64", "complex128")
 BACKENDS = {
-    "torch": (Backend("torch", ALL, FLOATS), lambda: _missing("torch")),
+    "torch": (ArrayConverter("torch", ALL, FLOATS), lambda: _missing("torch")),
     "torch_cuda": (
-        Backend("torch_cuda", ALL, FLOATS),
+        ArrayConverter("torch_cuda", ALL, FLOATS),
         lambda: _no_gpu("torch", _torch_cuda),
     ),
     "array_api_strict": (
-        Backend("array_api_strict", ALL[1:], ("float32", "float64")),
+        ArrayConverter("array_api_strict", ALL[1:], ("float32", "float64")),
         lambda: _missing("array_api_strict"),
     ),
-    "cupy": (Backend("cupy", ALL, FLOATS), lambda: _no_gpu("cupy", _cupy_gpu)),
+    "cupy": (ArrayConverter("cupy", ALL, FLOATS), lambda: _no_gpu("cupy", _cupy_gpu)),
 }
 
 
@@ -357,7 +388,9 @@ def _params(names: tuple[str, ...]) -> list[Any]:
         reason = why()
         for dtype in backend.dtypes:
             marks = [pytest.mark.skip(reason=reason)] if reason else []
-            params.append(pytest.param(backend, dtype, id=f"{name}-{dtype}", marks=marks))
+            params.append(
+                pytest.param(backend, dtype, id=f"{name}-{dtype}", marks=marks)
+            )
     return params
 
 
@@ -365,7 +398,7 @@ def _params(names: tuple[str, ...]) -> list[Any]:
 @pytest.mark.parametrize(
     ("backend", "dtype"), _params(("torch", "torch_cuda", "array_api_strict", "cupy"))
 )
-def test_every_primitive_is_bitwise_numpy(backend: Backend, dtype: str) -> None:
+def test_every_primitive_is_bitwise_numpy(backend: ArrayConverter, dtype: str) -> None:
     ref = operands(dtype)
     got = backend.operands(ref)
     adapter = backend.adapter(got)
@@ -386,7 +419,7 @@ def _jax_reason(dtype: str) -> str | None:
     return None
 
 
-JAX = Backend("jax", ALL, FLOATS)
+JAX = ArrayConverter("jax", ALL, FLOATS)
 
 
 def _jax_params() -> list[Any]:
@@ -501,7 +534,13 @@ def test_jax_subnormals_follow_the_named_deviation(dtype: str) -> None:
     adapter = JAX.adapter(got)
     flushed: tuple[str, ...] = adapter.flushes_subnormals  # type: ignore[attr-defined]
     if adapter.platform == "cpu":  # type: ignore[attr-defined]
-        assert set(flushed) == {"bfloat16", "float32", "float64", "complex64", "complex128"}
+        assert set(flushed) == {
+            "bfloat16",
+            "float32",
+            "float64",
+            "complex64",
+            "complex128",
+        }
     ops = operations(dtype, False, _jax_casts(dtype))
     # Exactly the model: flushed where numpy has a subnormal input or result.
     assert_identical(run_all(ops, FlushingNumpy(flushed), ref, adapter, got))
@@ -524,7 +563,9 @@ def test_jax_division_is_true_division_under_jit() -> None:
     x = JAX.adapter({"a": jnp.asarray(a)})
     jitted = jax.jit(lambda v: x.divide(v, s))(jnp.asarray(a))
     assert differing(a / s, np.asarray(jitted)) == 0
-    signs = jax.jit(x.sign)(jnp.asarray(np.array([-0.0, 0.0, -2.0, np.nan], np.float32)))
+    signs = jax.jit(x.sign)(
+        jnp.asarray(np.array([-0.0, 0.0, -2.0, np.nan], np.float32))
+    )
     assert differing(np.array([0.0, 0.0, -1.0, np.nan], np.float32), signs) == 0
     assert x.writeable(jnp.asarray(a)) is False
 
@@ -535,11 +576,17 @@ def test_torch_bfloat16_against_float32_rounded_once() -> None:
     bf16 = pytest.importorskip("ml_dtypes").bfloat16
     rng = np.random.default_rng(7)
     every = np.arange(1 << 16, dtype=np.uint16)  # every bfloat16, in random pairs
-    a_bits = np.concatenate([every, rng.permutation(every), rng.integers(0, 1 << 16, N, dtype=np.uint16)])
-    b_bits = np.concatenate([rng.permutation(every), every, rng.integers(0, 1 << 16, N, dtype=np.uint16)])
+    a_bits = np.concatenate(
+        [every, rng.permutation(every), rng.integers(0, 1 << 16, N, dtype=np.uint16)]
+    )
+    b_bits = np.concatenate(
+        [rng.permutation(every), every, rng.integers(0, 1 << 16, N, dtype=np.uint16)]
+    )
     a32, b32 = (bits.astype(np.uint32) << 16 for bits in (a_bits, b_bits))
     a, b = a32.view(np.float32), b32.view(np.float32)  # exact bfloat16 values
-    x = Backend("torch", (), ()).adapter({"a": torch.ones(1, dtype=torch.bfloat16)})
+    x = ArrayConverter("torch", (), ()).adapter(
+        {"a": torch.ones(1, dtype=torch.bfloat16)}
+    )
     ta = torch.from_numpy(a_bits.view(np.int16)).view(torch.bfloat16)
     tb = torch.from_numpy(b_bits.view(np.int16)).view(torch.bfloat16)
     s = np.float32(bf16(0.9))
@@ -596,7 +643,7 @@ def bfloat16_rounding(x: np.ndarray) -> np.ndarray:
     bits = x.view(np.uint64)
     shift = np.uint64(52 - 7)
     odd = (bits >> shift) & np.uint64(1)
-    rounded = (bits + (np.uint64(1) << (shift - np.uint64(1))) - np.uint64(1) + odd)
+    rounded = bits + (np.uint64(1) << (shift - np.uint64(1))) - np.uint64(1) + odd
     rounded = (rounded >> shift) << shift
     return rounded.view(np.float64).astype(np.float32)
 
@@ -606,7 +653,7 @@ def test_float64_to_narrow_casts_round_once(backend: str) -> None:
     if _missing(backend) or (backend == "jax" and not _x64()):
         pytest.skip(f"{backend} (with float64) is not available")
     x64 = midpoint_data()
-    conv = Backend(backend, (), ())
+    conv = ArrayConverter(backend, (), ())
     arr = conv.convert(x64)
     adapter = conv.adapter({"a": arr})
     got = adapter.to_numpy(adapter.astype(arr, "float16"))
@@ -674,7 +721,7 @@ def test_every_float16_value(backend: str) -> None:
         pytest.skip(f"{backend} is not installed")
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     a = np.concatenate([every[1:], every])  # vector bodies and scalar tails
-    conv = Backend(backend, (), ())
+    conv = ArrayConverter(backend, (), ())
     t = conv.convert(a)
     x = conv.adapter({"a": t})
     ops: dict[str, Callable[[Adapter, Any], Any]] = {
@@ -697,7 +744,7 @@ def test_every_float16_value(backend: str) -> None:
 # -- torch: writing in place, no autograd history ------------------------------------------
 def test_torch_writeable_and_no_autograd_history() -> None:
     torch = pytest.importorskip("torch")
-    x = Backend("torch", (), ()).adapter({"a": torch.zeros(1)})
+    x = ArrayConverter("torch", (), ()).adapter({"a": torch.zeros(1)})
     p = torch.nn.Parameter(torch.arange(4.0))
     assert x.writeable(p)
     assert x.writeable(torch.zeros(3, requires_grad=True))
@@ -707,10 +754,21 @@ def test_torch_writeable_and_no_autograd_history() -> None:
         inference = torch.zeros(3)
     assert not x.writeable(inference)
     results = [
-        x.add(p, p), x.multiply(p, np.float32(2)), x.divide(np.float32(1), p),
-        x.sqrt(p), x.sign(p), x.abs(p), x.maximum(p, p), x.where(p > 1, p, 0.0),
-        x.copy(p), x.astype(p, "float64"), x.abs2(p), x.negative(p),
-        x.make_complex(p, p), x.flatten(p), x.concat([p, p]),
+        x.add(p, p),
+        x.multiply(p, np.float32(2)),
+        x.divide(np.float32(1), p),
+        x.sqrt(p),
+        x.sign(p),
+        x.abs(p),
+        x.maximum(p, p),
+        x.where(p > 1, p, 0.0),
+        x.copy(p),
+        x.astype(p, "float64"),
+        x.abs2(p),
+        x.negative(p),
+        x.make_complex(p, p),
+        x.flatten(p),
+        x.concat([p, p]),
     ]
     assert not any(r.requires_grad for r in results)
     x.subtract_(p, torch.ones(4))
@@ -730,7 +788,8 @@ def test_adapters_are_found_and_describe_their_fixes() -> None:
         found.append(adapter_for(torch.nn.Parameter(torch.zeros(2))))
         assert adapter_for(torch.zeros(2)) is found[-1]
         assert found[-1].scalar_type(torch.zeros(1, dtype=torch.bfloat16)).__name__ in (
-            "bfloat16", "float32",
+            "bfloat16",
+            "float32",
         )
     if not _missing("jax"):
         import jax.numpy as jnp
@@ -746,7 +805,9 @@ def test_adapters_are_found_and_describe_their_fixes() -> None:
         re = array_api_strict.asarray([1.0, -0.0], device=device)
         z = strict.make_complex(re, re)
         assert z.device == device
-        assert differing(np.array([1 + 1j, complex(-0.0, -0.0)]), strict.to_numpy(z)) == 0
+        assert (
+            differing(np.array([1 + 1j, complex(-0.0, -0.0)]), strict.to_numpy(z)) == 0
+        )
     for adapter in found:
         assert adapter.fixes
         assert all(isinstance(f, str) and f for f in adapter.fixes)
@@ -773,8 +834,12 @@ def test_import_loads_no_backend_and_no_top_level_adapters(tmp_path: Any) -> Non
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        check=False, cwd=tmp_path,  # not the checkout, whose agnosticopt/ lacks adapters
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,  # not the checkout, whose agnosticopt/ lacks adapters
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
@@ -785,19 +850,61 @@ def test_cupy_adapter_import_fails_cleanly_without_cupy(tmp_path: Any) -> None:
         pytest.skip("cupy is installed: nothing to check")
     code = "import agnosticopt.adapters.cupy"
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        check=False, cwd=tmp_path,  # not the checkout, whose agnosticopt/ lacks adapters
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,  # not the checkout, whose agnosticopt/ lacks adapters
     )
     assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: No module named 'cupy'")
-
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ModuleNotFoundError: No module named 'cupy'")
+    )
 
 
 def test_torch_float32_sqrt_is_exact_under_vmap() -> None:
     """Without memory to share with numpy, float32 goes through float64 ``sqrt``."""
     torch = pytest.importorskip("torch")
     a = np.abs(data("float32", 3)).reshape(-1, 50)
-    x = Backend("torch", (), ()).adapter({"a": torch.zeros(1)})
+    x = ArrayConverter("torch", (), ()).adapter({"a": torch.zeros(1)})
     got = torch.func.vmap(x.sqrt)(torch.from_numpy(a.copy())).numpy()
     with np.errstate(invalid="ignore"):  # signalling NaNs
         assert differing(np.sqrt(a), got) == 0
+
+
+# -- the one registry of backends ----------------------------------------------------
+def test_every_registered_backend_has_an_adapter_module_and_a_conformance_backend() -> (
+    None
+):
+    import importlib.util
+
+    from agnosticopt import adapters, conformance
+    from agnosticopt._backends import (
+        ARRAY_MODULES,
+        BACKEND_NAMES,
+        BACKENDS,
+        backend_entry,
+    )
+
+    assert tuple(conformance.BUILTIN_BACKENDS) == BACKEND_NAMES
+    assert (
+        adapters.SUBMODULES
+        == set(ARRAY_MODULES.values())
+        >= {b.adapter for b in BACKENDS}
+    )
+    for entry in BACKENDS:
+        assert (
+            importlib.util.find_spec(f"agnosticopt.adapters.{entry.adapter}")
+            is not None
+        )
+        assert ARRAY_MODULES[entry.library] == entry.adapter
+        made = conformance.get_backend(entry.name)
+        assert made.name == entry.name
+        assert backend_entry(entry.name) is entry
+    with pytest.raises(
+        KeyError, match=r"no built-in backend 'mlx'.*numpy, numpy_readonly"
+    ):
+        backend_entry("mlx")

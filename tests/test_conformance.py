@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _backends import ALL_BACKENDS, Backend, BackendHelper, backend_params
+from _backends import ALL_BACKENDS, BackendHelper, BackendKind, backend_params
 from _faults import (
     FAULTS,
     declared_ftz_backend,
@@ -76,10 +76,17 @@ def test_trajectory_check_reports_each_planted_fault(
 ) -> None:
     backend, case = FAULTS[fault](), c.case_named(name)
     with pytest.raises(c.ConformanceError) as info:
-        c.check_trajectory(backend, case, dtype, dataset=dataset, steps=STEPS, size=SIZE)
+        c.check_trajectory(
+            backend, case, dtype, dataset=dataset, steps=STEPS, size=SIZE
+        )
     err = info.value
     assert not isinstance(err, c.KnownDeviation)
-    assert (err.case, err.dtype, err.dataset, err.backend) == (name, dtype, dataset, backend.name)
+    assert (err.case, err.dtype, err.dataset, err.backend) == (
+        name,
+        dtype,
+        dataset,
+        backend.name,
+    )
     got = c.run_trajectory(backend, case.rule, dtype, dataset, steps=STEPS, size=SIZE)
     want = c.reference_trajectory(case.rule, dtype, dataset, STEPS, SIZE)
     path, index = _first_difference(got, want)
@@ -107,38 +114,63 @@ def test_golden_check_reports_the_fault(fault: str) -> None:
 
 def test_a_fault_in_a_rule_that_does_not_meet_it_passes() -> None:
     # Descent has no sqrt: the check is precise, not merely suspicious
-    c.check_trajectory(sqrt_backend(), c.case_named("Descent"), "float32",
-                       steps=STEPS, size=SIZE)
+    c.check_trajectory(
+        sqrt_backend(), c.case_named("Descent"), "float32", steps=STEPS, size=SIZE
+    )
 
 
 def test_flushing_subnormals_passes_on_normal_data() -> None:
-    c.check_trajectory(ftz_backend(), c.case_named("Adam"), "float32", steps=STEPS, size=SIZE)
+    c.check_trajectory(
+        ftz_backend(), c.case_named("Adam"), "float32", steps=STEPS, size=SIZE
+    )
 
 
 def test_a_declared_deviation_is_reported_as_known() -> None:
     with pytest.raises(c.KnownDeviation, match="flushes float32 subnormals") as info:
-        c.check_trajectory(declared_ftz_backend(), c.case_named("Adam"), "float32",
-                           dataset="special", steps=STEPS, size=SIZE)
+        c.check_trajectory(
+            declared_ftz_backend(),
+            c.case_named("Adam"),
+            "float32",
+            dataset="special",
+            steps=STEPS,
+            size=SIZE,
+        )
     assert "first at [" in str(info.value)
     assert "identical to numpy run with subnormals flushed to zero" in str(info.value)
     # only the declared dtype: float64 has no such excuse
-    c.check_trajectory(declared_ftz_backend(), c.case_named("Adam"), "float64",
-                       dataset="special", steps=STEPS, size=SIZE)
+    c.check_trajectory(
+        declared_ftz_backend(),
+        c.case_named("Adam"),
+        "float64",
+        dataset="special",
+        steps=STEPS,
+        size=SIZE,
+    )
 
 
 @pytest.mark.parametrize("case", ["Adam", "RMSProp", "AdaGrad"])
 @pytest.mark.parametrize("dataset", ["special", "normal"])
-def test_a_declared_deviation_does_not_excuse_another_fault(case: str, dataset: str) -> None:
+def test_a_declared_deviation_does_not_excuse_another_fault(
+    case: str, dataset: str
+) -> None:
     # flushing is declared, but the sqrt fault is not what flushing does
     with pytest.raises(c.ConformanceError, match="does not explain it") as info:
-        c.check_trajectory(declared_ftz_sqrt_backend(), c.case_named(case), "float32",
-                           dataset=dataset, steps=STEPS, size=SIZE)
+        c.check_trajectory(
+            declared_ftz_sqrt_backend(),
+            c.case_named(case),
+            "float32",
+            dataset=dataset,
+            steps=STEPS,
+            size=SIZE,
+        )
     assert not isinstance(info.value, c.KnownDeviation)
     assert "differs from numpy run with subnormals flushed" in str(info.value)
     assert "first at [" in str(info.value)
 
 
-def test_a_declared_deviation_does_not_excuse_another_fault_in_the_golden_check() -> None:
+def test_a_declared_deviation_does_not_excuse_another_fault_in_the_golden_check() -> (
+    None
+):
     with pytest.raises(c.ConformanceError, match="does not explain it") as info:
         c.check_golden(declared_ftz_sqrt_backend(), c.case_named("Adam"), "float32")
     assert not isinstance(info.value, c.KnownDeviation)
@@ -149,8 +181,9 @@ def test_property_checks_excuse_nothing() -> None:
     from agnosticopt.conformance._checks import _Failure
     from agnosticopt.conformance._compare import compare
 
-    fail = _Failure("update vs update_", declared_ftz_backend(), c.as_case(opt.Adam()),
-                    "float32")
+    fail = _Failure(
+        "update vs update_", declared_ftz_backend(), c.as_case(opt.Adam()), "float32"
+    )
     with pytest.raises(c.ConformanceError) as info:
         fail.differs("differs", compare({"x": np.float32([1])}, {"x": np.float32([2])}))
     assert not isinstance(info.value, c.KnownDeviation)
@@ -168,12 +201,14 @@ def _subnormal_mix(dtype: str, n: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(7)
     t = np.dtype(dtype)
     tiny = np.finfo(t).tiny
-    pool = np.concatenate([
-        rng.uniform(-4, 4, n) * tiny,  # subnormal and just normal
-        rng.standard_normal(n) * np.sqrt(tiny),  # products are subnormal
-        rng.standard_normal(n),
-        [0.0, -0.0, tiny, -tiny, tiny / 2, -tiny / 2],
-    ]).astype(t)
+    pool = np.concatenate(
+        [
+            rng.uniform(-4, 4, n) * tiny,  # subnormal and just normal
+            rng.standard_normal(n) * np.sqrt(tiny),  # products are subnormal
+            rng.standard_normal(n),
+            [0.0, -0.0, tiny, -tiny, tiny / 2, -tiny / 2],
+        ]
+    ).astype(t)
     return rng.permutation(pool), rng.permutation(pool)
 
 
@@ -191,25 +226,34 @@ def test_flushing_reference_has_xla_cpu_semantics_op_by_op(dtype: str) -> None:
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     tiny = float(np.finfo(dtype).tiny) / 4  # a subnormal host scalar
     ops = {
-        "add": lambda xp, p, q: xp.add(p, q), "subtract": lambda xp, p, q: xp.subtract(p, q),
+        "add": lambda xp, p, q: xp.add(p, q),
+        "subtract": lambda xp, p, q: xp.subtract(p, q),
         "multiply": lambda xp, p, q: xp.multiply(p, q),
         "divide": lambda xp, p, q: xp.divide(p, q),
         "scalar multiply": lambda xp, p, q: xp.multiply(p, tiny),
         "scalar add": lambda xp, p, q: xp.add(p, tiny),
-        "sqrt": lambda xp, p, q: xp.sqrt(xp.abs(p)), "abs2": lambda xp, p, q: xp.abs2(p),
-        "sign": lambda xp, p, q: xp.sign(p), "maximum": lambda xp, p, q: xp.maximum(p, q),
-        "minimum": lambda xp, p, q: xp.minimum(p, q), "clip": lambda xp, p, q: xp.clip(p, -1, 1),
-        "greater": lambda xp, p, q: xp.greater(p, 0), "less": lambda xp, p, q: xp.less(p, 0),
+        "sqrt": lambda xp, p, q: xp.sqrt(xp.abs(p)),
+        "abs2": lambda xp, p, q: xp.abs2(p),
+        "sign": lambda xp, p, q: xp.sign(p),
+        "maximum": lambda xp, p, q: xp.maximum(p, q),
+        "minimum": lambda xp, p, q: xp.minimum(p, q),
+        "clip": lambda xp, p, q: xp.clip(p, -1, 1),
+        "greater": lambda xp, p, q: xp.greater(p, 0),
+        "less": lambda xp, p, q: xp.less(p, 0),
         "where": lambda xp, p, q: xp.where(xp.greater(p, q), p, q),
-        "abs": lambda xp, p, q: xp.abs(p), "negative": lambda xp, p, q: xp.negative(p),
-        "astype": lambda xp, p, q: xp.astype(p, "float64" if dtype == "float32" else "float32"),
+        "abs": lambda xp, p, q: xp.abs(p),
+        "negative": lambda xp, p, q: xp.negative(p),
+        "astype": lambda xp, p, q: xp.astype(
+            p, "float64" if dtype == "float32" else "float32"
+        ),
     }
     with np.errstate(all="ignore"):
         for name, op in ops.items():
             got, want = np.asarray(op(jx, ja, jb)), np.asarray(op(fx, fa, fb_))
             assert got.dtype == want.dtype, name
             same = (got.view(f"u{got.itemsize}") == want.view(f"u{want.itemsize}")) | (
-                np.isnan(got) & np.isnan(want) if got.dtype.kind == "f" else False)
+                np.isnan(got) & np.isnan(want) if got.dtype.kind == "f" else False
+            )
             assert same.all(), (name, np.flatnonzero(~same)[:5])
     assert jx.count_nonzero(ja) == fx.count_nonzero(fa) < np.count_nonzero(a)
 
@@ -224,11 +268,16 @@ def test_flushing_reference_explains_jax_on_normal_range_parameters() -> None:
     rule = opt.AdaGrad(0.1, 0.0)
     x, g = np.float32([1.0, 2.0]), np.float32([1e-20, 1.0])
     results = {}
-    for name, make in (("numpy", np.array), ("jax", jnp.asarray),
-                       ("flushed", flushed_backend().asarray)):
+    for name, make in (
+        ("numpy", np.array),
+        ("jax", jnp.asarray),
+        ("flushed", flushed_backend().asarray),
+    ):
         _, new = opt.update(opt.setup(rule, make(x)), make(x), make(g))
         results[name] = np.asarray(new)
-    assert 0.89 < results["numpy"][0] < 0.91  # a step of about eta (g*g kept as a subnormal)
+    assert (
+        0.89 < results["numpy"][0] < 0.91
+    )  # a step of about eta (g*g kept as a subnormal)
     assert results["jax"][0] == -np.inf
     assert results["flushed"].tobytes() == results["jax"].tobytes()
 
@@ -239,9 +288,17 @@ def test_jax_differences_are_exactly_the_flushed_ones(dtype: str) -> None:
     if jax_backend.unavailable():
         pytest.skip(jax_backend.unavailable() or "")
     _jax_cpu()
-    with pytest.raises(c.KnownDeviation, match="identical to numpy run with subnormals"):
-        c.check_trajectory(jax_backend, c.case_named("Adam"), dtype, dataset="special",
-                           steps=STEPS, size=SIZE)
+    with pytest.raises(
+        c.KnownDeviation, match="identical to numpy run with subnormals"
+    ):
+        c.check_trajectory(
+            jax_backend,
+            c.case_named("Adam"),
+            dtype,
+            dataset="special",
+            steps=STEPS,
+            size=SIZE,
+        )
 
 
 def test_fma_fault_is_really_fused() -> None:
@@ -252,14 +309,18 @@ def test_fma_fault_is_really_fused() -> None:
     rounded = np.asarray(a) * np.asarray(a)
     fused = xp.add(xp.multiply(a, a), backend.asarray(-rounded))
     assert np.asarray(fused)[0] == np.float32(2**-24)
-    assert np.asarray(xp.add(backend.asarray(rounded), backend.asarray(-rounded)))[0] == 0
+    assert (
+        np.asarray(xp.add(backend.asarray(rounded), backend.asarray(-rounded)))[0] == 0
+    )
 
 
 # -- property checks, every case, on the core backends ---------------------------------
 @pytest.mark.parametrize("kind", backend_params(ALL_BACKENDS))
 @pytest.mark.parametrize("dtype", ["float32", "float64", "complex64"])
 @pytest.mark.parametrize("check", c.PROPERTY_CHECKS, ids=lambda f: f.__name__)
-def test_property_checks_pass(kind: Backend, dtype: str, check: Callable[..., Any]) -> None:
+def test_property_checks_pass(
+    kind: BackendKind, dtype: str, check: Callable[..., Any]
+) -> None:
     helper = BackendHelper(kind)
     helper.require(dtype)
     skipped = []
@@ -273,7 +334,7 @@ def test_property_checks_pass(kind: Backend, dtype: str, check: Callable[..., An
 
 @pytest.mark.parametrize("kind", backend_params(ALL_BACKENDS))
 @pytest.mark.parametrize("dtype", c.GOLDEN_DTYPES)
-def test_every_backend_matches_the_golden_files(kind: Backend, dtype: str) -> None:
+def test_every_backend_matches_the_golden_files(kind: BackendKind, dtype: str) -> None:
     helper = BackendHelper(kind)
     helper.require(dtype)
     for case in c.CASES:
@@ -307,7 +368,9 @@ def test_stale_golden_entry_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         c.check_golden(c.get_backend("numpy"), renamed, "float32")
     with pytest.raises(unittest.SkipTest, match="no golden file for float16"):
         c.check_golden(c.get_backend("numpy"), c.case_named("Adam"), "float16")
-    monkeypatch.setattr(_golden, "golden_path", lambda d, directory=None: Path("/nonexistent.npz"))
+    monkeypatch.setattr(
+        _golden, "golden_path", lambda d, directory=None: Path("/nonexistent.npz")
+    )
     _golden.load_golden.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match="generate"):
@@ -322,8 +385,10 @@ def test_generate_writes_loadable_files(tmp_path: Path) -> None:
     assert generate.main(["--out", str(tmp_path)]) == 0
     for dtype in c.GOLDEN_DTYPES:
         written = (tmp_path / f"golden_{dtype}.npz").read_bytes()
-        with np.load(_golden.golden_path(dtype), allow_pickle=False) as committed, \
-                np.load(tmp_path / f"golden_{dtype}.npz", allow_pickle=False) as new:
+        with (
+            np.load(_golden.golden_path(dtype), allow_pickle=False) as committed,
+            np.load(tmp_path / f"golden_{dtype}.npz", allow_pickle=False) as new,
+        ):
             assert committed.files == new.files
             for key in committed.files:
                 if key != "__meta__":
@@ -379,8 +444,12 @@ def test_unavailable_backend_skips() -> None:
 
 def test_comparison_reports_ulps_signed_zero_and_nan() -> None:
     want = {"x": np.array([1.0, 0.0, np.nan, 2.0], np.float32), "t": np.float32(1)}
-    got = {"x": np.array([1.0, -0.0, np.nan, np.nextafter(np.float32(2), np.float32(9))],
-                         np.float32), "t": np.float32(1)}
+    got = {
+        "x": np.array(
+            [1.0, -0.0, np.nan, np.nextafter(np.float32(2), np.float32(9))], np.float32
+        ),
+        "t": np.float32(1),
+    }
     result = c.compare(got, want)
     (diff,) = result.differences
     assert (diff.path, diff.count, diff.index, diff.max_ulp) == ("x", 2, 1, 1.0)
@@ -398,31 +467,71 @@ def test_comparison_reports_ulps_signed_zero_and_nan() -> None:
 # -- the pytest entry point --------------------------------------------------------------
 def _pytest(args: list[str], cwd: Path, **env: str) -> tuple[int, str]:
     environ = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), **env}
-    cmd = [sys.executable, "-m", "pytest", "--pyargs", "agnosticopt.conformance",
-           "-p", "no:cacheprovider", "-q", *args]
-    run = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True,
-                         timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--pyargs",
+        "agnosticopt.conformance",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *args,
+    ]
+    run = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     return run.returncode, run.stdout + run.stderr
 
 
 def test_pytest_entry_point_fails_on_a_broken_backend(tmp_path: Path) -> None:
     code, out = _pytest(
-        ["-p", "agnosticopt.conformance.pytest_plugin", "--backend", "_faults:sqrt_backend",
-         "--steps", "3", "--size", "4099", "--case", "Adam", "--case", "Descent",
-         "--dtype", "float32"],
+        [
+            "-p",
+            "agnosticopt.conformance.pytest_plugin",
+            "--backend",
+            "_faults:sqrt_backend",
+            "--steps",
+            "3",
+            "--size",
+            "4099",
+            "--case",
+            "Adam",
+            "--case",
+            "Descent",
+            "--dtype",
+            "float32",
+        ],
         tmp_path,
     )
     assert code == 1, out
-    assert "FAILED test_suite.py::test_trajectory[Adam-float32-normal-numpy-sqrt-ulp]" in out
+    assert (
+        "FAILED test_suite.py::test_trajectory[Adam-float32-normal-numpy-sqrt-ulp]"
+        in out
+    )
     assert "Adam in float32, normal data on numpy-sqrt-ulp" in out
     assert "first at [" in out
-    assert "Descent" not in "".join(line for line in out.splitlines() if "FAILED" in line)
+    assert "Descent" not in "".join(
+        line for line in out.splitlines() if "FAILED" in line
+    )
     assert re.search(r"4 failed, 16 passed", out), out
 
 
 def test_pytest_entry_point_reads_the_environment(tmp_path: Path) -> None:
-    code, out = _pytest([], tmp_path, AGNOSTICOPT_BACKEND="numpy_readonly,torch",
-                        AGNOSTICOPT_CASE="ClipNorm+Adam", AGNOSTICOPT_DTYPE="float64",
-                        AGNOSTICOPT_STEPS="3", AGNOSTICOPT_SIZE="4099")
+    code, out = _pytest(
+        [],
+        tmp_path,
+        AGNOSTICOPT_BACKEND="numpy_readonly,torch",
+        AGNOSTICOPT_CASE="ClipNorm+Adam",
+        AGNOSTICOPT_DTYPE="float64",
+        AGNOSTICOPT_STEPS="3",
+        AGNOSTICOPT_SIZE="4099",
+    )
     assert code == 0, out
     assert re.search(r"^20 passed", out, re.MULTILINE), out

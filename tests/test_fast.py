@@ -23,11 +23,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _backends import fast_path
+from _backends import fast_path, host_copy, state_leaves
 
-pytest.importorskip("numba", reason="the fast path needs numba (pip install agnosticopt[fast])")
+pytest.importorskip(
+    "numba", reason="the fast path needs numba (pip install agnosticopt[fast])"
+)
 
 from agnosticopt.adapters import _fast, _numba
+from agnosticopt.adapters.numpy import numpy_arrays
 from agnosticopt.conformance._cases import CASES
 from agnosticopt.conformance._data import gradient_pool, initial_parameter
 
@@ -58,6 +61,13 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_tiny_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests run the kernels on small arrays too: no update is sent to the
+    plain path for being small (that routing is tested in test_fast_cache.py)."""
+    monkeypatch.setattr(_fast, "PLAIN_BELOW", {})
+
+
 # -- data and comparison ---------------------------------------------------------------------------
 
 
@@ -82,22 +92,6 @@ def _convert(kind: str) -> Callable[[np.ndarray], Any]:
     return np.copy
 
 
-def _host(a: Any) -> np.ndarray:
-    if type(a).__module__.startswith("torch"):
-        return a.detach().numpy().copy()
-    return np.array(a, copy=True)
-
-
-def _flat(state: Any) -> Iterator[Any]:
-    if isinstance(state, (tuple, list)):
-        for item in state:
-            yield from _flat(item)
-    elif state is None or isinstance(state, (int, float, np.generic)):
-        yield state
-    else:
-        yield _host(state)
-
-
 def _bits(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     if a.dtype.kind == "c":
@@ -114,22 +108,30 @@ def assert_identical(got: list[Any], want: list[Any], what: str) -> None:
             same = type(g) is type(w) and (g == w or (np.isnan(g) and np.isnan(w)))
             assert same, f"{what}: host value {k}: {g!r} != {w!r}"
             continue
-        assert g.dtype == w.dtype, f"{what}: array {k} has dtype {g.dtype}, not {w.dtype}"
-        assert g.shape == w.shape, f"{what}: array {k} has shape {g.shape}, not {w.shape}"
+        assert g.dtype == w.dtype, (
+            f"{what}: array {k} has dtype {g.dtype}, not {w.dtype}"
+        )
+        assert g.shape == w.shape, (
+            f"{what}: array {k} has shape {g.shape}, not {w.shape}"
+        )
         diff = np.flatnonzero(_bits(g) != _bits(w))
         if diff.size:
             i = diff[0]
-            msg = (f"{what}: array {k}: {diff.size} of {w.size} elements differ; first at "
-                   f"[{i}]: {g.reshape(-1)[i]!r} != {w.reshape(-1)[i]!r}")
+            msg = (
+                f"{what}: array {k}: {diff.size} of {w.size} elements differ; first at "
+                f"[{i}]: {g.reshape(-1)[i]!r} != {w.reshape(-1)[i]!r}"
+            )
             raise AssertionError(msg)
 
 
 def _snapshot(tree: Any, model: Any) -> list[Any]:
-    leaves = [model] if not isinstance(model, dict) else [model[k] for k in sorted(model)]
+    leaves = (
+        [model] if not isinstance(model, dict) else [model[k] for k in sorted(model)]
+    )
     trees = [tree] if not isinstance(tree, dict) else [tree[k] for k in sorted(tree)]
-    out: list[Any] = [_host(x) for x in leaves]
+    out: list[Any] = [host_copy(x) for x in leaves]
     for leaf in trees:
-        out.extend(_flat(leaf.state))
+        out.extend(state_leaves(leaf.state))
     return out
 
 
@@ -142,8 +144,15 @@ class Run:
     plain: int
 
 
-def _run(rule: opt.Rule, dtype: str, kind: str, *, fast: bool, steps: int = STEPS,
-         size: int = N) -> Run:
+def _run(
+    rule: opt.Rule,
+    dtype: str,
+    kind: str,
+    *,
+    fast: bool,
+    steps: int = STEPS,
+    size: int = N,
+) -> Run:
     x0, grads = _pool(dtype, size)
     convert = _convert(kind)
     x = convert(x0)
@@ -153,8 +162,11 @@ def _run(rule: opt.Rule, dtype: str, kind: str, *, fast: bool, steps: int = STEP
     with fast_path(fast):
         for step in range(steps):
             tree, x = opt.update_(tree, x, gs[step % len(gs)])
-    return Run(_snapshot(tree, x), _fast.counters["fast"] - before["fast"],
-               _fast.counters["plain"] - before["plain"])
+    return Run(
+        _snapshot(tree, x),
+        _fast.counters["fast"] - before["fast"],
+        _fast.counters["plain"] - before["plain"],
+    )
 
 
 @functools.cache
@@ -164,12 +176,30 @@ def _plain(rule: opt.Rule, dtype: str, kind: str) -> list[Any]:
 
 # -- every rule and chain ----------------------------------------------------------------------------
 
-RULE_CASES = [pytest.param(case.rule, id=case.name) for case in CASES]
+
+def _every_rule_params() -> list[Any]:
+    """Every case in each (dtype, backend) in the slow tier; by default each case in
+    one (dtype, backend), rotating with the case, so every pair still runs."""
+    kinds = [("numpy", []), ("torch", [needs_torch])]
+    combos = [
+        (dtype, kind, marks)
+        for dtype in ("float32", "float64")
+        for kind, marks in kinds
+    ]
+    return [
+        pytest.param(
+            case.rule,
+            dtype,
+            kind,
+            id=f"{case.name}-{dtype}-{kind}",
+            marks=marks if j == i % len(combos) else [*marks, pytest.mark.slow],
+        )
+        for i, case in enumerate(CASES)
+        for j, (dtype, kind, marks) in enumerate(combos)
+    ]
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("rule", RULE_CASES)
+@pytest.mark.parametrize(("rule", "dtype", "kind"), _every_rule_params())
 def test_fast_path_gives_plain_bits(rule: opt.Rule, dtype: str, kind: str) -> None:
     got = _run(rule, dtype, kind, fast=True)
     assert_identical(got.result, _plain(rule, dtype, kind), f"{rule!r} {dtype} {kind}")
@@ -184,8 +214,10 @@ def _reduces_after_the_start(rule: opt.Rule) -> bool:
     if isinstance(rule, opt.SkipNonFinite):
         return True
     opts = rule.opts if isinstance(rule, opt.OptimiserChain) else ()
-    return any(isinstance(r, (opt.ClipNorm, opt.ClipGlobalNorm, opt.SkipNonFinite))
-               for r in opts[1:])
+    return any(
+        isinstance(r, (opt.ClipNorm, opt.ClipGlobalNorm, opt.SkipNonFinite))
+        for r in opts[1:]
+    )
 
 
 # -- falling back ----------------------------------------------------------------------------------------
@@ -298,25 +330,33 @@ def _tree_run(kind: str, fast: bool) -> tuple[list[Any], int]:
     convert = _convert(kind)
     rng = np.random.default_rng(3)
     shapes = [(64, 3, 3, 3), (64,), (128, 64, 3, 3), (10,), (0,), (513,)]
-    model: dict[str, Any] = {f"w{k}": convert(rng.normal(size=s).astype(np.float32))
-                             for k, s in enumerate(shapes)}
+    model: dict[str, Any] = {
+        f"w{k}": convert(rng.normal(size=s).astype(np.float32))
+        for k, s in enumerate(shapes)
+    }
     model["d"] = convert(rng.normal(size=777))  # float64
     model["h"] = convert(rng.normal(size=99).astype(np.float16))  # plain path
     model["tied"] = model["w1"]
     tree = opt.setup(opt.OptimiserChain(opt.ClipGrad(1.0), opt.Adam()), model)
-    tree["w2"] = opt.setup(opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam()), model["w2"])
+    tree["w2"] = opt.setup(
+        opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam()), model["w2"]
+    )
     before = _fast.counters["fast"]
     with fast_path(fast):
         for step in range(4):
-            grads = {k: convert(rng.normal(size=tuple(v.shape)).astype(_host(v).dtype))
-                     for k, v in model.items()}
+            grads = {
+                k: convert(rng.normal(size=tuple(v.shape)).astype(host_copy(v).dtype))
+                for k, v in model.items()
+            }
             if step == 0:
                 grads["w3"] = None
             tree, model = opt.update_(tree, model, grads)
     assert model["tied"] is model["w1"]
     keys = [k for k in sorted(model) if k != "tied"]
-    return (_snapshot({k: tree[k] for k in keys}, {k: model[k] for k in keys}),
-            _fast.counters["fast"] - before)
+    return (
+        _snapshot({k: tree[k] for k in keys}, {k: model[k] for k in keys}),
+        _fast.counters["fast"] - before,
+    )
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -371,8 +411,13 @@ def test_an_update_that_raises_changes_nothing(kind: str) -> None:
     x0, grads = _pool("float32", 5000)
     small = np.linspace(-1, 1, 100, dtype=np.float32)
     model = {"a": convert(x0), "b": convert(small)}
-    tree = {"a": opt.setup(opt.Adam(), model["a"]), "b": opt.setup(opt.ClipNorm(1.0), model["b"])}
-    tree, model = opt.update_(tree, model, {"a": convert(grads[0]), "b": convert(small)})
+    tree = {
+        "a": opt.setup(opt.Adam(), model["a"]),
+        "b": opt.setup(opt.ClipNorm(1.0), model["b"]),
+    }
+    tree, model = opt.update_(
+        tree, model, {"a": convert(grads[0]), "b": convert(small)}
+    )
     before = _snapshot(tree, model)
     state = tree["a"].state
     bad = convert(small)
@@ -435,17 +480,36 @@ class PythonOperators(opt.Rule):
 
 def _special(dtype: str, size: int) -> np.ndarray:
     info = np.finfo(dtype)
-    values = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, info.smallest_subnormal,
-                       -info.smallest_subnormal, info.max, -info.max, 1.0, -1.0, 0.25],
-                      dtype=dtype)
+    values = np.array(
+        [
+            0.0,
+            -0.0,
+            np.nan,
+            np.inf,
+            -np.inf,
+            info.smallest_subnormal,
+            -info.smallest_subnormal,
+            info.max,
+            -info.max,
+            1.0,
+            -1.0,
+            0.25,
+        ],
+        dtype=dtype,
+    )
     rng = np.random.default_rng(5)
     out = rng.normal(size=size).astype(dtype)
     out[: size // 2] = rng.choice(values, size=size // 2)
     return out
 
 
-def _model_run(rule: opt.Rule, model: dict[str, Any], grads: dict[str, Any], fast: bool,
-               steps: int = 2) -> tuple[list[Any], int]:
+def _model_run(
+    rule: opt.Rule,
+    model: dict[str, Any],
+    grads: dict[str, Any],
+    fast: bool,
+    steps: int = 2,
+) -> tuple[list[Any], int]:
     model = {k: v.copy() for k, v in model.items()}
     tree = opt.setup(rule, model)
     before = _fast.counters["fast"]
@@ -467,7 +531,11 @@ def test_every_recorded_operation_gives_plain_bits(dtype: str) -> None:
 
 def test_a_rule_that_reads_the_shape_is_recorded_per_shape() -> None:
     rng = np.random.default_rng(6)
-    model = {"a": rng.normal(size=10), "b": rng.normal(size=1000), "c": rng.normal(size=10)}
+    model = {
+        "a": rng.normal(size=10),
+        "b": rng.normal(size=1000),
+        "c": rng.normal(size=10),
+    }
     grads = {k: rng.normal(size=v.shape) for k, v in model.items()}
     fast, count = _model_run(BySize(), model, grads, True)
     plain, _ = _model_run(BySize(), model, grads, False)
@@ -478,7 +546,8 @@ def test_a_rule_that_reads_the_shape_is_recorded_per_shape() -> None:
 def test_a_rule_using_python_operators_takes_the_plain_path() -> None:
     model = {"x": np.linspace(-1, 1, 100)}
     grads = {"x": np.linspace(2, 3, 100)}
-    fast, count = _model_run(PythonOperators(), model, grads, True)
+    with pytest.warns(opt.OperatorWarning, match="rule PythonOperators"):
+        fast, count = _model_run(PythonOperators(), model, grads, True)
     plain, _ = _model_run(PythonOperators(), model, grads, False)
     assert count == 0
     assert_identical(fast, plain, "python operators")
@@ -490,7 +559,7 @@ def test_a_rule_using_python_operators_takes_the_plain_path() -> None:
 def test_the_switch_turns_the_fast_path_off() -> None:
     assert opt.set_fast_path(False) is True
     try:
-        assert _fast.plan(_fast.numpy_arrays(), [(opt.Adam(), None, None, None)]) is None
+        assert _fast.plan(numpy_arrays(), [(opt.Adam(), None, None, None)]) is None
         run = _run(opt.Adam(), "float32", "numpy", fast=False, steps=2, size=100)
         assert (run.fast, run.plain) == (0, 0)
     finally:
@@ -499,21 +568,35 @@ def test_the_switch_turns_the_fast_path_off() -> None:
         opt.set_fast_path(0)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("value", "expected"), [("0", False), ("off", False), ("1", True)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0", False), ("off", False), ("1", True)]
+)
 def test_the_environment_variable_sets_the_default(value: str, expected: bool) -> None:
     code = "import agnosticopt._speed as s; print(s.fast_path_enabled())"
     env = {**os.environ, "AGNOSTICOPT_FAST": value}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == str(expected)
 
 
 def test_kernels_are_compiled_without_fast_math() -> None:
-    from agnosticopt.adapters._trace import trace
+    from agnosticopt._trace import trace
 
     state = opt.Adam().init(np.zeros(3, dtype=np.float32), opt.adapter_for(np.zeros(1)))
-    recorded = trace(opt.Adam(), state, [state.m, state.v], (3,), "float32",
-                     ("float32", "float32"), "numpy")
+    recorded = trace(
+        opt.Adam(),
+        state,
+        [state.m, state.v],
+        (3,),
+        "float32",
+        ("float32", "float32"),
+        "numpy",
+    )
     text = _numba.source(recorded.program, cache=True)
     assert "fastmath=False" in text
     assert "error_model='numpy'" in text
@@ -521,8 +604,9 @@ def test_kernels_are_compiled_without_fast_math() -> None:
     assert " / " in text
 
 
-def test_an_unwritable_cache_compiles_in_memory(monkeypatch: pytest.MonkeyPatch,
-                                                tmp_path: Any) -> None:
+def test_an_unwritable_cache_compiles_in_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("AGNOSTICOPT_CACHE_DIR", str(blocker / "cache"))
@@ -540,7 +624,9 @@ def test_an_unwritable_cache_compiles_in_memory(monkeypatch: pytest.MonkeyPatch,
 def test_large_updates_shared_between_threads_give_plain_bits(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_numba, "THREADS", 3)  # more threads than pieces of work is fine too
+    monkeypatch.setattr(
+        _numba, "THREADS", 3
+    )  # more threads than pieces of work is fine too
     rule = opt.OptimiserChain(opt.ClipGrad(0.5), opt.AdamW(lambda_=0.01))
     size = 5 * _numba.PER_THREAD + 123
     fast = _run(rule, "float32", kind, fast=True, steps=3, size=size)

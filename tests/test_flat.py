@@ -126,8 +126,10 @@ def test_restructure_checks_its_input(backend: Any) -> None:
 
 
 def test_destructure_promotes_and_restores_dtypes(backend: Any) -> None:
-    model = {"h": backend.asarray(np.array([1.5, 2.5], np.float32)),
-             "d": backend.asarray(np.array([3.25], np.float64))}
+    model = {
+        "h": backend.asarray(np.array([1.5, 2.5], np.float32)),
+        "d": backend.asarray(np.array([3.25], np.float64)),
+    }
     flat, re_ = opt.destructure(model)
     assert as_np(backend, flat).dtype == np.float64
     np.testing.assert_array_equal(as_np(backend, flat), [1.5, 2.5, 3.25])
@@ -155,7 +157,9 @@ def test_destructure_complex(backend: Any) -> None:
 
 
 def test_destructure_zero_dim_and_containers(backend: Any) -> None:
-    model = Point(backend.asarray(np.array(2.0)), Dense(backend.asarray([[1.0, 2.0, 3.0]]), None))
+    model = Point(
+        backend.asarray(np.array(2.0)), Dense(backend.asarray([[1.0, 2.0, 3.0]]), None)
+    )
     flat, re_ = opt.destructure(model)
     np.testing.assert_array_equal(as_np(backend, flat), [2, 1, 2, 3])
     new = re_(backend.asarray(np.array([-1.0, -2.0, -3.0, -4.0])))
@@ -195,7 +199,9 @@ def test_flat_is_a_copy_and_restructure_gives_views() -> None:
 
 
 def test_destructure_refuses_mixed_backends() -> None:
-    with pytest.raises(TypeError, match=r"\('b',\) is a \S*test_flat array.*\('a',\) is a numpy"):
+    with pytest.raises(
+        TypeError, match=r"\('b',\) is a \S*test_flat array.*\('a',\) is a numpy"
+    ):
         opt.destructure({"a": np.ones(2), "b": Foreign(2)})
 
 
@@ -215,8 +221,12 @@ def test_destructure_then_update_round_trip() -> None:
 def test_destructure_is_differentiable_under_torch_autograd() -> None:
     torch = pytest.importorskip("torch", reason="torch autograd")
     tied = torch.ones(2, 2, requires_grad=True)
-    model = {"a": tied, "b": torch.zeros(3, dtype=torch.float64, requires_grad=True),
-             "c": [tied], "n": torch.arange(3)}
+    model = {
+        "a": tied,
+        "b": torch.zeros(3, dtype=torch.float64, requires_grad=True),
+        "c": [tied],
+        "n": torch.arange(3),
+    }
     flat, re_ = opt.destructure(model)
     assert flat.grad_fn is not None
     weights = torch.arange(7, dtype=torch.float64)
@@ -237,13 +247,17 @@ def test_restructure_casts_exactly_and_differentiably_on_torch() -> None:
     torch = pytest.importorskip("torch", reason="torch autograd")
     rng = np.random.default_rng(0)
     values = rng.standard_normal(200_000) * 10
-    model = {"h": torch.zeros(200_000, dtype=torch.float16, requires_grad=True),
-             "d": torch.zeros(1, dtype=torch.float64)}
+    model = {
+        "h": torch.zeros(200_000, dtype=torch.float16, requires_grad=True),
+        "d": torch.zeros(1, dtype=torch.float64),
+    }
     _, re_ = opt.destructure(model)
     w = torch.tensor(np.concatenate([values, [0.0]]), requires_grad=True)
     piece = re_(w)["h"]
-    assert np.array_equal(piece.detach().numpy().view(np.uint16),
-                          values.astype(np.float16).view(np.uint16))  # numpy: one rounding
+    assert np.array_equal(
+        piece.detach().numpy().view(np.uint16),
+        values.astype(np.float16).view(np.uint16),
+    )  # numpy: one rounding
     piece.sum().backward()
     assert torch.equal(w.grad[:-1], torch.ones(200_000, dtype=torch.float64))
 
@@ -271,8 +285,12 @@ class Affine:
         self.w, self.scale = w, scale
 
 
-opt.register_container(Affine, lambda a: (("w", "scale"), (a.w, a.scale)),
-                       lambda a, c: Affine(*c), trainable=("w",))
+opt.register_container(
+    Affine,
+    lambda a: (("w", "scale"), (a.w, a.scale)),
+    lambda a, c: Affine(*c),
+    trainable=("w",),
+)
 
 
 def test_registered_trainable_fields() -> None:
@@ -283,7 +301,9 @@ def test_registered_trainable_fields() -> None:
     flat, re_ = opt.destructure(layer)
     assert np.array_equal(flat, np.ones(3))
     assert np.array_equal(re_(flat * 4)["layer"].scale, np.full(3, 2.0))
-    grads = {"layer": Affine(np.full(3, 2.0), np.full(4, 9.0))}  # scale: ignored, any shape
+    grads = {
+        "layer": Affine(np.full(3, 2.0), np.full(4, 9.0))
+    }  # scale: ignored, any shape
     tree, new = opt.update(tree, layer, grads)
     assert np.array_equal(new["layer"].w, np.zeros(3))
     assert new["layer"].scale is layer["layer"].scale
@@ -296,19 +316,29 @@ def test_registered_trainable_fields_as_a_function_and_errors() -> None:
         def __init__(self, a: Any, b: Any) -> None:
             self.a, self.b = a, b
 
-    opt.register_container(Pair, lambda p: (("a", "b"), (p.a, p.b)), lambda p, c: Pair(*c),
-                           trainable=lambda p: ("b",) if p.a.ndim == 0 else ("a", "b"))
+    opt.register_container(
+        Pair,
+        lambda p: (("a", "b"), (p.a, p.b)),
+        lambda p, c: Pair(*c),
+        trainable=lambda p: ("b",) if p.a.ndim == 0 else ("a", "b"),
+    )
     assert len(opt.trainables(Pair(np.ones(()), np.ones(2)))) == 1
     assert len(opt.trainables(Pair(np.ones(1), np.ones(2)))) == 2
-    opt.register_container(Pair, lambda p: (("a", "b"), (p.a, p.b)), lambda p, c: Pair(*c),
-                           trainable=("c",))
+    opt.register_container(
+        Pair,
+        lambda p: (("a", "b"), (p.a, p.b)),
+        lambda p, c: Pair(*c),
+        trainable=("c",),
+    )
     with pytest.raises(ValueError, match=r"trainable keys of Pair include \[\"'c'\"\]"):
         opt.setup(opt.Descent(), Pair(np.ones(1), np.ones(2)))
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0, 0.5, 1.5, np.inf, -np.inf, 0.0])
 @pytest.mark.parametrize("dtype", ["int8", "int64", "uint16", "bool"])
-def test_norm_of_integers_is_the_float64_norm(backend: Any, dtype: str, p: float) -> None:
+def test_norm_of_integers_is_the_float64_norm(
+    backend: Any, dtype: str, p: float
+) -> None:
     values = np.array([3, 0, 1, 7, 120, 5, 2], dtype=dtype)
     got = opt.norm(backend.asarray(values), p)
     assert type(got) is np.float64

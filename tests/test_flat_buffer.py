@@ -14,18 +14,42 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _backends import Backend, BackendHelper, backend_params
+from _backends import BackendHelper, BackendKind, backend_params
 
 import agnosticopt as opt
 from agnosticopt import conformance as c
 
 SHAPES = [(300, 200), (40_000,), (7, 11, 13), (1,)]  # > 100k values in all
 STEPS = 25  #: of the full tier (``pytest -m slow``); the default run takes 5
-TIERS = (pytest.param(5, id="quick"), pytest.param(STEPS, id="full", marks=pytest.mark.slow))
+QUICK_STEPS = 5
+DTYPES = ("float32", "float64")
+WRITEABLE = backend_params((BackendKind.NUMPY, BackendKind.TORCH))
 
-ELEMENTWISE = [pytest.param(case.rule, id=case.name) for case in c.CASES
-               if "ClipNorm(" not in repr(case.rule)]
-WRITEABLE = backend_params((Backend.NUMPY, Backend.TORCH))
+
+def _params() -> list[Any]:
+    """The full tier: every elementwise case in each dtype on each writeable
+    backend; the quick tier: each case in one (dtype, backend), rotating with the
+    case, so that every (dtype, backend) runs in the default run."""
+    cases = [case for case in c.CASES if "ClipNorm(" not in repr(case.rule)]
+    combos = [(dtype, kind) for dtype in DTYPES for kind in WRITEABLE]
+    params = []
+    for i, case in enumerate(cases):
+        for j, (dtype, kind) in enumerate(combos):
+            tiers = [(STEPS, "full", [*kind.marks, pytest.mark.slow])]
+            if j == i % len(combos):
+                tiers.insert(0, (QUICK_STEPS, "quick", list(kind.marks)))
+            params += [
+                pytest.param(
+                    case.rule,
+                    dtype,
+                    kind.values[0],
+                    steps,
+                    marks=marks,
+                    id=f"{case.name}-{dtype}-{kind.id}-{tier}",
+                )
+                for steps, tier, marks in tiers
+            ]
+    return params
 
 
 def _model(helper: BackendHelper, dtype: str, seed: int) -> list[Any]:
@@ -37,12 +61,10 @@ def _bits(helper: BackendHelper, arrays: list[Any]) -> list[bytes]:
     return [helper.to_numpy(a).tobytes() for a in arrays]
 
 
-@pytest.mark.parametrize("steps", TIERS)
-@pytest.mark.parametrize("kind", WRITEABLE)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("rule", ELEMENTWISE)
-def test_one_buffer_steps_like_the_arrays(kind: Backend, dtype: str, rule: opt.Rule,
-                                          steps: int) -> None:
+@pytest.mark.parametrize(("rule", "dtype", "kind", "steps"), _params())
+def test_one_buffer_steps_like_the_arrays(
+    rule: opt.Rule, dtype: str, kind: BackendKind, steps: int
+) -> None:
     helper = BackendHelper(kind)
     model, grads = _model(helper, dtype, 0), _model(helper, dtype, 1)
     per_array = [helper.asarray(helper.to_numpy(a)) for a in model]
@@ -63,7 +85,7 @@ def test_one_buffer_steps_like_the_arrays(kind: Backend, dtype: str, rule: opt.R
 
 
 @pytest.mark.parametrize("kind", WRITEABLE)
-def test_views_see_the_update_and_the_gradient_writes(kind: Backend) -> None:
+def test_views_see_the_update_and_the_gradient_writes(kind: BackendKind) -> None:
     helper = BackendHelper(kind)
     model = _model(helper, "float32", 0)
     flat, restructure = opt.destructure(model)
@@ -73,17 +95,23 @@ def test_views_see_the_update_and_the_gradient_writes(kind: Backend) -> None:
     before = helper.to_numpy(flat)
     opt.update_(opt.setup(opt.Descent(0.5), flat), flat, gflat)
     np.testing.assert_array_equal(helper.to_numpy(gflat)[60_000:100_000], 1.0)
-    np.testing.assert_array_equal(helper.to_numpy(views[1]), before[60_000:100_000] - 0.5)
+    np.testing.assert_array_equal(
+        helper.to_numpy(views[1]), before[60_000:100_000] - 0.5
+    )
     np.testing.assert_array_equal(helper.to_numpy(views[0]).ravel(), before[:60_000])
 
 
 def test_torch_autograd_fills_the_gradient_buffer() -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    net = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.Tanh(), torch.nn.Linear(40, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(50, 40), torch.nn.Tanh(), torch.nn.Linear(40, 1)
+    )
     params = list(net.parameters())
     flat, restructure = opt.destructure([p.detach() for p in params])
     gflat = torch.zeros_like(flat)
-    for p, view, gview in zip(params, restructure(flat), restructure(gflat), strict=True):
+    for p, view, gview in zip(
+        params, restructure(flat), restructure(gflat), strict=True
+    ):
         p.data = view  # the module's parameters now live in the buffer
         p.grad = gview  # and autograd accumulates into the gradient buffer
     tree = opt.setup(opt.Adam(1e-2), flat)
@@ -96,7 +124,9 @@ def test_torch_autograd_fills_the_gradient_buffer() -> None:
         loss.backward()
         losses.append(loss.item())
         tree, _ = opt.update_(tree, flat, gflat)
-    assert all(p.grad.data_ptr() == g.data_ptr()
-               for p, g in zip(params, restructure(gflat), strict=True))
+    assert all(
+        p.grad.data_ptr() == g.data_ptr()
+        for p, g in zip(params, restructure(gflat), strict=True)
+    )
     assert gflat.abs().sum() > 0
     assert losses[-1] < 0.5 * losses[0]

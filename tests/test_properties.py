@@ -24,14 +24,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from _backends import Backend, BackendHelper, fast_path
+from _backends import BackendHelper, BackendKind, fast_path
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import agnosticopt as opt
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 REAL = ["float16", "float32", "float64"]
 COMPLEX = ["complex64", "complex128"]
@@ -41,13 +46,25 @@ DTYPE_SETS = (REAL, REAL + COMPLEX, REAL[1:], REAL[1:] + COMPLEX)
 
 #: Rules for models with complex arrays (second moments are real), and more for real ones.
 COMPLEX_RULES = [
-    opt.Descent(0.1), opt.Momentum(0.1), opt.Nesterov(0.1), opt.Adam(0.01), opt.AdamW(0.01),
-    opt.RMSProp(0.01), opt.AdaGrad(0.01), opt.NAdam(0.01), opt.RAdam(0.01),
+    opt.Descent(0.1),
+    opt.Momentum(0.1),
+    opt.Nesterov(0.1),
+    opt.Adam(0.01),
+    opt.AdamW(0.01),
+    opt.RMSProp(0.01),
+    opt.AdaGrad(0.01),
+    opt.NAdam(0.01),
+    opt.RAdam(0.01),
     opt.OptimiserChain(opt.ClipNorm(1.0, throw=False), opt.Adam(0.01)),
-    opt.OptimiserChain(opt.WeightDecay(0.1), opt.Momentum(0.1)), opt.OptimiserChain(),
+    opt.OptimiserChain(opt.WeightDecay(0.1), opt.Momentum(0.1)),
+    opt.OptimiserChain(),
 ]
 REAL_RULES = [
-    *COMPLEX_RULES, opt.Lion(0.01), opt.Rprop(0.01), opt.AdaMax(0.01), opt.AMSGrad(0.01),
+    *COMPLEX_RULES,
+    opt.Lion(0.01),
+    opt.Rprop(0.01),
+    opt.AdaMax(0.01),
+    opt.AMSGrad(0.01),
     opt.OptimiserChain(opt.ClipGrad(0.5), opt.SignDecay(0.01), opt.Descent(0.1)),
     opt.AccumGrad(2),
 ]
@@ -66,12 +83,18 @@ class _Maker:
 
     def __init__(self, data: Any, dtypes: list[str], views: bool) -> None:
         self.data, self.dtypes, self.views = data, dtypes, views
-        self.rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+        self.rng = np.random.default_rng(
+            data.draw(st.integers(0, 2**32 - 1), label="seed")
+        )
         self.params: list[np.ndarray] = []
-        self.buffers: list[tuple[np.ndarray, int]] = []  # a buffer and its next free column
+        self.buffers: list[
+            tuple[np.ndarray, int]
+        ] = []  # a buffer and its next free column
 
     def array(self) -> np.ndarray:
-        shape = tuple(self.data.draw(st.lists(st.integers(0, 3), max_size=3), label="shape"))
+        shape = tuple(
+            self.data.draw(st.lists(st.integers(0, 3), max_size=3), label="shape")
+        )
         dtype = np.dtype(self.data.draw(st.sampled_from(self.dtypes), label="dtype"))
         values = self.rng.standard_normal((*shape, 2))
         if dtype.kind == "c":
@@ -81,13 +104,17 @@ class _Maker:
         return np.asarray(values.astype(dtype))
 
     def leaf(self) -> Any:
-        kind = self.data.draw(st.sampled_from(
-            ["array", "array", "array", "tie", "view", "other"]), label="leaf")
+        kind = self.data.draw(
+            st.sampled_from(["array", "array", "array", "tie", "view", "other"]),
+            label="leaf",
+        )
         if kind == "tie" and self.params:
             return self.data.draw(st.sampled_from(self.params), label="tied")
         if kind == "other":
-            return self.data.draw(st.sampled_from(
-                [None, 3, "name", np.arange(3), np.float32(1.5)]), label="other")
+            return self.data.draw(
+                st.sampled_from([None, 3, "name", np.arange(3), np.float32(1.5)]),
+                label="other",
+            )
         a = self.array()
         if kind == "view" and self.views:
             a = self.view_of_buffer(a)
@@ -97,7 +124,11 @@ class _Maker:
     def view_of_buffer(self, a: np.ndarray) -> np.ndarray:
         """``a``'s values in a strided view of a shared buffer (disjoint from the others)."""
         for k, (buf, free) in enumerate(self.buffers):
-            if buf.shape[:-1] == a.shape and buf.dtype == a.dtype and free < buf.shape[-1]:
+            if (
+                buf.shape[:-1] == a.shape
+                and buf.dtype == a.dtype
+                and free < buf.shape[-1]
+            ):
                 self.buffers[k] = (buf, free + 1)
                 buf[..., free] = a
                 return buf[..., free]
@@ -109,7 +140,9 @@ class _Maker:
     def node(self, depth: int) -> Any:
         if depth >= 3 or self.data.draw(st.booleans(), label="stop"):
             return self.leaf()
-        kind = self.data.draw(st.sampled_from(["dict", "list", "tuple", "pair"]), label="node")
+        kind = self.data.draw(
+            st.sampled_from(["dict", "list", "tuple", "pair"]), label="node"
+        )
         if kind == "pair":
             return Pair(self.node(depth + 1), self.node(depth + 1))
         n = self.data.draw(st.integers(0, 3), label="n")
@@ -128,14 +161,21 @@ class _Maker:
             return type(model)(self.grads(v) for v in model)
         if not (isinstance(model, np.ndarray) and model.dtype.kind in "fc"):
             return None
-        kind = self.data.draw(st.sampled_from(["none", "fresh", "fresh", "param"]), label="g")
+        kind = self.data.draw(
+            st.sampled_from(["none", "fresh", "fresh", "param"]), label="g"
+        )
         if kind == "none":
             return None
         if kind == "param":
-            same = [p for p in self.params
-                    if p.shape == model.shape and p.dtype == model.dtype and p is not model]
+            same = [
+                p
+                for p in self.params
+                if p.shape == model.shape and p.dtype == model.dtype and p is not model
+            ]
             if same:
-                return self.data.draw(st.sampled_from(same), label="g-param")[...]  # a view
+                return self.data.draw(st.sampled_from(same), label="g-param")[
+                    ...
+                ]  # a view
         return self.array_like(model)
 
     def array_like(self, x: np.ndarray) -> np.ndarray:
@@ -190,12 +230,21 @@ def snapshot(obj: Any, to_numpy: Any = np.asarray, *, types: bool = True) -> Any
     With ``types=False`` an array is its bits only (to compare backends).
     """
     if isinstance(obj, opt.Leaf):
-        return ("Leaf", repr(obj.rule), snapshot(obj.state, to_numpy, types=types), obj.frozen)
+        return (
+            "Leaf",
+            repr(obj.rule),
+            snapshot(obj.state, to_numpy, types=types),
+            obj.frozen,
+        )
     if isinstance(obj, dict):
         return {k: snapshot(v, to_numpy, types=types) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return (type(obj).__name__, *[snapshot(v, to_numpy, types=types) for v in obj])
-    if hasattr(obj, "shape") and hasattr(obj, "dtype") and not isinstance(obj, np.generic):
+    if (
+        hasattr(obj, "shape")
+        and hasattr(obj, "dtype")
+        and not isinstance(obj, np.generic)
+    ):
         bits = _bits(to_numpy(obj))
         return (type(obj).__name__, bits) if types else bits
     return repr(obj)
@@ -224,14 +273,21 @@ def _run(rule: Any, model: Any, steps: list[Any], fn: Any) -> tuple[Any, Any]:
 
 @SETTINGS
 @given(problem=_problems(views=True), fast=st.booleans())
-def test_update_in_place_equals_update_and_update_mutates_nothing(problem: Any,
-                                                                   fast: bool) -> None:
+def test_update_in_place_equals_update_and_update_mutates_nothing(
+    problem: Any, fast: bool
+) -> None:
     rule, model, steps = problem
-    functional_model, functional_steps = copy.deepcopy((model, steps))  # keeps ties, views
+    functional_model, functional_steps = copy.deepcopy(
+        (model, steps)
+    )  # keeps ties, views
     before = snapshot((functional_model, functional_steps))
     tree, m = _run(rule, functional_model, functional_steps, opt.update)
-    assert snapshot((functional_model, functional_steps)) == before  # nothing was modified
-    assert _structure(m) == _structure(functional_model)  # types, dtypes and shapes kept
+    assert (
+        snapshot((functional_model, functional_steps)) == before
+    )  # nothing was modified
+    assert _structure(m) == _structure(
+        functional_model
+    )  # types, dtypes and shapes kept
     with fast_path(fast):
         tree_, m_ = _run(rule, model, steps, opt.update_)
     assert snapshot(m_) == snapshot(m)
@@ -270,7 +326,11 @@ def _dtypes(obj: Any) -> set[str]:
         return set().union(*(_dtypes(v) for v in obj.values()))
     if isinstance(obj, (list, tuple)):
         return set().union(*(_dtypes(v) for v in obj))
-    return {str(obj.dtype)} if isinstance(obj, np.ndarray) and obj.dtype.kind in "fc" else set()
+    return (
+        {str(obj.dtype)}
+        if isinstance(obj, np.ndarray) and obj.dtype.kind in "fc"
+        else set()
+    )
 
 
 def _has_subnormal(obj: Any) -> bool:
@@ -291,39 +351,52 @@ def _has_subnormal(obj: Any) -> bool:
     return False
 
 
-def _backend_params(*kinds: Backend) -> list[Any]:
+def _backend_params(*kinds: BackendKind) -> list[Any]:
     from _backends import backend_params
 
     return backend_params(kinds)
 
 
-def _same_bits_as_numpy(kind: Backend, problem: Any) -> None:
+def _same_bits_as_numpy(kind: BackendKind, problem: Any) -> None:
     helper = BackendHelper(kind)
     rule, model, steps = problem
-    assume(not any(helper.conformance.unsupported(d) for d in _dtypes(model)))  # float16
+    assume(
+        not any(helper.conformance.unsupported(d) for d in _dtypes(model))
+    )  # float16
     with fast_path(False):
         ref_tree, ref_model = _run(rule, model, steps, opt.update)
     # JAX flushes subnormals to zero (a declared deviation): compare where none occurs
-    assume(kind is not Backend.JAX or not _has_subnormal((model, steps, ref_tree, ref_model)))
+    assume(
+        kind is not BackendKind.JAX
+        or not _has_subnormal((model, steps, ref_tree, ref_model))
+    )
     memo: dict[int, Any] = {}
     converted = _convert(model, helper, memo)
     grads = [_convert(g, helper, {**memo}) for g in steps]
     tree, new_model = _run(rule, converted, grads, opt.update_)
-    assert snapshot(new_model, helper.to_numpy, types=False) == snapshot(ref_model, types=False)
-    assert snapshot(tree, helper.to_numpy, types=False) == snapshot(ref_tree, types=False)
+    assert snapshot(new_model, helper.to_numpy, types=False) == snapshot(
+        ref_model, types=False
+    )
+    assert snapshot(tree, helper.to_numpy, types=False) == snapshot(
+        ref_tree, types=False
+    )
 
 
-@pytest.mark.parametrize("kind", _backend_params(Backend.TORCH, Backend.ARRAY_API_STRICT))
+@pytest.mark.parametrize(
+    "kind", _backend_params(BackendKind.TORCH, BackendKind.ARRAY_API_STRICT)
+)
 @settings(SETTINGS, max_examples=25)
 @given(problem=_problems(views=False))
-def test_every_backend_gives_numpy_bits(kind: Backend, problem: Any) -> None:
+def test_every_backend_gives_numpy_bits(kind: BackendKind, problem: Any) -> None:
     _same_bits_as_numpy(kind, problem)
 
 
-@pytest.mark.parametrize("kind", _backend_params(Backend.JAX))
+@pytest.mark.parametrize("kind", _backend_params(BackendKind.JAX))
 @settings(SETTINGS, max_examples=8)  # JAX compiles each new shape and dtype: slow
 @given(problem=_problems(views=False))
-def test_jax_gives_numpy_bits_where_no_subnormal_occurs(kind: Backend, problem: Any) -> None:
+def test_jax_gives_numpy_bits_where_no_subnormal_occurs(
+    kind: BackendKind, problem: Any
+) -> None:
     _same_bits_as_numpy(kind, problem)
 
 
@@ -335,13 +408,20 @@ def test_soak_hundred_thousand_steps_numpy_and_torch_agree() -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(9)
     shapes = [(), (3,), (2, 2), (0,)]
-    model = {f"w{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+    model = {
+        f"w{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)
+    }
     model = {k: np.asarray(v) for k, v in model.items()}
     tmodel = {k: torch.from_numpy(v.copy()) for k, v in model.items()}
     rule = opt.OptimiserChain(opt.ClipNorm(10.0, throw=False), opt.Adam(1e-3))
     tree, ttree = opt.setup(rule, model), opt.setup(rule, tmodel)
-    grads = [{k: np.asarray(rng.standard_normal(v.shape).astype(np.float32))
-              for k, v in model.items()} for _ in range(16)]
+    grads = [
+        {
+            k: np.asarray(rng.standard_normal(v.shape).astype(np.float32))
+            for k, v in model.items()
+        }
+        for _ in range(16)
+    ]
     tgrads = [{k: torch.from_numpy(v) for k, v in g.items()} for g in grads]
     for step in range(100_000):
         tree, model = opt.update_(tree, model, grads[step % 16])

@@ -141,8 +141,10 @@ def test_example_runs_and_prints_its_output(
         earlier = [b for b in PROGRAMS if b.page == block.page and b.line < block.line]
         with contextlib.redirect_stdout(io.StringIO()):
             for b in earlier:
-                exec(compile(b.code, f"{b.page}:{b.line}", "exec", dont_inherit=True),  # noqa: S102
-                     namespace)
+                exec(  # noqa: S102
+                    compile(b.code, f"{b.page}:{b.line}", "exec", dont_inherit=True),
+                    namespace,
+                )
     stdout = io.StringIO()
     code = compile(block.code, f"{block.page}:{block.line}", "exec", dont_inherit=True)
     with contextlib.redirect_stdout(stdout):

@@ -14,49 +14,26 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple  # noqa: UP035  (typing s
 
 import numpy as np
 import pytest
+from _backends import fast_path
+from agnosticopt.conformance._cases import (
+    MODIFIERS,
+    OPTIMISERS_JL,
+    cases_in,
+    complex_ok,
+)
 
 import agnosticopt as opt
 
-#: Optimisers.jl's test/rules.jl RULES table.
-RULES: list[opt.Rule] = [
-    opt.Descent(),
-    opt.Adam(),
-    opt.Momentum(),
-    opt.Nesterov(),
-    opt.Rprop(),
-    opt.RMSProp(),
-    opt.AdaGrad(),
-    opt.AdaMax(),
-    opt.AdaDelta(),
-    opt.AMSGrad(),
-    opt.NAdam(),
-    opt.AdamW(),
-    opt.RAdam(),
-    opt.OAdam(),
-    opt.AdaBelief(),
-    opt.Lion(),
-    opt.MixedPrecision("float64", opt.Adam()),
-    opt.OptimiserChain(opt.SignDecay(0.001), opt.Adam(0.001)),
-    opt.OptimiserChain(opt.ClipNorm(), opt.Adam(0.001)),
-    opt.OptimiserChain(opt.ClipGrad(0.5), opt.Momentum()),
-    opt.OptimiserChain(opt.WeightDecay(), opt.OAdam(), opt.ClipGrad(1)),
-    opt.RMSProp(centred=True),
-    opt.AdamW(couple=False),
-]
+#: Optimisers.jl's test/rules.jl RULES table (the shared table's ``optimisers.jl`` list).
+RULES: list[opt.Rule] = [case.rule for case in cases_in(OPTIMISERS_JL)]
 
-#: Modifiers, not optimisers on their own, and the remaining wrappers.
-OTHER_RULES: list[opt.Rule] = [
-    opt.WeightDecay(),
-    opt.SignDecay(),
-    opt.ClipGrad(),
-    opt.ClipNorm(),
-    opt.OptimiserChain(),
-    opt.AccumGrad(3),
-    opt.MixedPrecision(opt.Momentum()),
-]
+#: Modifiers, not optimisers on their own, and the remaining wrappers (``modifiers``).
+OTHER_RULES: list[opt.Rule] = [case.rule for case in cases_in(MODIFIERS)]
 
 
-def _step(backend: Any, rule: opt.Rule, x: Any, dx: Any, dtype: str = "float64") -> np.ndarray:
+def _step(
+    backend: Any, rule: opt.Rule, x: Any, dx: Any, dtype: str = "float64"
+) -> np.ndarray:
     """One ``update`` of a bare array; returns the new parameter as numpy."""
     backend.require(dtype)
     xb = backend.asarray(np.asarray(x, dtype=dtype))
@@ -71,7 +48,10 @@ CHAIN_CASES = [
     (opt.WeightDecay(0.1), [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 3]),
     (opt.SignDecay(0.1), [1 - 0.1 - 1, 10 - 0.1 - 2, 100 - 0.1 - 3]),
     (opt.ClipGrad(2), [0.0, 8.0, 98.0]),
-    (opt.OptimiserChain(opt.ClipGrad(2), opt.WeightDecay(0.1)), [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 2]),
+    (
+        opt.OptimiserChain(opt.ClipGrad(2), opt.WeightDecay(0.1)),
+        [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 2],
+    ),
     (
         opt.OptimiserChain(opt.OptimiserChain(opt.ClipGrad(2)), opt.WeightDecay(0.1)),
         [1 - 0.1 - 1, 10 - 1 - 2, 100 - 10 - 2],
@@ -89,12 +69,16 @@ def test_chain_table(backend: Any, rule: opt.Rule, expected: list[float]) -> Non
 def test_chain_order_matters(backend: Any) -> None:
     forward = opt.OptimiserChain(opt.ClipGrad(2), opt.WeightDecay(0.1))
     reverse = opt.OptimiserChain(opt.WeightDecay(0.1), opt.ClipGrad(2))
-    assert not np.array_equal(_step(backend, forward, X3, DX3), _step(backend, reverse, X3, DX3))
+    assert not np.array_equal(
+        _step(backend, forward, X3, DX3), _step(backend, reverse, X3, DX3)
+    )
 
 
 def test_sign_decay_signs(backend: Any) -> None:
     got = _step(backend, opt.SignDecay(0.1), [1.0, -10.0, 100.0], [3.0, 2.0, -1.0])
-    np.testing.assert_allclose(got, [1 - 0.1 - 3, -10 + 0.1 - 2, 100 - 0.1 + 1], rtol=1e-12)
+    np.testing.assert_allclose(
+        got, [1 - 0.1 - 3, -10 + 0.1 - 2, 100 - 0.1 + 1], rtol=1e-12
+    )
 
 
 def test_chain_docstring_example(backend: Any) -> None:
@@ -110,7 +94,9 @@ def test_clip_grad(backend: Any) -> None:
 
 
 def test_clip_norm_small_gradient_unchanged(backend: Any) -> None:
-    np.testing.assert_array_equal(-_step(backend, opt.ClipNorm(10), [0.0], [0.1]), [0.1])
+    np.testing.assert_array_equal(
+        -_step(backend, opt.ClipNorm(10), [0.0], [0.1]), [0.1]
+    )
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
@@ -126,7 +112,9 @@ def test_clip_norm_nan_raises(backend: Any) -> None:
 
 
 def test_clip_norm_no_throw(backend: Any) -> None:
-    delta = -_step(backend, opt.ClipNorm(5, 1, throw=False), np.zeros(20), np.arange(20.0))
+    delta = -_step(
+        backend, opt.ClipNorm(5, 1, throw=False), np.zeros(20), np.arange(20.0)
+    )
     np.testing.assert_allclose(np.abs(delta).sum(), 5, rtol=1e-12)
     inf = -_step(backend, opt.ClipNorm(5, 1, throw=False), [0.0, 0.0], [1.0, math.inf])
     assert np.isnan(inf[1])
@@ -145,7 +133,12 @@ def test_float16_epsilon_keeps_adam_finite(backend: Any) -> None:
 def test_accum_grad_mean_of_n(backend: Any) -> None:
     rule = opt.OptimiserChain(opt.AccumGrad(3), opt.Descent(0.01))
     x0 = np.array([1.0, 2.0])
-    grads = [np.array([1.0, 4.0]), np.array([2.0, -8.0]), np.array([6.0, 1.0]), np.array([5.0, 5.0])]
+    grads = [
+        np.array([1.0, 4.0]),
+        np.array([2.0, -8.0]),
+        np.array([6.0, 1.0]),
+        np.array([5.0, 5.0]),
+    ]
     model = backend.asarray(x0)
     tree = opt.setup(rule, model)
     seen = []
@@ -154,21 +147,32 @@ def test_accum_grad_mean_of_n(backend: Any) -> None:
         seen.append(backend.to_numpy(model))
     np.testing.assert_array_equal(seen[0], x0)
     np.testing.assert_array_equal(seen[1], x0)
-    np.testing.assert_allclose(seen[2], x0 - 0.01 * (grads[0] + grads[1] + grads[2]) / 3, rtol=1e-12)
+    np.testing.assert_allclose(
+        seen[2], x0 - 0.01 * (grads[0] + grads[1] + grads[2]) / 3, rtol=1e-12
+    )
     np.testing.assert_array_equal(seen[3], seen[2])
 
 
 def test_accum_grad_docstring_example(backend: Any) -> None:
     rule = opt.OptimiserChain(opt.AccumGrad(2), opt.WeightDecay(0.01), opt.Descent(0.1))
-    model = {"x": backend.asarray(np.float32([1])), "y": backend.asarray(np.float32([2]))}
+    model = {
+        "x": backend.asarray(np.float32([1])),
+        "y": backend.asarray(np.float32([2])),
+    }
     tree = opt.setup(rule, model)
     f32 = np.float32
-    tree, model = opt.update(tree, model, {"x": backend.asarray(f32([33])), "y": backend.asarray(f32([0]))})
+    tree, model = opt.update(
+        tree, model, {"x": backend.asarray(f32([33])), "y": backend.asarray(f32([0]))}
+    )
     assert backend.to_numpy(model["x"])[0] == 1
     assert backend.to_numpy(model["y"])[0] == 2
-    tree, model = opt.update(tree, model, {"x": backend.asarray(f32([0])), "y": backend.asarray(f32([444]))})
+    tree, model = opt.update(
+        tree, model, {"x": backend.asarray(f32([0])), "y": backend.asarray(f32([444]))}
+    )
     np.testing.assert_allclose(backend.to_numpy(model["x"]), f32([-0.651]), rtol=1e-6)
-    np.testing.assert_allclose(backend.to_numpy(model["y"]), f32([-20.202002]), rtol=1e-6)
+    np.testing.assert_allclose(
+        backend.to_numpy(model["y"]), f32([-20.202002]), rtol=1e-6
+    )
 
 
 # -- MixedPrecision ----------------------------------------------------------------
@@ -202,12 +206,16 @@ def test_mixed_precision_adjust_and_chain() -> None:
 
 # -- documentation values ----------------------------------------------------------
 def test_momentum_update_doc_example(backend: Any) -> None:
-    got = _step(backend, opt.Momentum(1 / 30), [1.0, 2.0], [10.0, 14.0], dtype="float32")
+    got = _step(
+        backend, opt.Momentum(1 / 30), [1.0, 2.0], [10.0, 14.0], dtype="float32"
+    )
     np.testing.assert_array_equal(got, np.float32([0.6666666, 1.5333333]))
 
 
 def test_momentum_float16_enzyme_example(backend: Any) -> None:
-    got = _step(backend, opt.Momentum(1 / 9), [1.0, 2.0, 3.0], [1.0, 0.0, -4.0], dtype="float16")
+    got = _step(
+        backend, opt.Momentum(1 / 9), [1.0, 2.0, 3.0], [1.0, 0.0, -4.0], dtype="float16"
+    )
     np.testing.assert_allclose(got, np.float16([0.8887, 2.0, 3.445]), rtol=1e-3)
 
 
@@ -215,7 +223,9 @@ def test_nesterov_state_is_negative_velocity(backend: Any) -> None:
     x = backend.asarray(np.array([1.0, 2.0]))
     tree = opt.setup(opt.Nesterov(), x)
     tree, _ = opt.update(tree, x, backend.asarray(np.array([16.0, 88.0])))
-    np.testing.assert_allclose(backend.to_numpy(tree.state), [-0.016, -0.088], rtol=1e-12)
+    np.testing.assert_allclose(
+        backend.to_numpy(tree.state), [-0.016, -0.088], rtol=1e-12
+    )
 
 
 def test_momentum_state_after_one_step(backend: Any) -> None:
@@ -223,7 +233,11 @@ def test_momentum_state_after_one_step(backend: Any) -> None:
     tree = opt.setup(opt.Momentum(0.1, 0.9), x)
     tree, new = opt.update(tree, x, backend.asarray(np.float32([1, 10, 100])))
     np.testing.assert_allclose(backend.to_numpy(tree.state), [0.1, 1, 10], rtol=1e-6)
-    np.testing.assert_allclose(backend.to_numpy(new), np.float32([4, 3, 2]) - np.float32([0.1, 1, 10]), rtol=1e-6)
+    np.testing.assert_allclose(
+        backend.to_numpy(new),
+        np.float32([4, 3, 2]) - np.float32([0.1, 1, 10]),
+        rtol=1e-6,
+    )
 
 
 # -- complex numbers (Flux#1776) ----------------------------------------------------
@@ -241,6 +255,20 @@ COMPLEX_RULES = [
     opt.Nesterov(1e-2),
     opt.AdamW(1e-2),
 ]
+
+
+def test_complex_rules_are_the_complex_optimisers_of_optimisers_jl() -> None:
+    """COMPLEX_RULES (learning rates for 10 steps) has every optimiser of the
+    ``optimisers.jl`` list that is defined for complex parameters, once."""
+    single = [
+        case.rule
+        for case in cases_in(OPTIMISERS_JL)
+        if not isinstance(case.rule, (opt.OptimiserChain, opt.MixedPrecision))
+    ]
+    want = {type(rule) for rule in single if complex_ok(rule)}
+    assert sorted(type(r).__name__ for r in COMPLEX_RULES) == sorted(
+        c.__name__ for c in want
+    )
 
 
 @pytest.mark.parametrize("rule", COMPLEX_RULES, ids=repr)
@@ -279,11 +307,14 @@ def test_independence_converges(rule: opt.Rule) -> None:
 
     assert loss_and_grad(w)[0] > 1
     loss = math.inf
-    for _ in range(10**5):
-        loss, g = loss_and_grad(w)
-        if loss < 0.01:
-            break
-        tree, w = opt.update_(tree, w, g)
+    # Thousands of steps of a 10x10 array: the plain path, quicker on tiny arrays
+    # (the fast path's bits are the plain path's: test_fast.py).
+    with fast_path(False):
+        for _ in range(10**5):
+            loss, g = loss_and_grad(w)
+            if loss < 0.01:
+                break
+            tree, w = opt.update_(tree, w, g)
     assert loss < 0.01
 
 
@@ -298,9 +329,16 @@ def test_element_types_preserved(backend: Any, rule: opt.Rule) -> None:
     )
     tree = opt.setup(rule, model)
     for _ in range(3):
-        grads = tuple(backend.asarray(np.asarray([0.5, -0.25], dtype=backend.to_numpy(m).dtype)) for m in model)
+        grads = tuple(
+            backend.asarray(np.asarray([0.5, -0.25], dtype=backend.to_numpy(m).dtype))
+            for m in model
+        )
         tree, model = opt.update(tree, model, grads)
-    assert [backend.to_numpy(m).dtype for m in model] == [np.float32, np.float64, np.float16]
+    assert [backend.to_numpy(m).dtype for m in model] == [
+        np.float32,
+        np.float64,
+        np.float16,
+    ]
 
 
 def test_rprop_state_keeps_parameter_dtype(backend: Any) -> None:
@@ -308,7 +346,9 @@ def test_rprop_state_keeps_parameter_dtype(backend: Any) -> None:
     for dtype in ("float16", "float32"):
         x = backend.asarray(np.asarray([1.0, 2.0], dtype=dtype))
         tree = opt.setup(opt.Rprop(), x)
-        tree, _ = opt.update(tree, x, backend.asarray(np.asarray([1.0, -1.0], dtype=dtype)))
+        tree, _ = opt.update(
+            tree, x, backend.asarray(np.asarray([1.0, -1.0], dtype=dtype))
+        )
         assert backend.to_numpy(tree.state.g_prev).dtype == np.dtype(dtype)
         assert backend.to_numpy(tree.state.steps).dtype == np.dtype(dtype)
 
@@ -410,8 +450,14 @@ NAN, INF = math.nan, math.inf
         (lambda: opt.Adam(INF), r"Adam\.eta must be in \[0, inf\), got inf"),
         (lambda: opt.Descent(-0.1), r"Descent\.eta must be in \[0, inf\)"),
         (lambda: opt.Adam(epsilon=-1), r"Adam\.epsilon must be in \[0, inf\), got -1"),
-        (lambda: opt.Adam(beta=(0.9, 1.5)), r"Adam\.beta\[1\] must be in \[0, 1\), got 1\.5"),
-        (lambda: opt.Adam(beta=(NAN, 0.9)), r"Adam\.beta\[0\] must be in \[0, 1\), got nan"),
+        (
+            lambda: opt.Adam(beta=(0.9, 1.5)),
+            r"Adam\.beta\[1\] must be in \[0, 1\), got 1\.5",
+        ),
+        (
+            lambda: opt.Adam(beta=(NAN, 0.9)),
+            r"Adam\.beta\[0\] must be in \[0, 1\), got nan",
+        ),
         (lambda: opt.NAdam(beta=(0.9, 1)), r"NAdam\.beta\[1\] must be in \[0, 1\)"),
         (lambda: opt.AdaBelief(beta=(-0.1, 0.9)), r"AdaBelief\.beta\[0\]"),
         (lambda: opt.Lion(beta=(0.9, 1.01)), r"Lion\.beta\[1\] must be in \[0, 1\]"),
@@ -422,7 +468,10 @@ NAN, INF = math.nan, math.inf
         (lambda: opt.AdamW(lambda_=-0.1), r"AdamW\.lambda_ must be in \[0, inf\)"),
         (lambda: opt.WeightDecay(NAN), r"WeightDecay\.lambda_ must be in \[0, inf\)"),
         (lambda: opt.SignDecay(-1), r"SignDecay\.lambda_ must be in \[0, inf\)"),
-        (lambda: opt.Rprop(ell=(1.2, 0.5)), r"Rprop\.ell\[0\] must be in \(0, 1\), got 1\.2"),
+        (
+            lambda: opt.Rprop(ell=(1.2, 0.5)),
+            r"Rprop\.ell\[0\] must be in \(0, 1\), got 1\.2",
+        ),
         (lambda: opt.Rprop(ell=(0.5, 1.0)), r"Rprop\.ell\[1\] must be in \(1, inf\)"),
         (lambda: opt.Rprop(gamma=(2, 1)), r"Rprop\.gamma must be in increasing order"),
         (lambda: opt.Rprop(gamma=(-1, 1)), r"Rprop\.gamma\[0\] must be in \[0, inf\)"),
@@ -432,7 +481,10 @@ NAN, INF = math.nan, math.inf
         (lambda: opt.ClipNorm(p=NAN), r"ClipNorm\.p must be in \[0, inf\] or -inf"),
         (lambda: opt.ClipNorm(p=-2), r"ClipNorm\.p must be in \[0, inf\] or -inf"),
         (lambda: opt.AccumGrad(0), r"AccumGrad\.n must be in \[1, inf\]"),
-        (lambda: opt.Adam().adjust(eta=NAN), r"Adam\.eta must be in \[0, inf\), got nan"),
+        (
+            lambda: opt.Adam().adjust(eta=NAN),
+            r"Adam\.eta must be in \[0, inf\), got nan",
+        ),
         (lambda: opt.RMSProp(centred=True).adjust(rho=2), r"RMSProp\.rho"),
         (
             lambda: opt.OptimiserChain(opt.ClipGrad(1), opt.Adam()).adjust(delta=-1),
@@ -450,7 +502,9 @@ def test_hyperparameter_out_of_range_is_refused(make: Any, message: str) -> None
 
 
 def test_one_element_beta_is_refused_at_construction() -> None:
-    with pytest.raises(TypeError, match=r"Adam\.beta must be a tuple of 2 real numbers"):
+    with pytest.raises(
+        TypeError, match=r"Adam\.beta must be a tuple of 2 real numbers"
+    ):
         opt.Adam(beta=(0.9,))
     with pytest.raises(TypeError, match=r"Lion\.beta must be a tuple of 2"):
         opt.Lion(beta=(0.9, 0.99, 0.999))
@@ -554,15 +608,28 @@ def _torch() -> Any:
 def test_bfloat16_adam_family_refused_at_setup_with_the_remedy() -> None:
     torch = _torch()
     x = torch.ones(8, dtype=torch.bfloat16)
-    for rule in (opt.Adam(), opt.AdamW(), opt.RAdam(), opt.NAdam(), opt.AdaMax(),
-                 opt.AMSGrad(), opt.AdaBelief(), opt.Lion()):
+    for rule in (
+        opt.Adam(),
+        opt.AdamW(),
+        opt.RAdam(),
+        opt.NAdam(),
+        opt.AdaMax(),
+        opt.AMSGrad(),
+        opt.AdaBelief(),
+        opt.Lion(),
+    ):
         name = type(rule).__name__
-        with pytest.raises(ValueError, match=(
-            rf"{name}\.beta\[1\] = 0\.999 rounds to 1, so 1 - beta\[1\] is 0 in bfloat16"
-            r".*MixedPrecision\('float32', rule\)"
-        )):
+        with pytest.raises(
+            ValueError,
+            match=(
+                rf"{name}\.beta\[1\] = 0\.999 rounds to 1, so 1 - beta\[1\] is 0 in bfloat16"
+                r".*MixedPrecision\('float32', rule\)"
+            ),
+        ):
             opt.setup(rule, x)
-        with pytest.raises(ValueError, match=rf"{name}\.beta\[1\]"):  # inside a chain too
+        with pytest.raises(
+            ValueError, match=rf"{name}\.beta\[1\]"
+        ):  # inside a chain too
             opt.setup(opt.OptimiserChain(opt.ClipGrad(1), rule), x)
     # the remedy: a float32 master copy steps without NaN, as torch.optim does
     tree = opt.setup(opt.MixedPrecision("float32", opt.Adam(0.1)), x)
@@ -578,11 +645,17 @@ def test_bfloat16_adam_family_refused_at_setup_with_the_remedy() -> None:
 
 def test_float16_degenerate_hyperparameters_refused_at_setup() -> None:
     x = np.ones(4, np.float16)
-    with pytest.raises(ValueError, match=r"Adam\.beta\[1\] = 0\.9999 rounds to 1.*float16"):
+    with pytest.raises(
+        ValueError, match=r"Adam\.beta\[1\] = 0\.9999 rounds to 1.*float16"
+    ):
         opt.setup(opt.Adam(beta=(0.9, 0.9999)), x)
-    with pytest.raises(ValueError, match=r"RMSProp\.rho = 0\.9999 rounds to 1.*float16"):
+    with pytest.raises(
+        ValueError, match=r"RMSProp\.rho = 0\.9999 rounds to 1.*float16"
+    ):
         opt.setup(opt.RMSProp(rho=0.9999), x)
-    with pytest.raises(ValueError, match=r"Descent\.eta = 1e-09 rounds to 0 in float16"):
+    with pytest.raises(
+        ValueError, match=r"Descent\.eta = 1e-09 rounds to 0 in float16"
+    ):
         opt.setup(opt.Descent(1e-9), x)
     with pytest.raises(ValueError, match=r"AccumGrad\.n = 4097 rounds to 4096"):
         opt.setup(opt.AccumGrad(4097), x)
@@ -591,8 +664,9 @@ def test_float16_degenerate_hyperparameters_refused_at_setup() -> None:
     opt.setup(opt.Descent(0.0), x)  # zero stays zero: no degeneration
 
 
-def _degenerate_after_adjust(backend_model: Any, grads: Any, to_numpy: Any,
-                             fast: bool) -> None:
+def _degenerate_after_adjust(
+    backend_model: Any, grads: Any, to_numpy: Any, fast: bool
+) -> None:
     """adjust_ to a β that rounds to 1: the next update_ raises and writes nothing."""
     from _backends import fast_path
 
@@ -601,7 +675,10 @@ def _degenerate_after_adjust(backend_model: Any, grads: Any, to_numpy: Any,
     before = [to_numpy(a) for a in (backend_model, tree.state.m, tree.state.v)]
     state = tree.state
     opt.adjust_(tree, beta=(0.9, 0.99999999))  # in range; 1 in float32 and narrower
-    with fast_path(fast), pytest.raises(ValueError, match=r"Adam\.beta\[1\].*rounds to 1"):
+    with (
+        fast_path(fast),
+        pytest.raises(ValueError, match=r"Adam\.beta\[1\].*rounds to 1"),
+    ):
         opt.update_(tree, backend_model, grads)
     assert tree.state is state
     after = [to_numpy(a) for a in (backend_model, state.m, state.v)]
@@ -611,7 +688,9 @@ def _degenerate_after_adjust(backend_model: Any, grads: Any, to_numpy: Any,
 
 @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_degenerate_after_adjust_raises_before_writing_numpy(dtype: str, fast: bool) -> None:
+def test_degenerate_after_adjust_raises_before_writing_numpy(
+    dtype: str, fast: bool
+) -> None:
     x = np.linspace(-1, 1, 64).astype(dtype)
     _degenerate_after_adjust(x, np.full(64, 0.25, dtype), np.array, fast)
 
@@ -619,8 +698,12 @@ def test_degenerate_after_adjust_raises_before_writing_numpy(dtype: str, fast: b
 def test_degenerate_after_adjust_raises_before_writing_torch_bfloat16() -> None:
     torch = _torch()
     x = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
-    _degenerate_after_adjust(x, torch.full((64,), 0.25, dtype=torch.bfloat16),
-                             lambda t: t.float().numpy().copy(), False)
+    _degenerate_after_adjust(
+        x,
+        torch.full((64,), 0.25, dtype=torch.bfloat16),
+        lambda t: t.float().numpy().copy(),
+        False,
+    )
 
 
 def test_bfloat16_host_scalars_do_not_depend_on_installed_packages(

@@ -34,8 +34,12 @@ def same_bits(a: Any, b: Any) -> bool:
     a, b = a.detach(), b.detach()
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    ints = {torch.float32: torch.int32, torch.float64: torch.int64,
-            torch.float16: torch.int16, torch.bfloat16: torch.int16}[a.dtype]
+    ints = {
+        torch.float32: torch.int32,
+        torch.float64: torch.int64,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+    }[a.dtype]
     return torch.equal(a.view(ints), b.view(ints))
 
 
@@ -44,9 +48,11 @@ class Net(torch.nn.Module):
 
     def __init__(self, reverse: bool = False, width: int = 400) -> None:
         super().__init__()
-        make = {"first": lambda: torch.nn.Linear(300, width),
-                "second": lambda: torch.nn.Linear(width, 3)}
-        for name in (["second", "first"] if reverse else ["first", "second"]):
+        make = {
+            "first": lambda: torch.nn.Linear(300, width),
+            "second": lambda: torch.nn.Linear(width, 3),
+        }
+        for name in ["second", "first"] if reverse else ["first", "second"]:
             setattr(self, name, make[name]())
 
     def forward(self, x: Any) -> Any:
@@ -91,8 +97,14 @@ def test_import_agnosticopt_does_not_import_torch(tmp_path: Any) -> None:
         print("ok")
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
@@ -107,8 +119,9 @@ def test_unknown_public_name_is_an_attribute_error() -> None:
 
 RULES = {
     "AdamW": opt.AdamW(1e-3, lambda_=0.01),
-    "chain": opt.OptimiserChain(opt.ClipGrad(0.5), opt.WeightDecay(1e-3),
-                                opt.Momentum(0.01, 0.9)),
+    "chain": opt.OptimiserChain(
+        opt.ClipGrad(0.5), opt.WeightDecay(1e-3), opt.Momentum(0.01, 0.9)
+    ),
     "RMSProp": opt.RMSProp(1e-3, 0.9),
 }
 
@@ -137,8 +150,9 @@ def test_steps_are_bitwise_the_functional_update(name: str) -> None:
             assert same_bits(p, q), (name, step)
     leaves = optimizer._tree[0]
     for leaf, ref in zip(leaves, tree, strict=True):
-        for got, want in zip(opt.state_dict(leaf).values(), opt.state_dict(ref).values(),
-                             strict=True):
+        for got, want in zip(
+            opt.state_dict(leaf).values(), opt.state_dict(ref).values(), strict=True
+        ):
             if isinstance(got, torch.Tensor):
                 assert same_bits(got, want)
             else:
@@ -177,13 +191,23 @@ def test_a_parameter_without_grad_takes_no_step_and_keeps_its_state() -> None:
 def test_torch_named_hyperparameters_set_the_rule_and_groups_override() -> None:
     net = fresh()
     optimizer = opt.TorchOptimizer(
-        [{"params": net.first.parameters(), "lr": 0.5},
-         {"params": net.second.parameters(), "rule": opt.Momentum(0.2, 0.8)}],
-        opt.AdamW(), lr=0.01, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6,
+        [
+            {"params": net.first.parameters(), "lr": 0.5},
+            {"params": net.second.parameters(), "rule": opt.Momentum(0.2, 0.8)},
+        ],
+        opt.AdamW(),
+        lr=0.01,
+        weight_decay=0.1,
+        betas=(0.8, 0.9),
+        eps=1e-6,
     )
     first, second = optimizer.param_groups
     assert first["rule"] == opt.AdamW(0.5, (0.8, 0.9), 0.1, 1e-6)
-    assert (first["lr"], first["betas"], first["weight_decay"]) == (0.5, (0.8, 0.9), 0.1)
+    assert (first["lr"], first["betas"], first["weight_decay"]) == (
+        0.5,
+        (0.8, 0.9),
+        0.1,
+    )
     assert second["rule"] == opt.Momentum(0.2, 0.8)
     assert (second["lr"], second["momentum"]) == (0.2, 0.8)
     assert "betas" not in second
@@ -195,26 +219,59 @@ def test_named_parameters_give_param_names() -> None:
     net = fresh()
     optimizer = opt.TorchOptimizer(net.named_parameters(), opt.Adam())
     assert optimizer.param_groups[0]["param_names"] == [
-        "first.weight", "first.bias", "second.weight", "second.bias"]
+        "first.weight",
+        "first.bias",
+        "second.weight",
+        "second.bias",
+    ]
 
 
-@pytest.mark.parametrize(("make", "error", "match"), [
-    (lambda ps: opt.TorchOptimizer(ps, opt.Adam(), momentum=0.9), ValueError,
-     r"no hyperparameter called \['momentum'\]"),
-    (lambda ps: opt.TorchOptimizer(ps, opt.Adam(), nesterov=True), TypeError,
-     "unknown hyperparameters"),
-    (lambda ps: opt.TorchOptimizer(ps), TypeError, "has no 'rule'"),
-    (lambda ps: opt.TorchOptimizer(ps, "adam"), TypeError, "must be an agnosticopt rule"),
-    (lambda ps: opt.TorchOptimizer(ps, opt.Adam(), lr=-1.0), ValueError, r"eta must be .*-1\.0"),
-    (lambda ps: opt.TorchOptimizer(ps, opt.Adam(), lr="big"), TypeError,
-     "'lr' must be a real number"),
-    (lambda ps: opt.TorchOptimizer(ps, opt.OptimiserChain(opt.Descent(0.1), opt.Adam(0.001))),
-     ValueError, "'lr' at two places with different values"),
-    (lambda ps: opt.TorchOptimizer([ps[0], ps[0]], opt.Adam()), ValueError,
-     "a parameter twice"),
-])
-def test_bad_construction_raises_clearly(make: Callable[[Any], Any], error: type,
-                                         match: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (
+            lambda ps: opt.TorchOptimizer(ps, opt.Adam(), momentum=0.9),
+            ValueError,
+            r"no hyperparameter called \['momentum'\]",
+        ),
+        (
+            lambda ps: opt.TorchOptimizer(ps, opt.Adam(), nesterov=True),
+            TypeError,
+            "unknown hyperparameters",
+        ),
+        (lambda ps: opt.TorchOptimizer(ps), TypeError, "has no 'rule'"),
+        (
+            lambda ps: opt.TorchOptimizer(ps, "adam"),
+            TypeError,
+            "must be an agnosticopt rule",
+        ),
+        (
+            lambda ps: opt.TorchOptimizer(ps, opt.Adam(), lr=-1.0),
+            ValueError,
+            r"eta must be .*-1\.0",
+        ),
+        (
+            lambda ps: opt.TorchOptimizer(ps, opt.Adam(), lr="big"),
+            TypeError,
+            "'lr' must be a real number",
+        ),
+        (
+            lambda ps: opt.TorchOptimizer(
+                ps, opt.OptimiserChain(opt.Descent(0.1), opt.Adam(0.001))
+            ),
+            ValueError,
+            "'lr' at two places with different values",
+        ),
+        (
+            lambda ps: opt.TorchOptimizer([ps[0], ps[0]], opt.Adam()),
+            ValueError,
+            "a parameter twice",
+        ),
+    ],
+)
+def test_bad_construction_raises_clearly(
+    make: Callable[[Any], Any], error: type, match: str
+) -> None:
     params = list(fresh().parameters())
     with pytest.raises(error, match=match):
         make(params)
@@ -222,8 +279,9 @@ def test_bad_construction_raises_clearly(make: Callable[[Any], Any], error: type
 
 def test_replacing_a_group_rule_by_one_of_the_same_kind_keeps_the_state() -> None:
     net = fresh()
-    optimizer = opt.TorchOptimizer(net.parameters(), opt.OptimiserChain(opt.ClipNorm(10.0),
-                                                                         opt.Adam(1e-3)))
+    optimizer = opt.TorchOptimizer(
+        net.parameters(), opt.OptimiserChain(opt.ClipNorm(10.0), opt.Adam(1e-3))
+    )
     x, y = data()
     train_step(net, optimizer, x, y)
     group = optimizer.param_groups[0]
@@ -239,7 +297,9 @@ def test_replacing_a_group_rule_by_one_of_the_same_kind_keeps_the_state() -> Non
 def test_a_bad_value_from_a_scheduler_raises_before_any_change() -> None:
     net = fresh()
     optimizer = opt.TorchOptimizer(
-        [{"params": net.first.parameters()}, {"params": net.second.parameters()}], opt.Adam())
+        [{"params": net.first.parameters()}, {"params": net.second.parameters()}],
+        opt.Adam(),
+    )
     x, y = data()
     train_step(net, optimizer, x, y)
     optimizer.param_groups[0]["lr"] = 0.5
@@ -300,8 +360,15 @@ def test_hooks_fire() -> None:
     finally:
         handle.remove()
     optimizer.load_state_dict(optimizer.state_dict())
-    assert calls == ["pre", "post", "global-post", "sd-pre", "sd-post", "load-pre",
-                     "load-post"]
+    assert calls == [
+        "pre",
+        "post",
+        "global-post",
+        "sd-pre",
+        "sd-post",
+        "load-pre",
+        "load-post",
+    ]
 
 
 # -- schedulers ------------------------------------------------------------------------------------
@@ -310,22 +377,35 @@ def test_hooks_fire() -> None:
 SCHEDULERS: dict[str, Callable[[Any], Any]] = {
     "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
     "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=5),
-    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda epoch: 0.7 ** epoch),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda epoch: 0.7**epoch),
     "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=8),
     "ChainedScheduler": lambda o: lr_scheduler.ChainedScheduler(
-        [lr_scheduler.ConstantLR(o, 0.5, total_iters=2), lr_scheduler.ExponentialLR(o, 0.9)]),
+        [
+            lr_scheduler.ConstantLR(o, 0.5, total_iters=2),
+            lr_scheduler.ExponentialLR(o, 0.9),
+        ]
+    ),
     "SequentialLR": lambda o: lr_scheduler.SequentialLR(
-        o, [lr_scheduler.LinearLR(o, 0.1, total_iters=2), lr_scheduler.ExponentialLR(o, 0.9)],
-        milestones=[2]),
+        o,
+        [
+            lr_scheduler.LinearLR(o, 0.1, total_iters=2),
+            lr_scheduler.ExponentialLR(o, 0.9),
+        ],
+        milestones=[2],
+    ),
     "CyclicLR": lambda o: lr_scheduler.CyclicLR(o, 1e-4, 1e-2, step_size_up=2),
-    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, patience=0, factor=0.5),
+    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(
+        o, patience=0, factor=0.5
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-@pytest.mark.parametrize("rule", [opt.AdamW(1e-3), opt.OptimiserChain(opt.ClipNorm(1.0),
-                                                                      opt.Nesterov(1e-3))],
-                         ids=["AdamW", "ClipNorm+Nesterov"])
+@pytest.mark.parametrize(
+    "rule",
+    [opt.AdamW(1e-3), opt.OptimiserChain(opt.ClipNorm(1.0), opt.Nesterov(1e-3))],
+    ids=["AdamW", "ClipNorm+Nesterov"],
+)
 def test_every_scheduler_drives_the_rule(name: str, rule: Any) -> None:
     """Each step uses the lr (and OneCycle/Cyclic momentum) the scheduler set before it."""
     net = fresh(width=8)
@@ -374,14 +454,20 @@ def test_grad_scaler_unscales_and_skips_a_step_with_inf() -> None:
         scaler.update()
         if skip:
             assert scaler.get_scale() == scale / 2
-            assert all(same_bits(p, q) for p, q in zip(scaled.parameters(), before,
-                                                        strict=True))
-            assert dict(optimizer.state[scaled.first.weight])["state.beta_t.0"] == \
-                state["state.beta_t.0"]
+            assert all(
+                same_bits(p, q)
+                for p, q in zip(scaled.parameters(), before, strict=True)
+            )
+            assert (
+                dict(optimizer.state[scaled.first.weight])["state.beta_t.0"]
+                == state["state.beta_t.0"]
+            )
             continue
         train_step(plain, ref, x, y)
-        assert all(same_bits(p, q) for p, q in zip(scaled.parameters(), plain.parameters(),
-                                                    strict=True))
+        assert all(
+            same_bits(p, q)
+            for p, q in zip(scaled.parameters(), plain.parameters(), strict=True)
+        )
 
 
 def test_grad_scaler_unscale_then_clip() -> None:
@@ -417,7 +503,9 @@ def test_state_dict_round_trip_into_reordered_model_is_bitwise_uninterrupted() -
 
     def make(net: Any) -> tuple[Any, Any]:
         optimizer = opt.TorchOptimizer(net.named_parameters(), rule)
-        return optimizer, lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)
+        return optimizer, lr_scheduler.OneCycleLR(
+            optimizer, max_lr=1e-2, total_steps=10
+        )
 
     straight = fresh()
     o1, s1 = make(straight)
@@ -430,8 +518,13 @@ def test_state_dict_round_trip_into_reordered_model_is_bitwise_uninterrupted() -
     for _ in range(3):
         train_step(first, o2, x, y)
         s2.step()
-    saved = through_torch_save({"model": first.state_dict(), "optim": o2.state_dict(),
-                                "sched": s2.state_dict()})
+    saved = through_torch_save(
+        {
+            "model": first.state_dict(),
+            "optim": o2.state_dict(),
+            "sched": s2.state_dict(),
+        }
+    )
     resumed = fresh(reverse=True, seed=5)
     assert next(n for n, _ in resumed.named_parameters()) == "second.weight"
     resumed.load_state_dict(saved["model"])
@@ -445,8 +538,11 @@ def test_state_dict_round_trip_into_reordered_model_is_bitwise_uninterrupted() -
         assert same_bits(p, resumed.get_parameter(name)), name
         for key, value in o1.state[p].items():
             other = o3.state[resumed.get_parameter(name)][key]
-            assert same_bits(value, other) if isinstance(value, torch.Tensor) \
+            assert (
+                same_bits(value, other)
+                if isinstance(value, torch.Tensor)
                 else value == other
+            )
     assert o3.param_groups[0]["rule"] == o1.param_groups[0]["rule"]
 
 
@@ -465,7 +561,9 @@ def test_state_dict_holds_only_plain_data() -> None:
             for v in value:
                 check(v)
         else:
-            assert type(value) in (torch.Tensor, float, int, bool, str, type(None)), value
+            assert type(value) in (torch.Tensor, float, int, bool, str, type(None)), (
+                value
+            )
 
     check(sd)
     assert sd["state"][0]["state.t"] == 2
@@ -485,12 +583,24 @@ def test_load_state_dict_names_every_problem_and_changes_nothing() -> None:
     sd["state"][3]["state.extra"] = 1.0
     train_step(net, optimizer, x, y)
     before = optimizer.state_dict()
-    kept = {k: v.clone() for k, v in before["state"][0].items() if isinstance(v, torch.Tensor)}
+    kept = {
+        k: v.clone()
+        for k, v in before["state"][0].items()
+        if isinstance(v, torch.Tensor)
+    }
     with pytest.raises(ValueError, match="does not fit") as info:
         optimizer.load_state_dict(sd)
     text = str(info.value)
-    for part in ("'first.weight'", "mis-shaped", "'first.bias'", "float64",
-                 "'second.weight'", "state.beta_t.1", "'second.bias'", "state.extra"):
+    for part in (
+        "'first.weight'",
+        "mis-shaped",
+        "'first.bias'",
+        "float64",
+        "'second.weight'",
+        "state.beta_t.1",
+        "'second.bias'",
+        "state.extra",
+    ):
         assert part in text
     after = optimizer.state_dict()
     for k, v in kept.items():
@@ -504,15 +614,19 @@ def test_load_state_dict_refuses_other_names_and_other_rules() -> None:
     sd = optimizer.state_dict()
     renamed = through_torch_save(sd)
     renamed["param_groups"][0]["param_names"][0] = "third.weight"
-    with pytest.raises(ValueError, match=r"missing \['first.weight'\], unexpected "
-                                         r"\['third.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['first.weight'\], unexpected "
+        r"\['third.weight'\]",
+    ):
         optimizer.load_state_dict(renamed)
     other = opt.TorchOptimizer(fresh(width=4).named_parameters(), opt.Momentum())
     with pytest.raises(ValueError, match="Momentum"):
         other.load_state_dict(sd)
     with pytest.raises(ValueError, match="1 param groups, this optimizer 2"):
-        opt.TorchOptimizer([{"params": [p]} for p in list(fresh(width=4).parameters())[:2]],
-                           opt.Adam()).load_state_dict(sd)
+        opt.TorchOptimizer(
+            [{"params": [p]} for p in list(fresh(width=4).parameters())[:2]], opt.Adam()
+        ).load_state_dict(sd)
 
 
 def test_load_state_dict_positional_without_names() -> None:
@@ -553,7 +667,9 @@ class CNN(torch.nn.Module):
 
 
 def digits() -> tuple[Any, Any]:
-    datasets = pytest.importorskip("sklearn.datasets", reason="needs scikit-learn (test extra)")
+    datasets = pytest.importorskip(
+        "sklearn.datasets", reason="needs scikit-learn (test extra)"
+    )
     images, labels = datasets.load_digits(return_X_y=True)
     x = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
     return x, torch.tensor(labels)
@@ -561,11 +677,17 @@ def digits() -> tuple[Any, Any]:
 
 DIGIT_SCHEDULES: dict[str, Callable[[Any, int], Any]] = {
     "StepLR": lambda o, n: lr_scheduler.StepLR(o, step_size=n // 3, gamma=0.5),
-    "OneCycleLR": lambda o, n: lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=n,
-                                                       cycle_momentum=False),
+    "OneCycleLR": lambda o, n: lr_scheduler.OneCycleLR(
+        o, max_lr=1e-2, total_steps=n, cycle_momentum=False
+    ),
     "SequentialLR": lambda o, n: lr_scheduler.SequentialLR(
-        o, [lr_scheduler.LinearLR(o, 0.2, total_iters=5),
-            lr_scheduler.CosineAnnealingLR(o, T_max=n)], milestones=[5]),
+        o,
+        [
+            lr_scheduler.LinearLR(o, 0.2, total_iters=5),
+            lr_scheduler.CosineAnnealingLR(o, T_max=n),
+        ],
+        milestones=[5],
+    ),
 }
 
 #: Largest parameter difference allowed between the drop-in and torch.optim.AdamW:
@@ -585,21 +707,27 @@ def train_digits(schedule: str, epochs: int, cycle: bool = False) -> dict[str, A
     theirs.load_state_dict(ours.state_dict())
     steps = epochs * ((len(x) + 63) // 64)
     pairs = []
-    for net, make in ((ours, lambda ps: opt.TorchOptimizer(ps, opt.AdamW(), lr=3e-3,
-                                                             weight_decay=1e-2)),
-                      (theirs, lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=1e-2))):
+    for net, make in (
+        (
+            ours,
+            lambda ps: opt.TorchOptimizer(ps, opt.AdamW(), lr=3e-3, weight_decay=1e-2),
+        ),
+        (theirs, lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=1e-2)),
+    ):
         optimizer = make(net.named_parameters() if net is ours else net.parameters())
         if cycle:
             sched = lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
         else:
             sched = DIGIT_SCHEDULES[schedule](optimizer, steps)
-        pairs.append((net, optimizer, sched, torch.amp.GradScaler("cpu", init_scale=2.0**10)))
+        pairs.append(
+            (net, optimizer, sched, torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        )
     order = torch.Generator().manual_seed(0)
     diffs, skipped, step = [], 0, 0
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=order)
         for i in range(0, len(x), 64):
-            batch = perm[i:i + 64]
+            batch = perm[i : i + 64]
             for net, optimizer, sched, scaler in pairs:
                 optimizer.zero_grad()
                 loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
@@ -613,10 +741,18 @@ def train_digits(schedule: str, epochs: int, cycle: bool = False) -> dict[str, A
                 sched.step()
             step += 1
             with torch.no_grad():
-                diffs.append(max(float((p - q).abs().max()) for p, q in
-                                 zip(ours.parameters(), theirs.parameters(), strict=True)))
+                diffs.append(
+                    max(
+                        float((p - q).abs().max())
+                        for p, q in zip(
+                            ours.parameters(), theirs.parameters(), strict=True
+                        )
+                    )
+                )
     with torch.no_grad():
-        accuracy = [float((net(x).argmax(1) == y).float().mean()) for net in (ours, theirs)]
+        accuracy = [
+            float((net(x).argmax(1) == y).float().mean()) for net in (ours, theirs)
+        ]
     return {"diff": max(diffs), "accuracy": accuracy, "skipped": skipped}
 
 
@@ -632,7 +768,9 @@ def test_digits_cnn_drop_in_tracks_torch_adamw(schedule: str) -> None:
 def test_digits_cnn_with_beta_cycling_both_learn() -> None:
     out = train_digits("OneCycleLR", epochs=15, cycle=True)
     assert min(out["accuracy"]) > 0.95
-    assert out["diff"] > DIGITS_TOLERANCE  # the documented difference of bias corrections
+    assert (
+        out["diff"] > DIGITS_TOLERANCE
+    )  # the documented difference of bias corrections
 
 
 # -- an nn.Module as a tree of its named parameters --------------------------------------------------
@@ -640,8 +778,12 @@ def test_digits_cnn_with_beta_cycling_both_learn() -> None:
 
 def small_net() -> Any:
     torch.manual_seed(3)
-    return torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.BatchNorm1d(400),
-                               torch.nn.Tanh(), torch.nn.Linear(400, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(300, 400),
+        torch.nn.BatchNorm1d(400),
+        torch.nn.Tanh(),
+        torch.nn.Linear(400, 3),
+    )
 
 
 def test_setup_of_a_module_has_its_named_parameters_not_its_buffers() -> None:
@@ -684,7 +826,9 @@ def test_functional_update_of_a_module_says_what_to_do_and_changes_nothing() -> 
     torch.nn.functional.mse_loss(net(x), y).backward()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     state = tree["0.weight"].state
-    with pytest.raises(TypeError, match=r"use update_ .* dict\(module.named_parameters\(\)\)"):
+    with pytest.raises(
+        TypeError, match=r"use update_ .* dict\(module.named_parameters\(\)\)"
+    ):
         opt.update(tree, net, None)
     assert tree["0.weight"].state is state
     assert all(same_bits(p, before[n]) for n, p in net.named_parameters())
@@ -717,7 +861,9 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path: Any) -> None:
     optimizer = opt.TorchOptimizer(net.named_parameters(), opt.AdamW(0.01, lambda_=0.1))
     x, y = data()
     train_step(net, optimizer, x, y)
-    dcp.save({"optim": get_optimizer_state_dict(net, optimizer)}, checkpoint_id=str(tmp_path))
+    dcp.save(
+        {"optim": get_optimizer_state_dict(net, optimizer)}, checkpoint_id=str(tmp_path)
+    )
     other = fresh(width=4)
     again = opt.TorchOptimizer(other.named_parameters(), opt.AdamW(0.01, lambda_=0.1))
     target = {"optim": get_optimizer_state_dict(other, again)}
@@ -726,8 +872,11 @@ def test_torch_distributed_checkpoint_round_trip(tmp_path: Any) -> None:
     for (name, p), q in zip(net.named_parameters(), other.parameters(), strict=True):
         for key, value in optimizer.state[p].items():
             got = again.state[q][key]
-            assert same_bits(value, got) if isinstance(value, torch.Tensor) else value == got, \
-                (name, key)
+            assert (
+                same_bits(value, got)
+                if isinstance(value, torch.Tensor)
+                else value == got
+            ), (name, key)
 
 
 def test_the_torch_docs_run_as_written() -> None:
@@ -735,7 +884,9 @@ def test_the_torch_docs_run_as_written() -> None:
     import re
 
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "torch.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+    blocks = re.findall(
+        r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL
+    )
     assert len(blocks) >= 3
     scope: dict[str, Any] = {"__name__": "docs"}
     for block in blocks:  # one page, one scope: later blocks use earlier names

@@ -41,7 +41,10 @@ def snapshot(backend: Any, obj: Any) -> Any:
         return [type(obj).__name__, *(snapshot(backend, v) for v in obj)]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = dataclasses.fields(obj)
-        return [type(obj).__name__, *(snapshot(backend, getattr(obj, f.name)) for f in fields)]
+        return [
+            type(obj).__name__,
+            *(snapshot(backend, getattr(obj, f.name)) for f in fields),
+        ]
     return repr(obj)
 
 
@@ -169,7 +172,10 @@ def test_nested_dict_namedtuple_adamw(backend: Any) -> None:
         b: Any
         n: int
 
-    m = {"a": backend.asarray([1.0, 2.0]), "z": {"y": Inner(backend.asarray([3.0, 4.0]), 7)}}
+    m = {
+        "a": backend.asarray([1.0, 2.0]),
+        "z": {"y": Inner(backend.asarray([3.0, 4.0]), 7)},
+    }
     s = opt.setup(opt.AdamW(0.1), m)
     g = {"z": {"y": {"b": backend.asarray([6.0, 8.0])}}}  # a mapping for a namedtuple
     _, m2 = opt.update(s, m, g)
@@ -182,8 +188,9 @@ def test_nested_dict_namedtuple_adamw(backend: Any) -> None:
 def test_nothing_gradient_keeps_adam_state(backend: Any) -> None:
     x = {"a": backend.asarray(np.ones(2)), "b": backend.asarray(np.ones(2))}
     tree = opt.setup(opt.Adam(0.1), x)
-    tree, x = opt.update_(tree, x, {"a": backend.asarray(np.ones(2)),
-                                    "b": backend.asarray(np.ones(2))})
+    tree, x = opt.update_(
+        tree, x, {"a": backend.asarray(np.ones(2)), "b": backend.asarray(np.ones(2))}
+    )
     for key in "ab":
         m, v, beta_t = tree[key].state
         close(backend, m, [0.1, 0.1])
@@ -202,7 +209,10 @@ def test_nothing_gradient_keeps_adam_state(backend: Any) -> None:
 
 
 def test_none_gradient_for_a_whole_subtree(backend: Any) -> None:
-    m = {"enc": [backend.asarray([1.0]), backend.asarray([2.0])], "dec": backend.asarray([3.0])}
+    m = {
+        "enc": [backend.asarray([1.0]), backend.asarray([2.0])],
+        "dec": backend.asarray([3.0]),
+    }
     tree = opt.setup(opt.Momentum(0.5), m)
     enc_states = [leaf.state for leaf in tree["enc"]]
     _, m2 = opt.update_(tree, m, {"enc": None, "dec": backend.asarray([1.0])})
@@ -218,7 +228,9 @@ def test_none_gradient_for_a_whole_subtree(backend: Any) -> None:
 def _momentum_tree(backend: Any) -> tuple[Any, Any]:
     m = backend.asarray(np.array([4.0, 3.0, 2.0], dtype=np.float32))
     tree = opt.setup(opt.Momentum(0.1, 0.9), m)
-    tree, m = opt.update(tree, m, backend.asarray(np.array([1.0, 10.0, 100.0], np.float32)))
+    tree, m = opt.update(
+        tree, m, backend.asarray(np.array([1.0, 10.0, 100.0], np.float32))
+    )
     return tree, m
 
 
@@ -313,12 +325,18 @@ def test_adjust_keeps_ties_and_is_all_or_nothing() -> None:
 
 
 def test_freeze_thaw(backend: Any) -> None:
-    m = {"x": backend.asarray([1.0, 2.0]), "y": (backend.asarray([3.0, 4.0]), some_function)}
+    m = {
+        "x": backend.asarray([1.0, 2.0]),
+        "y": (backend.asarray([3.0, 4.0]), some_function),
+    }
     tree = opt.setup(opt.Descent(0.1), m)
     opt.freeze_(tree["y"])
     assert tree["y"][0].frozen
     assert not tree["x"].frozen
-    g = {"x": backend.asarray([1.0, 10.0]), "y": (backend.asarray([100.0, 1000.0]), None)}
+    g = {
+        "x": backend.asarray([1.0, 10.0]),
+        "y": (backend.asarray([100.0, 1000.0]), None),
+    }
 
     tree, m = opt.update_(tree, m, g)
     close(backend, m["x"], [0.9, 1.0])
@@ -379,7 +397,10 @@ def test_tied_weights(backend: Any) -> None:
     tree = opt.setup(opt.Momentum(0.1), m)
     assert tree[0] is tree[1][1]
     assert tree[0] is not tree[1][0]
-    g = (backend.asarray([3.0, 3.0]), (backend.asarray([10.0, 10.0]), backend.asarray([7.0, 7.0])))
+    g = (
+        backend.asarray([3.0, 3.0]),
+        (backend.asarray([10.0, 10.0]), backend.asarray([7.0, 7.0])),
+    )
 
     tree2, m2 = opt.update(tree, m, g)
     assert m2[0] is m2[1][1]
@@ -402,7 +423,10 @@ def test_tied_container_stays_tied(backend: Any) -> None:
     m = {"a": inner, "b": inner}
     tree = opt.setup(opt.Descent(0.5), m)
     assert tree["a"] is tree["b"]
-    g = {"a": [backend.asarray([1.0, 1.0]), None], "b": [backend.asarray([1.0, 1.0]), None]}
+    g = {
+        "a": [backend.asarray([1.0, 1.0]), None],
+        "b": [backend.asarray([1.0, 1.0]), None],
+    }
     _, m2 = opt.update(tree, m, g)
     assert m2["a"] is m2["b"]
     assert m2["a"] is not inner
@@ -411,7 +435,10 @@ def test_tied_container_stays_tied(backend: Any) -> None:
 
 def test_hand_built_tree_with_broken_ties() -> None:
     w = np.ones(2)
-    two_leaves = {"a": opt.Leaf(opt.Descent(), None), "b": opt.Leaf(opt.Descent(), None)}
+    two_leaves = {
+        "a": opt.Leaf(opt.Descent(), None),
+        "b": opt.Leaf(opt.Descent(), None),
+    }
     with pytest.raises(ValueError, match=re.escape("('b',)")):
         opt.update_(two_leaves, {"a": w, "b": w}, {"a": np.ones(2), "b": np.ones(2)})
     np.testing.assert_array_equal(w, [1.0, 1.0])
@@ -427,8 +454,15 @@ def test_hand_built_tree_with_broken_ties() -> None:
 def test_non_trainable_leaves(backend: Any) -> None:
     ints = backend.asarray(np.array([1, 2], dtype=np.int64))
     bools = backend.asarray(np.array([True, False]))
-    m = {"w": backend.asarray([1.0]), "i": ints, "b": bools, "s": 3.0, "n": np.float32(2.0),
-         "f": some_function, "t": "text"}
+    m = {
+        "w": backend.asarray([1.0]),
+        "i": ints,
+        "b": bools,
+        "s": 3.0,
+        "n": np.float32(2.0),
+        "f": some_function,
+        "t": "text",
+    }
     tree = opt.setup(opt.Descent(0.5), m)
     assert {k for k, v in tree.items() if v is not None} == {"w"}
     g = {"w": backend.asarray([1.0]), "i": ints, "b": bools}
@@ -468,7 +502,9 @@ def test_gradient_cast_to_parameter_dtype(backend: Any) -> None:
     x = backend.asarray(x0)
     tree = opt.setup(opt.Momentum(0.1, 0.9), x)
     new_tree, new = opt.update(tree, x, backend.asarray(g))
-    v = np.float32(0.9) * np.zeros(1000, np.float32) + np.float32(0.1) * g.astype(np.float32)
+    v = np.float32(0.9) * np.zeros(1000, np.float32) + np.float32(0.1) * g.astype(
+        np.float32
+    )
     assert as_np(backend, new_tree.state).dtype == np.float32
     assert as_np(backend, new_tree.state).tobytes() == v.tobytes()
     assert as_np(backend, new).tobytes() == (x0 - v).tobytes()
@@ -521,8 +557,11 @@ def test_namedtuple_container(backend: Any) -> None:
     m = Point(backend.asarray([1.0]), backend.asarray([2.0]))
     tree = opt.setup(opt.Descent(0.5), m)
     assert type(tree) is Point
-    for g in (Point(backend.asarray([1.0]), None), {"x": backend.asarray([1.0])},
-              (backend.asarray([1.0]), None)):
+    for g in (
+        Point(backend.asarray([1.0]), None),
+        {"x": backend.asarray([1.0])},
+        (backend.asarray([1.0]), None),
+    ):
         _, m2 = opt.update(tree, m, g)
         assert type(m2) is Point
         close(backend, m2.x, [0.5])
@@ -548,8 +587,12 @@ def test_dataclass_container(backend: Any, cls: Any) -> None:
 def test_dataclass_with_field_b(backend: Any) -> None:
     m = {"layer": Layer(backend.asarray([1.0]), backend.asarray([3.0]), "tanh")}
     tree = opt.setup(opt.Descent(1.0), m)
-    assert tree == {"layer": {"w": tree["layer"]["w"], "b": tree["layer"]["b"], "act": None}}
-    _, m2 = opt.update_(tree, m, {"layer": Layer(None, backend.asarray([1.0]), "ignored")})
+    assert tree == {
+        "layer": {"w": tree["layer"]["w"], "b": tree["layer"]["b"], "act": None}
+    }
+    _, m2 = opt.update_(
+        tree, m, {"layer": Layer(None, backend.asarray([1.0]), "ignored")}
+    )
     assert m2["layer"].act == "tanh"
     close(backend, m2["layer"].w, [1.0])
     close(backend, m2["layer"].b, [2.0])
@@ -624,8 +667,12 @@ def test_update_and_update_in_place_bit_identical(backend: Any, rule: opt.Rule) 
     shapes = {"w": (320, 320), "b": (320,), "layers": [(17, 3), (5,)]}
 
     def make(f: Any) -> Any:
-        return {"w": f(shapes["w"]), "b": f(shapes["b"]),
-                "layers": [f(s) for s in shapes["layers"]], "n": 4}
+        return {
+            "w": f(shapes["w"]),
+            "b": f(shapes["b"]),
+            "layers": [f(s) for s in shapes["layers"]],
+            "n": 4,
+        }
 
     def normal(shape: tuple[int, ...]) -> Any:
         return backend.asarray(rng.standard_normal(shape).astype(np.float32))
@@ -689,9 +736,15 @@ def test_accumgrad_no_step_updates_state_only(backend: Any) -> None:
 
 
 def _bad_setup(backend: Any) -> tuple[Any, Any, Any]:
-    m = {"a": backend.asarray([1.0, 2.0]), "b": [backend.asarray([3.0]), backend.asarray([4.0])]}
+    m = {
+        "a": backend.asarray([1.0, 2.0]),
+        "b": [backend.asarray([3.0]), backend.asarray([4.0])],
+    }
     tree = opt.setup(opt.Momentum(0.1), m)
-    g = {"a": backend.asarray([1.0, 1.0]), "b": [backend.asarray([1.0]), backend.asarray([1.0])]}
+    g = {
+        "a": backend.asarray([1.0, 1.0]),
+        "b": [backend.asarray([1.0]), backend.asarray([1.0])],
+    }
     return tree, m, g
 
 
@@ -701,32 +754,64 @@ def _set(g: dict[str, Any], value: Any) -> dict[str, Any]:
 
 
 BAD_INPUTS = {
-    "shape": (lambda t, g, b: (t, _set(g, b.asarray([1.0, 2.0]))),
-              ValueError, r"\('b', 1\).*shape \(2,\).*shape \(1,\)"),
-    "not an array": (lambda t, g, b: (t, _set(g, [1.0])),
-                     TypeError, r"\('b', 1\) must be an array.*list"),
-    "other backend": (lambda t, g, b: (t, _set(g, Foreign(1))),
-                      TypeError, r"\('b', 1\) is a \S*test_tree array.*parameter is a"),
-    "complex for real": (lambda t, g, b: (t, _set(g, b.asarray(np.array([1j])))),
-                         TypeError, r"\('b', 1\) is complex"),
-    "dict for list": (lambda t, g, b: (t, {**g, "b": {"0": g["b"][0]}}),
-                      TypeError, r"\('b',\).*model has a list.*gradient is a dict"),
-    "short list": (lambda t, g, b: (t, {**g, "b": g["b"][:1]}),
-                   ValueError, r"\('b',\).*2 entries.*gradient has 1"),
-    "extra gradient key": (lambda t, g, b: (t, {**g, "typo": g["a"]}),
-                           ValueError, r"\(\).*gradient has keys \['typo'\]"),
-    "tree lacks a key": (lambda t, g, b: ({"a": t["a"]}, g),
-                         ValueError, r"\(\).*state tree has no entry.*\['b'\]"),
-    "tree list for dict": (lambda t, g, b: ([t["a"], t["b"]], g),
-                           TypeError, r"\(\).*model has a dict.*state tree.*list"),
-    "tree None for array": (lambda t, g, b: ({**t, "b": [t["b"][0], None]}, g),
-                            ValueError, r"\('b', 1\).*state tree has None"),
+    "shape": (
+        lambda t, g, b: (t, _set(g, b.asarray([1.0, 2.0]))),
+        ValueError,
+        r"\('b', 1\).*shape \(2,\).*shape \(1,\)",
+    ),
+    "not an array": (
+        lambda t, g, b: (t, _set(g, [1.0])),
+        TypeError,
+        r"\('b', 1\) must be an array.*list",
+    ),
+    "other backend": (
+        lambda t, g, b: (t, _set(g, Foreign(1))),
+        TypeError,
+        r"\('b', 1\) is a \S*test_tree array.*parameter is a",
+    ),
+    "complex for real": (
+        lambda t, g, b: (t, _set(g, b.asarray(np.array([1j])))),
+        TypeError,
+        r"\('b', 1\) is complex",
+    ),
+    "dict for list": (
+        lambda t, g, b: (t, {**g, "b": {"0": g["b"][0]}}),
+        TypeError,
+        r"\('b',\).*model has a list.*gradient is a dict",
+    ),
+    "short list": (
+        lambda t, g, b: (t, {**g, "b": g["b"][:1]}),
+        ValueError,
+        r"\('b',\).*2 entries.*gradient has 1",
+    ),
+    "extra gradient key": (
+        lambda t, g, b: (t, {**g, "typo": g["a"]}),
+        ValueError,
+        r"\(\).*gradient has keys \['typo'\]",
+    ),
+    "tree lacks a key": (
+        lambda t, g, b: ({"a": t["a"]}, g),
+        ValueError,
+        r"\(\).*state tree has no entry.*\['b'\]",
+    ),
+    "tree list for dict": (
+        lambda t, g, b: ([t["a"], t["b"]], g),
+        TypeError,
+        r"\(\).*model has a dict.*state tree.*list",
+    ),
+    "tree None for array": (
+        lambda t, g, b: ({**t, "b": [t["b"][0], None]}, g),
+        ValueError,
+        r"\('b', 1\).*state tree has None",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 @pytest.mark.parametrize("fn", [opt.update, opt.update_])
-def test_bad_input_names_the_path_and_changes_nothing(backend: Any, case: str, fn: Any) -> None:
+def test_bad_input_names_the_path_and_changes_nothing(
+    backend: Any, case: str, fn: Any
+) -> None:
     tree, m, g = _bad_setup(backend)
     make, error, pattern = BAD_INPUTS[case]
     bad_tree, bad_g = make(tree, g, backend)
@@ -739,7 +824,10 @@ def test_bad_input_names_the_path_and_changes_nothing(backend: Any, case: str, f
 
 
 def test_none_in_tree_for_a_container_without_parameters(backend: Any) -> None:
-    m = {"w": backend.asarray([1.0]), "cfg": {"n": 3, "i": backend.asarray(np.arange(2))}}
+    m = {
+        "w": backend.asarray([1.0]),
+        "cfg": {"n": 3, "i": backend.asarray(np.arange(2))},
+    }
     tree = {"w": opt.setup(opt.Descent(0.5), m["w"]), "cfg": None}
     _, m2 = opt.update(tree, m, {"w": backend.asarray([1.0]), "cfg": {"n": None}})
     close(backend, m2["w"], [0.5])
@@ -797,7 +885,9 @@ def test_torch_parameter_updated_in_place() -> None:
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("order", ["pq", "qp"])
-def test_update__reads_a_parameter_step_before_writing_it(fast: bool, order: str) -> None:
+def test_update__reads_a_parameter_step_before_writing_it(
+    fast: bool, order: str
+) -> None:
     # An empty chain's step is its gradient; here that gradient is parameter q,
     # which the same update_ also writes (on the fast path: from a kernel).
     def make() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -806,7 +896,9 @@ def test_update__reads_a_parameter_step_before_writing_it(fast: bool, order: str
         return model, {k: opt.setup(rules[k], model[k]) for k in order}
 
     ref_model, ref_tree = make()
-    _, want = opt.update(ref_tree, ref_model, {"p": ref_model["q"], "q": np.ones_like(ref_model["q"])})
+    _, want = opt.update(
+        ref_tree, ref_model, {"p": ref_model["q"], "q": np.ones_like(ref_model["q"])}
+    )
     model, tree = make()
     with fast_path(fast):
         opt.update_(tree, model, {"p": model["q"], "q": np.ones_like(model["q"])})
@@ -844,10 +936,18 @@ def test_zero_d_parameter_same_bits_as_one_element(backend: Any, fast: bool) -> 
         assert backend.to_numpy(tree.state).shape == ()
 
 
-@pytest.mark.parametrize("rule", [
-    opt.AdaDelta(), opt.AccumGrad(2), opt.MixedPrecision("float64", opt.Adam(0.1)),
-    opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam(0.1)), opt.Rprop(), opt.Lion(),
-], ids=repr)
+@pytest.mark.parametrize(
+    "rule",
+    [
+        opt.AdaDelta(),
+        opt.AccumGrad(2),
+        opt.MixedPrecision("float64", opt.Adam(0.1)),
+        opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam(0.1)),
+        opt.Rprop(),
+        opt.Lion(),
+    ],
+    ids=repr,
+)
 def test_zero_d_parameter_every_rule(backend: Any, rule: Any) -> None:
     ref = np.array([0.7], dtype=np.float32)
     ref_tree = opt.setup(rule, ref)
@@ -894,15 +994,19 @@ class _ForeignArray:
 
 def test_setup_refuses_an_array_it_cannot_train() -> None:
     # it used to warn "no trainable parameters" and then train nothing (issue 13.4)
-    with pytest.raises(TypeError, match=r"_ForeignArray at \('layer', 'w'\).*register_adapter"):
-        opt.setup(opt.Adam(), {"layer": {"w": _ForeignArray("float32")}, "b": np.ones(1)})
+    with pytest.raises(
+        TypeError, match=r"_ForeignArray at \('layer', 'w'\).*register_adapter"
+    ):
+        opt.setup(
+            opt.Adam(), {"layer": {"w": _ForeignArray("float32")}, "b": np.ones(1)}
+        )
     tree = opt.setup(opt.Adam(), {"i": _ForeignArray("int64"), "b": np.ones(1)})
     assert tree["i"] is None  # an integer array-like is not trainable anyway
 
 
 def test_setup_does_not_take_a_torch_module_for_a_foreign_array() -> None:
     torch = pytest.importorskip("torch")
-    from agnosticopt._tree import _foreign_array
+    from agnosticopt._setup import _foreign_array
 
     assert not _foreign_array(torch.nn.Linear(2, 2))
 
@@ -975,19 +1079,28 @@ def _state_cases() -> dict[str, Any]:
         tree["b"].state = opt.setup(opt.Momentum(), m["b"]).state
         return tree
 
-    return {"other_shape": other_shape, "float64": float64, "broadcastable": broadcastable,
-            "other_rule_state": other_rule}
+    return {
+        "other_shape": other_shape,
+        "float64": float64,
+        "broadcastable": broadcastable,
+        "other_rule_state": other_rule,
+    }
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("case", sorted(_state_cases()))
-def test_state_that_does_not_fit_raises_and_writes_nothing(case: str, fast: bool) -> None:
+def test_state_that_does_not_fit_raises_and_writes_nothing(
+    case: str, fast: bool
+) -> None:
     model = {"a": np.ones(3, np.float32), "b": np.ones(4, np.float32)}
     tree = _state_cases()[case](model)
     grads = {k: np.full_like(v, 0.5) for k, v in model.items()}
     before = snapshot(_NP, (tree, model))
     for fn in (opt.update, opt.update_):
-        with fast_path(fast), pytest.raises((TypeError, ValueError), match=r"at \('[ab]',\) the state"):
+        with (
+            fast_path(fast),
+            pytest.raises((TypeError, ValueError), match=r"at \('[ab]',\) the state"),
+        ):
             fn(tree, model, grads)
         assert snapshot(_NP, (tree, model)) == before
 
@@ -996,7 +1109,9 @@ def test_state_of_another_backend_names_the_path_and_convert() -> None:
     torch = pytest.importorskip("torch")
     tree = opt.setup(opt.Adam(), {"w": np.ones(3)})  # numpy state ...
     model = {"w": torch.ones(3, dtype=torch.float64)}  # ... for torch parameters
-    with pytest.raises(TypeError, match=r"at \('w',\) the state\['m'\] is a numpy.*opt.convert"):
+    with pytest.raises(
+        TypeError, match=r"at \('w',\) the state\['m'\] is a numpy.*opt.convert"
+    ):
         opt.update_(tree, model, {"w": torch.ones(3, dtype=torch.float64)})
     assert isinstance(tree["w"].state.m, np.ndarray)
     converted = opt.convert(tree, like=model)  # what the message points to
@@ -1040,12 +1155,16 @@ def _bad_steps() -> dict[str, Any]:
 @pytest.mark.parametrize("case", sorted(_bad_steps()))
 def test_bad_step_raises_before_anything_is_written(case: str) -> None:
     model = {"a": np.ones(3, np.float32), "b": np.ones(3, np.float32)}
-    tree = {"a": opt.setup(opt.Descent(0.5), model["a"]),
-            "b": opt.setup(_StepRule(_bad_steps()[case]), model["b"])}
+    tree = {
+        "a": opt.setup(opt.Descent(0.5), model["a"]),
+        "b": opt.setup(_StepRule(_bad_steps()[case]), model["b"]),
+    }
     grads = {k: np.full_like(v, 0.5) for k, v in model.items()}
     before = snapshot(_NP, (tree, model))
     for fn in (opt.update, opt.update_):
-        with pytest.raises((TypeError, ValueError), match=r"at \('b',\) the rule _StepRule"):
+        with pytest.raises(
+            (TypeError, ValueError), match=r"at \('b',\) the rule _StepRule"
+        ):
             fn(tree, model, grads)
         assert snapshot(_NP, (tree, model)) == before
 
@@ -1090,7 +1209,9 @@ _INTERRUPTING = _InterruptingAdapter()
 opt.register_adapter(lambda x: _INTERRUPTING if type(x) is _InterruptArray else None)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="raise_signal(SIGINT) is POSIX here")
+@pytest.mark.skipif(
+    sys.platform == "win32", reason="raise_signal(SIGINT) is POSIX here"
+)
 def test_interrupt_during_the_commit_leaves_every_leaf_consistent() -> None:
     def make() -> tuple[Any, Any]:
         model = {k: np.arange(3.0).view(_InterruptArray) for k in "abc"}
@@ -1105,7 +1226,10 @@ def test_interrupt_during_the_commit_leaves_every_leaf_consistent() -> None:
         opt.update_(tree, model, grads)
     for k in "abc":  # every leaf: new state and new parameter
         assert np.asarray(model[k]).tobytes() == np.asarray(ref_model[k]).tobytes(), k
-        assert np.asarray(tree[k].state).tobytes() == np.asarray(ref_tree[k].state).tobytes(), k
+        assert (
+            np.asarray(tree[k].state).tobytes()
+            == np.asarray(ref_tree[k].state).tobytes()
+        ), k
 
 
 def _views(kind: str) -> tuple[Any, Any, Any]:
@@ -1137,8 +1261,9 @@ def test_overlapping_parameters_raise_naming_both(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["numpy", "torch"])
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 @pytest.mark.parametrize("order", ["pq", "qp"])
-def test_gradient_that_views_a_parameter_reads_its_old_values(kind: str, fast: bool,
-                                                              order: str) -> None:
+def test_gradient_that_views_a_parameter_reads_its_old_values(
+    kind: str, fast: bool, order: str
+) -> None:
     # p's step is its gradient (an empty chain), a view of parameter q, which the
     # same update_ writes: p must see q's values from before the call.
     def make() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -1165,8 +1290,12 @@ def test_gradient_that_views_a_parameter_reads_its_old_values(kind: str, fast: b
 def test_many_views_of_one_buffer_are_swept_not_compared_pairwise(kind: str) -> None:
     # slices of one buffer: the overlap test sorts them by address (no n^2 pairs)
     # and finds the one slice that meets two others
-    buf = np.zeros(64 * 8) if kind == "numpy" else pytest.importorskip("torch").zeros(64 * 8)
-    model = {f"w{i}": buf[8 * i:8 * (i + 1)] for i in range(64)}
+    buf = (
+        np.zeros(64 * 8)
+        if kind == "numpy"
+        else pytest.importorskip("torch").zeros(64 * 8)
+    )
+    model = {f"w{i}": buf[8 * i : 8 * (i + 1)] for i in range(64)}
     tree = opt.setup(opt.Descent(0.5), model)
     opt.update_(tree, model, {k: v * 0 + 1 for k, v in model.items()})
     assert float(buf.sum()) == -0.5 * 64 * 8

@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from agnosticopt.conformance._cases import BENCHMARK, cases_in
 
 import agnosticopt as opt
 
@@ -61,8 +62,14 @@ def _resnet18() -> list[tuple[int, ...]]:
     for width in (64, 128, 256, 512):
         for block in range(2):
             first = cin if block == 0 else width
-            shapes += [(width, first, 3, 3), (width,), (width,), (width, width, 3, 3),
-                       (width,), (width,)]
+            shapes += [
+                (width, first, 3, 3),
+                (width,),
+                (width,),
+                (width, width, 3, 3),
+                (width,),
+                (width,),
+            ]
             if block == 0 and first != width:
                 shapes += [(width, first, 1, 1), (width,), (width,)]
         cin = width
@@ -79,30 +86,50 @@ SETS: dict[str, list[tuple[int, ...]]] = {
     "tiny": [(32, 32)] * 200,
 }
 
-#: The rules, as (agnosticopt rule, torch.optim class name and keywords, clip value).
-RULES: dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]] = {
-    "Adam": (opt.Adam(1e-3), "Adam", {"lr": 1e-3}, None),
-    "AdamW": (opt.AdamW(1e-3, lambda_=0.01), "AdamW", {"lr": 1e-3, "weight_decay": 0.01}, None),
-    "Momentum": (opt.Momentum(0.01, 0.9), "SGD", {"lr": 0.01, "momentum": 0.9}, None),
-    "RMSProp": (opt.RMSProp(1e-3, 0.9), "RMSprop", {"lr": 1e-3, "alpha": 0.9, "eps": 1e-8},
-                None),
-    "ClipGrad+Adam": (opt.OptimiserChain(opt.ClipGrad(1.0), opt.Adam(1e-3)), "Adam",
-                      {"lr": 1e-3}, 1.0),
-    "ClipGlobalNorm+AdamW": (
-        opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.AdamW(1e-3, lambda_=0.01)), "AdamW",
-        {"lr": 1e-3, "weight_decay": 0.01}, None),
-    "ClipNorm+AdamW": (
-        opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3, lambda_=0.01)), "AdamW",
-        {"lr": 1e-3, "weight_decay": 0.01}, None),
+#: The torch.optim counterpart of each case of the shared table's ``benchmark`` list
+#: (agnosticopt.conformance._cases): class name, keywords, clip value.
+TORCH_OPTIM: dict[str, tuple[str, dict[str, Any], float | None]] = {
+    "Adam": ("Adam", {"lr": 1e-3}, None),
+    "AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}, None),
+    "Momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}, None),
+    "RMSProp": ("RMSprop", {"lr": 1e-3, "alpha": 0.9, "eps": 1e-8}, None),
+    "ClipGrad+Adam": ("Adam", {"lr": 1e-3}, 1.0),
+    "ClipGlobalNorm+AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}, None),
+    "ClipNorm+AdamW": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}, None),
 }
+
+
+def _rules() -> dict[str, tuple[opt.Rule, str, dict[str, Any], float | None]]:
+    cases = {case.name: case.rule for case in cases_in(BENCHMARK)}
+    if set(cases) != set(TORCH_OPTIM):
+        msg = (
+            f"the benchmark list of agnosticopt.conformance._cases ({sorted(cases)}) and "
+            f"TORCH_OPTIM ({sorted(TORCH_OPTIM)}) must name the same cases"
+        )
+        raise LookupError(msg)
+    return {name: (cases[name], *torch) for name, torch in TORCH_OPTIM.items()}
+
+
+#: The rules, as (agnosticopt rule, torch.optim class name and keywords, clip value).
+RULES = _rules()
 
 #: Rules whose torch.optim counterpart runs ``clip_grad_norm_(max_norm)`` first (a
 #: global norm; torch has no per-array one, so ClipNorm is compared with it too).
 NORM_CLIPS: dict[str, float] = {"ClipGlobalNorm+AdamW": 1.0, "ClipNorm+AdamW": 1.0}
 
 IMPLEMENTATIONS = (
-    "numpy fast", "numpy plain", "numpy flat", "torch fast", "torch plain", "torch flat",
-    "torch drop-in", "torch for-loop", "torch foreach", "torch fused", "optax", "jax jit",
+    "numpy fast",
+    "numpy plain",
+    "numpy flat",
+    "torch fast",
+    "torch plain",
+    "torch flat",
+    "torch drop-in",
+    "torch for-loop",
+    "torch foreach",
+    "torch fused",
+    "optax",
+    "jax jit",
 )
 
 
@@ -133,7 +160,9 @@ def _data(shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[np.ndar
     return params, grads
 
 
-def _agnostic(backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]], fast: bool) -> Step:
+def _agnostic(
+    backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]], fast: bool
+) -> Step:
     params, arrays = _data(shapes)
     model: list[Any] = list(params)
     grads: list[Any] = list(arrays)
@@ -196,16 +225,25 @@ def _dropin(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
     return step
 
 
-def _torch(kind: str, name: str, keywords: dict[str, Any], clip: float | None,
-           shapes: list[tuple[int, ...]], norm_clip: float | None = None) -> Step | None:
+def _torch(
+    kind: str,
+    name: str,
+    keywords: dict[str, Any],
+    clip: float | None,
+    shapes: list[tuple[int, ...]],
+    norm_clip: float | None = None,
+) -> Step | None:
     import torch
 
     params, grads = _data(shapes)
     tensors = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
     for t, g in zip(tensors, grads, strict=True):
         t.grad = torch.from_numpy(g)
-    flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
-             "fused": {"fused": True}}[kind]
+    flags = {
+        "for-loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }[kind]
     try:
         optimiser = getattr(torch.optim, name)(tensors, **keywords, **flags)
     except (TypeError, RuntimeError, ValueError):  # no such kernel for this optimiser
@@ -234,8 +272,9 @@ def _optax(rule: str, shapes: list[tuple[int, ...]]) -> Step | None:
         "Momentum": lambda: optax.sgd(0.01, momentum=0.9),
         "RMSProp": lambda: optax.rmsprop(1e-3, decay=0.9, eps=1e-8),
         "ClipGrad+Adam": lambda: optax.chain(optax.clip(1.0), optax.adam(1e-3)),
-        "ClipGlobalNorm+AdamW": lambda: optax.chain(optax.clip_by_global_norm(1.0),
-                                                    optax.adamw(1e-3, weight_decay=0.01)),
+        "ClipGlobalNorm+AdamW": lambda: optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01)
+        ),
     }
     if rule not in transforms:  # optax has no per-array norm clip
         return None
@@ -277,8 +316,9 @@ def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
     return step
 
 
-def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
-           ) -> dict[str, Step | None]:
+def _steps(
+    impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
+) -> dict[str, Step | None]:
     ours, name, keywords, clip = RULES[rule]
     norm = NORM_CLIPS.get(rule)
     makers: dict[str, Callable[[], Step | None]] = {
@@ -289,7 +329,9 @@ def _steps(impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
         "torch flat": lambda: _agnostic_flat("torch", ours, shapes),
         "torch plain": lambda: _agnostic("torch", ours, shapes, False),
         "torch drop-in": lambda: _dropin(ours, shapes),
-        "torch for-loop": lambda: _torch("for-loop", name, keywords, clip, shapes, norm),
+        "torch for-loop": lambda: _torch(
+            "for-loop", name, keywords, clip, shapes, norm
+        ),
         "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes, norm),
         "torch fused": lambda: _torch("fused", name, keywords, clip, shapes, norm),
         "optax": lambda: _optax(rule, shapes),
@@ -344,9 +386,15 @@ def _traced_peak(step: Step) -> int:
     return peak - current
 
 
-def run(sets: tuple[str, ...] = tuple(SETS), rules: tuple[str, ...] = tuple(RULES),
-        impls: tuple[str, ...] = IMPLEMENTATIONS, rounds: int = 15, warmup: int = 3,
-        memory: bool = True, log: Callable[[str], None] = print) -> list[Result]:
+def run(
+    sets: tuple[str, ...] = tuple(SETS),
+    rules: tuple[str, ...] = tuple(RULES),
+    impls: tuple[str, ...] = IMPLEMENTATIONS,
+    rounds: int = 15,
+    warmup: int = 3,
+    memory: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
     """Measure every implementation on every set and rule; see the module docstring.
 
     Parameters
@@ -382,17 +430,30 @@ def run(sets: tuple[str, ...] = tuple(SETS), rules: tuple[str, ...] = tuple(RULE
                     step()
                     times[impl].append(time.perf_counter() - start)
             for impl, step in live.items():
-                result = Result(set_name, rule, impl, 1e3 * statistics.median(times[impl]),
-                                len(times[impl]))
+                result = Result(
+                    set_name,
+                    rule,
+                    impl,
+                    1e3 * statistics.median(times[impl]),
+                    len(times[impl]),
+                )
                 if memory:
                     result.extra_rss = _rss_peak(step)
                     if impl.startswith("numpy"):
                         result.extra_traced = _traced_peak(step)
                 results.append(result)
-            results.extend(Result(set_name, rule, i, math.nan, 0, note="not available")
-                           for i in missing)
-            log(f"{set_name:6} {rule:14} " + "  ".join(
-                f"{r.impl} {r.ms:.2f}" for r in results if (r.set, r.rule) == (set_name, rule)))
+            results.extend(
+                Result(set_name, rule, i, math.nan, 0, note="not available")
+                for i in missing
+            )
+            log(
+                f"{set_name:6} {rule:14} "
+                + "  ".join(
+                    f"{r.impl} {r.ms:.2f}"
+                    for r in results
+                    if (r.set, r.rule) == (set_name, rule)
+                )
+            )
             del steps, live
     return results
 
@@ -406,16 +467,23 @@ def _reference(results: list[Result], set_name: str, rule: str) -> tuple[float, 
     fused = row.get("torch fused", math.nan)
     if not math.isnan(fused):
         return fused, ""
-    others = [row[i] for i in ("torch foreach", "torch for-loop")
-              if not math.isnan(row.get(i, math.nan))]
+    others = [
+        row[i]
+        for i in ("torch foreach", "torch for-loop")
+        if not math.isnan(row.get(i, math.nan))
+    ]
     return (min(others), "*") if others else (math.nan, "")
 
 
 def table(results: list[Result]) -> str:
     """A Markdown table: time per step and ratio to torch's fused step."""
-    impls = [i for i in IMPLEMENTATIONS if any(r.impl == i and r.rounds for r in results)]
-    lines = ["| set | rule | " + " | ".join(impls) + " |",
-             "|---|---|" + "---|" * len(impls)]
+    impls = [
+        i for i in IMPLEMENTATIONS if any(r.impl == i and r.rounds for r in results)
+    ]
+    lines = [
+        "| set | rule | " + " | ".join(impls) + " |",
+        "|---|---|" + "---|" * len(impls),
+    ]
     pairs = list(dict.fromkeys((r.set, r.rule) for r in results))
     for set_name, rule in pairs:
         ref, mark = _reference(results, set_name, rule)
@@ -433,8 +501,10 @@ def table(results: list[Result]) -> str:
 
 def memory_table(results: list[Result]) -> str:
     """A Markdown table of extra peak memory (MB) per step, with the limit."""
-    lines = ["| set | rule | impl | extra RSS peak | tracemalloc peak | limit |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| set | rule | impl | extra RSS peak | tracemalloc peak | limit |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r.extra_rss is None and r.extra_traced is None:
             continue
@@ -442,8 +512,10 @@ def memory_table(results: list[Result]) -> str:
         limit = max(0.01 * 4 * n, 8 * 2**20)
         rss = "n/a" if r.extra_rss is None else f"{r.extra_rss / 2**20:.2f} MB"
         traced = "" if r.extra_traced is None else f"{r.extra_traced / 2**20:.3f} MB"
-        lines.append(f"| {r.set} | {r.rule} | {r.impl} | {rss} | {traced} | "
-                     f"{limit / 2**20:.1f} MB |")
+        lines.append(
+            f"| {r.set} | {r.rule} | {r.impl} | {rss} | {traced} | "
+            f"{limit / 2**20:.1f} MB |"
+        )
     return "\n".join(lines)
 
 
@@ -460,14 +532,20 @@ def machine() -> str:
         if importlib.util.find_spec(name) is not None:
             module = __import__(name)
             versions.append(f"{name} {module.__version__}")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    load = (
+        " ".join(f"{x:.2f}" for x in os.getloadavg())
+        if hasattr(os, "getloadavg")
+        else "?"
+    )
     threads = ""
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         threads = f", torch threads {torch.get_num_threads()}"
-    return (f"{cpu}, {os.cpu_count()} CPUs{threads}; {platform.python_implementation()} "
-            f"{platform.python_version()}; {', '.join(versions)}; load average {load}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs{threads}; {platform.python_implementation()} "
+        f"{platform.python_version()}; {', '.join(versions)}; load average {load}"
+    )
 
 
 def chart(results: list[Result], path: str) -> str:
@@ -483,16 +561,25 @@ def chart(results: list[Result], path: str) -> str:
     import matplotlib.pyplot as plt
 
     pairs = list(dict.fromkeys((r.set, r.rule) for r in results))
-    impls = [i for i in IMPLEMENTATIONS if "plain" not in i
-             and any(r.impl == i and r.rounds for r in results)]
+    impls = [
+        i
+        for i in IMPLEMENTATIONS
+        if "plain" not in i and any(r.impl == i and r.rounds for r in results)
+    ]
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(pairs)), 5.4))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         ratios = []
         for set_name, rule in pairs:
             ref, _ = _reference(results, set_name, rule)
-            ms = next((r.ms for r in results if (r.set, r.rule, r.impl) ==
-                       (set_name, rule, impl)), math.nan)
+            ms = next(
+                (
+                    r.ms
+                    for r in results
+                    if (r.set, r.rule, r.impl) == (set_name, rule, impl)
+                ),
+                math.nan,
+            )
             ratios.append(ms / ref)
         xs = [j + (k - (len(impls) - 1) / 2) * width for j in range(len(pairs))]
         ax.bar(xs, ratios, width, label=impl)
@@ -504,9 +591,13 @@ def chart(results: list[Result], path: str) -> str:
     ax.set_ylabel("time / torch fused (* fastest torch)")
     ax.set_xticks(range(len(pairs)))
     ax.set_xticklabels([f"{s}\n{r}" for s, r in pairs], fontsize=8)
-    ax.set_title("One optimiser step on the CPU: time relative to torch.optim fused "
-                 "(lower is faster)")
-    ax.legend(fontsize=8, ncol=len(impls), loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax.set_title(
+        "One optimiser step on the CPU: time relative to torch.optim fused "
+        "(lower is faster)"
+    )
+    ax.legend(
+        fontsize=8, ncol=len(impls), loc="upper center", bbox_to_anchor=(0.5, -0.14)
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,23 +16,43 @@ promotion does); ``maximum``/``minimum`` are IEEE 754-2019 (NaN wins, ``+0 > -0`
 ``sign`` gives ``+0`` for ``±0`` and keeps NaN; ``clip`` is ``maximum`` then
 ``minimum``. A lowering (``adapters/_numba.py``) must give each the same bits.
 
-Whatever cannot be recorded raises :class:`Untraceable`: reductions (ClipNorm's
-norm), reading an array value on the host, complex or unsupported dtypes, an
-operation the recorder does not know. The caller then takes the plain path.
+The recorder's operations are the ``recorded`` rows of the operation table
+(:mod:`agnosticopt._ops`), under the same names. Whatever cannot be recorded
+raises :class:`Untraceable`: reductions (ClipNorm's norm, ``xp.mean``), reading
+an array value on the host, complex or unsupported dtypes, any other function of
+the namespace. The caller then takes the plain path. A Python operator applied to
+a symbol (``a * b``) also issues an :class:`~agnosticopt._ops.OperatorWarning`
+naming the rule and the operator: it is not part of the exact vocabulary.
+
+:func:`ops_used` records a rule in a lenient mode that goes on past whatever the
+fast path cannot record, and reports every operation the rule uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
+from agnosticopt._ops import BY_OPERATOR, OPS, OperatorWarning
 from agnosticopt._rule import Replace
 
-__all__ = ["DTYPES", "Program", "Recorder", "Sym", "Trace", "Untraceable", "trace"]
+__all__ = [
+    "DTYPES",
+    "Program",
+    "Recorder",
+    "RuleOps",
+    "Sym",
+    "Trace",
+    "Untraceable",
+    "ops_used",
+    "trace",
+]
 
 #: Dtypes a program computes in (``bool`` only for comparison results).
 DTYPES = frozenset({"float32", "float64"})
@@ -51,7 +71,9 @@ class Sym:
 
     __slots__ = ("_recorder", "_shape", "dtype", "id")
 
-    def __init__(self, recorder: Recorder, ident: int, dtype: str, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self, recorder: Recorder, ident: int, dtype: str, shape: tuple[int, ...]
+    ) -> None:
         self._recorder = recorder
         self.id = ident
         self.dtype = dtype
@@ -77,6 +99,49 @@ class Sym:
 
     __array__ = __bool__ = __float__ = __int__ = __index__ = __len__ = __iter__ = _host
     __complex__ = __array_namespace__ = __dlpack__ = _host
+    __hash__ = object.__hash__  # symbols are told apart by identity
+
+
+def _python_operator(symbol: str) -> Callable[..., Any]:
+    def method(self: Sym, *other: Any) -> Any:
+        return self._recorder._operator(symbol, self, *other)
+
+    method.__doc__ = f"The Python operator ``{symbol}``: recorded as a warning."
+    return method
+
+
+#: Python operators on arrays, by special method: not in the exact vocabulary.
+_OPERATORS = {
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "truediv": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "pow": "**",
+    "matmul": "@",
+    "and": "&",
+    "or": "|",
+    "xor": "^",
+    "lshift": "<<",
+    "rshift": ">>",
+}
+for _name, _symbol in _OPERATORS.items():
+    setattr(Sym, f"__{_name}__", _python_operator(_symbol))
+    setattr(Sym, f"__r{_name}__", _python_operator(_symbol))
+for _name, _symbol in {
+    "neg": "-x",
+    "pos": "+x",
+    "abs": "abs",
+    "invert": "~",
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "eq": "==",
+    "ne": "!=",
+}.items():
+    setattr(Sym, f"__{_name}__", _python_operator(_symbol))
 
 
 Operand = int  # >= 0: a symbol's id; < 0: parameter number -1 - operand
@@ -143,8 +208,12 @@ class Recorder:
 
     fixes: tuple[str, ...] = ()
 
-    def __init__(self, name: str) -> None:
+    #: The dtypes it records operations in.
+    dtypes: frozenset[str] = DTYPES
+
+    def __init__(self, name: str, rule: Any = None) -> None:
         self.name = name
+        self.rule = rule
         self.ops: list[tuple[Any, ...]] = []
         self.values: list[Any] = []
         self.syms: list[Sym] = []
@@ -157,9 +226,18 @@ class Recorder:
         msg = f"the recorder has no operation {name!r}"
         raise Untraceable(msg)
 
+    def _operator(self, symbol: str, a: Sym, *other: Any) -> Any:
+        """A Python operator applied to a symbol: warn, naming the rule; stop recording."""
+        warnings.warn(
+            OperatorWarning(_operator_message(self.rule, symbol, sys._getframe(2))),
+            stacklevel=3,
+        )
+        msg = f"the Python operator {symbol} on an array"
+        raise Untraceable(msg)
+
     def input(self, dtype: str, shape: tuple[int, ...]) -> Sym:
         """A new input symbol (call before recording any operation)."""
-        if dtype not in DTYPES:
+        if dtype not in self.dtypes:
             msg = f"dtype {dtype} is not compiled"
             raise Untraceable(msg)
         return self._sym(dtype, shape)
@@ -175,7 +253,7 @@ class Recorder:
 
     def is_trainable(self, x: Any) -> bool:
         """Recorded arrays are all floating point."""
-        return self._check(x).dtype in DTYPES
+        return self._check(x).dtype in self.dtypes
 
     def is_complex(self, x: Any) -> bool:
         """Recorded arrays are never complex."""
@@ -197,16 +275,16 @@ class Recorder:
     def astype(self, x: Any, name: str) -> Sym:
         """``x`` converted to dtype ``name`` (float32/float64), rounded once."""
         x = self._check(x)
-        if name not in DTYPES:
+        if name not in self.dtypes:
             msg = f"conversion to {name} is not compiled"
             raise Untraceable(msg)
-        return self._op("cast", name, x.id, shape=x._shape)
+        return self._op("astype", name, x.id, shape=x._shape)
 
     # -- creation -------------------------------------------------------------------------
     def zeros_like(self, x: Any) -> Sym:
         """``+0`` of the dtype of ``x``."""
         x = self._check(x)
-        return self._op("zero", x.dtype, shape=x._shape)
+        return self._op("zeros_like", x.dtype, shape=x._shape)
 
     def real_zeros_like(self, x: Any) -> Sym:
         """``+0`` of the (real) dtype of ``x``."""
@@ -215,7 +293,9 @@ class Recorder:
     def full_like(self, x: Any, value: Any, *, real: bool = False) -> Sym:
         """``value`` rounded to the dtype of ``x``, everywhere."""
         x = self._check(x)
-        return self._op("fill", x.dtype, self._param(value, x.dtype), shape=x._shape)
+        return self._op(
+            "full_like", x.dtype, self._param(value, x.dtype), shape=x._shape
+        )
 
     def copy(self, x: Any) -> Sym:
         """The same values (a symbol is never written, so no copy is needed)."""
@@ -228,19 +308,19 @@ class Recorder:
 
     def subtract(self, a: Any, b: Any) -> Sym:
         """``a - b``."""
-        return self._binary("sub", a, b)
+        return self._binary("subtract", a, b)
 
     def multiply(self, a: Any, b: Any) -> Sym:
         """``a * b``."""
-        return self._binary("mul", a, b)
+        return self._binary("multiply", a, b)
 
     def divide(self, a: Any, b: Any) -> Sym:
         """``a / b`` (a true division)."""
-        return self._binary("div", a, b)
+        return self._binary("divide", a, b)
 
     def negative(self, a: Any) -> Sym:
         """``-a``."""
-        return self._unary("neg", a)
+        return self._unary("negative", a)
 
     def sqrt(self, a: Any) -> Sym:
         """Correctly rounded square root."""
@@ -252,7 +332,7 @@ class Recorder:
 
     def abs2(self, a: Any) -> Sym:
         """``a * a`` (recorded arrays are real)."""
-        return self._binary("mul", a, a)
+        return self._binary("multiply", a, a)
 
     def sign(self, a: Any) -> Sym:
         """-1, +0 or 1; NaN stays NaN (numpy's ``sign``)."""
@@ -260,11 +340,11 @@ class Recorder:
 
     def maximum(self, a: Any, b: Any) -> Sym:
         """IEEE 754-2019 maximum: NaN wins, ``+0 > -0``."""
-        return self._binary("max", a, b)
+        return self._binary("maximum", a, b)
 
     def minimum(self, a: Any, b: Any) -> Sym:
         """IEEE 754-2019 minimum: NaN wins, ``-0 < +0``."""
-        return self._binary("min", a, b)
+        return self._binary("minimum", a, b)
 
     def clip(self, a: Any, lo: Any, hi: Any) -> Sym:
         """``minimum(maximum(a, lo), hi)``, as the base adapter."""
@@ -276,21 +356,27 @@ class Recorder:
         if cond.dtype != "bool":
             msg = "where needs a boolean condition"
             raise Untraceable(msg)
-        dtype = _common_dtype(a, b)
-        return self._op("where", dtype, cond.id, self._operand(a, dtype),
-                        self._operand(b, dtype), shape=cond._shape)
+        dtype = _common_dtype(a, b, self.dtypes)
+        return self._op(
+            "where",
+            dtype,
+            cond.id,
+            self._operand(a, dtype),
+            self._operand(b, dtype),
+            shape=cond._shape,
+        )
 
     def greater(self, a: Any, b: Any) -> Sym:
         """``a > b``."""
-        return self._binary("gt", a, b, result="bool")
+        return self._binary("greater", a, b, result="bool")
 
     def less(self, a: Any, b: Any) -> Sym:
         """``a < b``."""
-        return self._binary("lt", a, b, result="bool")
+        return self._binary("less", a, b, result="bool")
 
     def not_equal(self, a: Any, b: Any) -> Sym:
         """``a != b``."""
-        return self._binary("ne", a, b, result="bool")
+        return self._binary("not_equal", a, b, result="bool")
 
     def isfinite(self, a: Any) -> Sym:
         """Elementwise finiteness."""
@@ -318,7 +404,9 @@ class Recorder:
             raise Untraceable(msg)
         return x
 
-    def _op(self, name: str, dtype: str, *operands: Operand, shape: tuple[int, ...]) -> Sym:
+    def _op(
+        self, name: str, dtype: str, *operands: Operand, shape: tuple[int, ...]
+    ) -> Sym:
         self.ops.append((name, dtype, *operands))
         return self._sym(dtype, shape)
 
@@ -342,31 +430,40 @@ class Recorder:
 
     def _unary(self, name: str, a: Any) -> Sym:
         a = self._check(a)
-        if a.dtype not in DTYPES:
+        if a.dtype not in self.dtypes:
             msg = f"{name} of a {a.dtype} array"
             raise Untraceable(msg)
         return self._op(name, a.dtype, a.id, shape=a._shape)
 
     def _binary(self, name: str, a: Any, b: Any, result: str | None = None) -> Sym:
-        if type(a) is Sym and type(b) is Sym and a.dtype == b.dtype in DTYPES:
+        if type(a) is Sym and type(b) is Sym and a.dtype == b.dtype in self.dtypes:
             if a._recorder is not self or b._recorder is not self:
                 msg = "not a recorded array"
                 raise Untraceable(msg)
             return self._op(name, result or a.dtype, a.id, b.id, shape=a._shape)
-        dtype = _common_dtype(a, b)
+        dtype = _common_dtype(a, b, self.dtypes)
         shape = (a if isinstance(a, Sym) else b)._shape
-        return self._op(name, result or dtype, self._operand(a, dtype),
-                        self._operand(b, dtype), shape=shape)
+        return self._op(
+            name,
+            result or dtype,
+            self._operand(a, dtype),
+            self._operand(b, dtype),
+            shape=shape,
+        )
 
 
-def _common_dtype(a: Any, b: Any) -> str:
+def _common_dtype(a: Any, b: Any, compiled: frozenset[str]) -> str:
     """The dtype of an operation on ``a`` and ``b``: that of its symbol(s)."""
     dtypes = {s.dtype for s in (a, b) if isinstance(s, Sym)}
     if len(dtypes) != 1:
-        msg = "an operation needs one array dtype" if dtypes else "an operation on host values"
+        msg = (
+            "an operation needs one array dtype"
+            if dtypes
+            else "an operation on host values"
+        )
         raise Untraceable(msg)
     (dtype,) = dtypes
-    if dtype not in DTYPES:
+    if dtype not in compiled:
         msg = f"arithmetic on a {dtype} array"
         raise Untraceable(msg)
     return dtype
@@ -375,8 +472,12 @@ def _common_dtype(a: Any, b: Any) -> str:
 # -- state trees --------------------------------------------------------------------------------
 
 
-def flatten_state(state: Any, array_type: type | tuple[type, ...], arrays: list[Any],
-                  memo: dict[int, Any] | None = None) -> Any:
+def flatten_state(
+    state: Any,
+    array_type: type | tuple[type, ...],
+    arrays: list[Any],
+    memo: dict[int, Any] | None = None,
+) -> Any:
     """Append the arrays of ``state`` to ``arrays``; return a hashable signature.
 
     The signature describes the containers (tuples, namedtuples, lists), where
@@ -418,7 +519,7 @@ def flatten_state(state: Any, array_type: type | tuple[type, ...], arrays: list[
     raise Untraceable(msg)
 
 
-_SCALAR_TYPES = {"float32": np.float32, "float64": np.float64}
+_SCALAR_TYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 
 _HOST_SCALARS = frozenset({np.float32, np.float64, np.float16, np.int64, np.int32})
 _ARRAY = ("<array>",)
@@ -457,8 +558,15 @@ def _output_syms(state: Any, found: list[Sym]) -> None:
         raise Untraceable(msg)
 
 
-def trace(rule: Any, state: Any, arrays: list[Any], shape: tuple[int, ...], dtype: str,
-          dtypes: tuple[str, ...], name: str) -> Trace:
+def trace(
+    rule: Any,
+    state: Any,
+    arrays: list[Any],
+    shape: tuple[int, ...],
+    dtype: str,
+    dtypes: tuple[str, ...],
+    name: str,
+) -> Trace:
     """Record ``rule.apply`` for a leaf; raise :class:`Untraceable` if it cannot be.
 
     Parameters
@@ -474,7 +582,7 @@ def trace(rule: Any, state: Any, arrays: list[Any], shape: tuple[int, ...], dtyp
     name
         The adapter's name.
     """
-    rec = Recorder(name)
+    rec = Recorder(name, rule)
     sx = rec.input(dtype, shape)
     sg = rec.input(dtype, shape)
     inputs = [rec.input(d, shape) for d in dtypes]
@@ -522,8 +630,9 @@ def _substitute(state: Any, by_array: dict[int, Sym]) -> Any:
 _reduced: dict[Any, tuple[Program, tuple[int, ...]]] = {}
 
 
-def _reduce(rec: Recorder, n_inputs: int, stores: list[tuple[int, int]]
-            ) -> tuple[Program, tuple[Any, ...]]:
+def _reduce(
+    rec: Recorder, n_inputs: int, stores: list[tuple[int, int]]
+) -> tuple[Program, tuple[Any, ...]]:
     """Keep the operations the stores need; renumber symbols and parameters.
 
     The result depends only on the recording's structure, which is the same at
@@ -540,8 +649,9 @@ def _reduce(rec: Recorder, n_inputs: int, stores: list[tuple[int, int]]
     return program, tuple(rec.values[k] for k in kept)
 
 
-def _reduce_structure(rec: Recorder, n_inputs: int, inputs: tuple[str, ...],
-                      stores: list[tuple[int, int]]) -> tuple[Program, tuple[int, ...]]:
+def _reduce_structure(
+    rec: Recorder, n_inputs: int, inputs: tuple[str, ...], stores: list[tuple[int, int]]
+) -> tuple[Program, tuple[int, ...]]:
     needed = [False] * len(rec.syms)
     for _, s in stores:
         needed[s] = True
@@ -567,7 +677,196 @@ def _reduce_structure(rec: Recorder, n_inputs: int, inputs: tuple[str, ...],
                 new_operands.append(-len(kept))
         renum[n_inputs + j] = n_inputs + len(ops)
         ops.append((name, dtype, *new_operands))
-    program = Program(inputs, tuple(ops), tuple(params),
-                      tuple((a, renum[s]) for a, s in stores))
+    program = Program(
+        inputs, tuple(ops), tuple(params), tuple((a, renum[s]) for a, s in stores)
+    )
     return program, tuple(kept)
 
+
+# -- Python operators ---------------------------------------------------------------------------
+
+
+def _operator_message(rule: Any, symbol: str, frame: Any) -> str:
+    """The warning for ``symbol`` applied to an array in ``frame`` (the rule's code)."""
+    code = frame.f_code
+    where = f"{getattr(code, 'co_qualname', code.co_name)} ({code.co_filename}:{frame.f_lineno})"
+    op = BY_OPERATOR.get(symbol)
+    if symbol.endswith("x"):
+        written = f"{symbol[:-1]}a"
+    elif symbol == "abs":
+        written = "abs(a)"
+    else:
+        written = f"a {symbol} b"
+    instead = (
+        f"write xp.{op.name}({', '.join('ab'[: op.arity])}) instead"
+        if op is not None and op.exact
+        else "it has no exact counterpart in agnosticopt._ops.OPS"
+    )
+    who = "a rule" if rule is None else f"rule {type(rule).__name__}"
+    return (
+        f"{who}: {where} applies the Python operator `{written}` to an array; {instead}. "
+        "Python operators on arrays are not guaranteed bit-identical across backends, "
+        "and the step leaves the compiled fast path."
+    )
+
+
+# -- surveying the operations of a rule -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleOps:
+    """The operations a rule's step uses (see :func:`ops_used`).
+
+    Attributes
+    ----------
+    rule
+        The type name of the rule.
+    exact
+        The operations of the table used that are bit-identical on every backend.
+    inexact
+        The other functions used (``"pow"``, ``"mean"``, ``"linalg.vector_norm"``):
+        identical only if the backends agree.
+    operators
+        The Python operators applied to arrays (``"*"``, ``"/"``), not in the
+        exact vocabulary either.
+    stopped
+        Why the survey stopped before the end of the step (a value read on the
+        host, an exception), or ``None``: then the lists are complete.
+    """
+
+    rule: str
+    exact: tuple[str, ...]
+    inexact: tuple[str, ...]
+    operators: tuple[str, ...]
+    stopped: str | None
+
+    @property
+    def identical(self) -> bool:
+        """Whether every operation seen is guaranteed bit-identical on every backend."""
+        return not self.inexact and not self.operators
+
+    def __str__(self) -> str:
+        parts = []
+        if self.inexact:
+            names = ", ".join(f"xp.{n}" for n in self.inexact)
+            parts.append(f"uses {names} (identical only if the backends agree)")
+        if self.operators:
+            names = ", ".join(f"`{o}`" for o in self.operators)
+            parts.append(
+                f"applies the Python operators {names} to arrays "
+                "(not guaranteed bit-identical)"
+            )
+        if not parts:
+            parts.append("uses only bit-identical operations")
+        if self.stopped is not None:
+            parts.append(f"survey stopped early: {self.stopped}")
+        return f"{self.rule}: " + "; ".join(parts)
+
+
+class _Foreign:
+    """A function (or submodule) of the namespace that the recorder does not know."""
+
+    def __init__(self, recorder: _Surveyor, path: str) -> None:
+        self._recorder = recorder
+        self._path = path
+
+    def __getattr__(self, name: str) -> _Foreign:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Foreign(self._recorder, f"{self._path}.{name}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Sym:
+        return self._recorder._foreign(self._path, args, kwargs)
+
+
+class _Surveyor(Recorder):
+    """A recorder that goes on past what the fast path cannot record, noting it."""
+
+    dtypes = frozenset({"float16", "float32", "float64"})
+
+    def __init__(self, name: str, rule: Any) -> None:
+        super().__init__(name, rule)
+        self.foreign: list[str] = []
+        self.operators: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from agnosticopt.adapters._base import Adapter  # no backend library
+
+        if name not in OPS and hasattr(Adapter, name):
+            msg = (
+                f"the rule calls xp.{name}, a service of the adapter, not an operation"
+            )
+            raise Untraceable(msg)
+        return _Foreign(self, "xp" if name == "xp" else name)
+
+    def _operator(self, symbol: str, a: Sym, *other: Any) -> Any:
+        self.operators.append(symbol)
+        result = "bool" if symbol in ("<", "<=", ">", ">=", "==", "!=") else a.dtype
+        return self._sym(result, a._shape)
+
+    def _foreign(self, path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Sym:
+        self.foreign.append(path.removeprefix("xp."))
+        operands = [*args, *kwargs.values()]
+        syms = [a for a in operands if isinstance(a, Sym)]
+        syms += [
+            a
+            for seq in operands
+            if isinstance(seq, (list, tuple))
+            for a in seq
+            if isinstance(a, Sym)
+        ]
+        first = syms[0] if syms else self.syms[0]
+        return self._sym(first.dtype, first._shape)
+
+
+def ops_used(
+    rule: Any, dtype: str = "float32", shape: tuple[int, ...] = (3, 4)
+) -> RuleOps:
+    """The operations one step of ``rule`` uses, for a parameter of ``dtype``, ``shape``.
+
+    The state comes from ``rule.init`` on a numpy array; the step is then
+    recorded on symbols in a lenient mode that notes, and goes on past, every
+    function outside the recorded table (``xp.mean``...) and every Python
+    operator applied to an array. It tells a rule author which operations the
+    library cannot guarantee bit-identical on every backend.
+
+    Parameters
+    ----------
+    rule
+        A rule (an object with ``init`` and ``apply``).
+    dtype
+        The parameter dtype: ``"float16"``, ``"float32"`` or ``"float64"``.
+    shape
+        The parameter shape.
+
+    Examples
+    --------
+    >>> import agnosticopt as opt
+    >>> print(opt.ops_used(opt.Adam()))
+    Adam: uses only bit-identical operations
+    """
+    from agnosticopt._xp import adapter_for
+
+    x = np.zeros(shape, dtype=dtype)
+    state = rule.init(x, adapter_for(x))
+    arrays: list[Any] = []
+    rec = _Surveyor("numpy", rule)
+    stopped: str | None = None
+    try:
+        flatten_state(state, np.ndarray, arrays)
+        sx, sg = rec.input(dtype, shape), rec.input(dtype, shape)
+        by_array = {id(a): rec.input(a.dtype.name, a.shape) for a in arrays}
+        rule.apply(_substitute(state, by_array), sx, sg, rec)
+    except Exception as exc:  # noqa: BLE001  (reported: the survey is partial)
+        stopped = str(exc) or type(exc).__name__
+    used = {op[0] for op in rec.ops} | set(rec.foreign)
+    exact = {n for n in used if n in OPS and OPS[n].exact}
+    return RuleOps(
+        type(rule).__name__,
+        tuple(sorted(exact)),
+        tuple(sorted(used - exact)),
+        tuple(sorted(set(rec.operators))),
+        stopped,
+    )

@@ -1,4 +1,4 @@
-"""The ``agnosticopt`` command: ``demo``, ``conformance`` and ``info``.
+"""The ``agnosticopt`` command: ``demo``, ``conformance`` and ``info`` (conformance front ends).
 
 Backends are imported only when a command runs, never at ``import agnosticopt``.
 """
@@ -39,42 +39,95 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="train a small model on every installed backend; compare the bits",
+        "demo",
+        help="train a small model on every installed backend; compare the bits",
         description="Train a 2-layer perceptron with one rule chain on every installed "
-                    "backend and show each backend's final loss and parameter digest.")
-    demo.add_argument("--rule", default=None, metavar="RULE",
-                      help="a conformance case name (e.g. Adam, ClipNorm+Adam) or an "
-                           "expression such as 'OptimiserChain(ClipGrad(1), Lion(1e-4))'")
-    demo.add_argument("--steps", type=_positive, default=300,
-                      help="training steps (default 300)")
+        "backend and show each backend's final loss and parameter digest.",
+    )
+    demo.add_argument(
+        "--rule",
+        default=None,
+        metavar="RULE",
+        help="a conformance case name (e.g. Adam, ClipNorm+Adam) or an "
+        "expression such as 'OptimiserChain(ClipGrad(1), Lion(1e-4))'",
+    )
+    demo.add_argument(
+        "--steps", type=_positive, default=300, help="training steps (default 300)"
+    )
     demo.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    demo.add_argument("--backend", action="append", metavar="NAME",
-                      help="backend (repeatable; default: every built-in one)")
+    demo.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="backend (repeatable; default: every built-in one)",
+    )
 
     conf = commands.add_parser(
-        "conformance", help="check that backends reproduce numpy's bits",
+        "conformance",
+        help="check that backends reproduce numpy's bits",
         description="Run every rule and chain on each backend and compare the bits "
-                    "with numpy and with the golden files; exit status 1 on any mismatch.")
-    conf.add_argument("--backend", action="append", metavar="NAME",
-                      help="built-in name or module:attribute (repeatable; default: every "
-                           "built-in backend; the reference is numpy's plain path, "
-                           "agnosticopt.update, so numpy's update_ checks its fast path)")
-    conf.add_argument("--dtype", action="append", choices=_DTYPES,
-                      help="parameter dtype (repeatable; default float32 and float64)")
-    conf.add_argument("--case", action="append", metavar="NAME",
-                      help="only this rule or chain (repeatable; default all)")
-    conf.add_argument("--dataset", action="append", choices=("normal", "special"),
-                      help="gradient data set (repeatable; default both)")
-    conf.add_argument("--steps", type=_positive, default=None,
-                      help="trajectory length (default per dtype: 1000 in float32, 300 in "
-                           "float64, 100 in float16)")
-    conf.add_argument("--size", type=_positive, default=None,
-                      help="parameter elements (default 131089)")
-    conf.add_argument("--no-properties", action="store_true",
-                      help="skip the property checks (update vs update_, dtype, ...)")
-    conf.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        "with numpy and with the golden files (with --rule: your own rule on "
+        "each backend); exit status 1 on any mismatch.",
+    )
+    conf.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="built-in name or module:attribute (repeatable; default: every "
+        "built-in backend; the reference is numpy's plain path, "
+        "agnosticopt.update, so numpy's update_ checks its fast path)",
+    )
+    conf.add_argument(
+        "--dtype",
+        action="append",
+        choices=_DTYPES,
+        help="parameter dtype (repeatable; default float32 and float64)",
+    )
+    conf.add_argument(
+        "--case",
+        action="append",
+        metavar="NAME",
+        help="only this rule or chain (repeatable; default all)",
+    )
+    conf.add_argument(
+        "--rule",
+        default=None,
+        metavar="MODULE:RULE",
+        help="check your own rule instead of the cases: 'module:attribute' or "
+        "'path/to/file.py:attribute', a Rule, a Rule class (its defaults) "
+        "or a zero-argument factory",
+    )
+    conf.add_argument(
+        "--dataset",
+        action="append",
+        choices=("normal", "special"),
+        help="gradient data set (repeatable; default both)",
+    )
+    conf.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="trajectory length (default per dtype: 1000 in float32, 300 in "
+        "float64, 100 in float16)",
+    )
+    conf.add_argument(
+        "--size",
+        type=_positive,
+        default=None,
+        help="parameter elements (default 131089)",
+    )
+    conf.add_argument(
+        "--no-properties",
+        action="store_true",
+        help="skip the property checks (update vs update_, dtype, ...)",
+    )
+    conf.add_argument(
+        "--json", action="store_true", help="print JSON instead of tables"
+    )
 
-    info = commands.add_parser("info", help="backends found, their devices, adapter fixes")
+    info = commands.add_parser(
+        "info", help="backends found, their devices, adapter fixes"
+    )
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -130,8 +183,11 @@ def _rule_classes() -> dict[str, type]:
     import agnosticopt as opt
 
     found = {n: getattr(opt, n) for n in opt.__all__}
-    return {n: c for n, c in found.items()
-            if isinstance(c, type) and issubclass(c, opt.Rule) and c is not opt.Rule}
+    return {
+        n: c
+        for n, c in found.items()
+        if isinstance(c, type) and issubclass(c, opt.Rule) and c is not opt.Rule
+    }
 
 
 _NAMED_NUMBERS = {"inf": math.inf, "nan": math.nan}
@@ -217,14 +273,74 @@ def _demo(args: argparse.Namespace) -> int:
     with Progress(args.steps * len(usable)) as bar:
         for b in usable:
             bar.show(f"training on {b.name}")
-            results.append(train(b, rule, steps=args.steps, dtype=args.dtype, progress=bar))
-    print(render_demo(results, rule=rule, steps=args.steps, dtype=args.dtype,
-                      unavailable=unavailable))
+            results.append(
+                train(b, rule, steps=args.steps, dtype=args.dtype, progress=bar)
+            )
+    print(
+        render_demo(
+            results,
+            rule=rule,
+            steps=args.steps,
+            dtype=args.dtype,
+            unavailable=unavailable,
+        )
+    )
     if not results:
-        print("agnosticopt demo: no backend was available, so nothing was compared",
-              file=sys.stderr)
+        print(
+            "agnosticopt demo: no backend was available, so nothing was compared",
+            file=sys.stderr,
+        )
         return 1
     return 0 if len({r.digest for r in results}) == 1 else 1
+
+
+def _user_rule(spec: str) -> Any:
+    """The rule of ``--rule module:attribute`` (a usage error when there is none)."""
+    from agnosticopt.conformance._rule_check import load_rule
+
+    try:
+        return load_rule(spec)
+    except (
+        ValueError,
+        TypeError,
+        ImportError,
+        AttributeError,
+        FileNotFoundError,
+    ) as exc:
+        raise _UsageError(exc) from exc
+
+
+def _conformance_rule(args: argparse.Namespace) -> int:
+    """``conformance --rule``: one user's rule on every backend."""
+    from agnosticopt.conformance import BUILTIN_BACKENDS, DEFAULT_SIZE
+    from agnosticopt.conformance._progress import Progress
+    from agnosticopt.conformance._rule_check import check_rule, rule_check_size
+
+    if args.case:
+        msg = "--rule and --case exclude each other: --rule checks your rule instead of the cases"
+        raise _UsageError(msg)
+    rule = _user_rule(args.rule)
+    backends = _backends(args.backend, list(BUILTIN_BACKENDS))
+    dtypes = args.dtype or ["float32", "float64"]
+    datasets = args.dataset or ["normal", "special"]
+    properties = not args.no_properties
+    with Progress(
+        rule_check_size(
+            len(backends), len(dtypes), len(datasets), properties=properties
+        )
+    ) as bar:
+        report = check_rule(
+            rule,
+            backends=backends,
+            dtypes=dtypes,
+            datasets=datasets,
+            steps=args.steps,
+            size=args.size or DEFAULT_SIZE,
+            properties=properties,
+            progress=bar,
+        )
+    print(report.to_json() if args.json else report.render())
+    return 0 if report.identical else 1
 
 
 def _conformance(args: argparse.Namespace) -> int:
@@ -243,21 +359,51 @@ def _conformance(args: argparse.Namespace) -> int:
     datasets = args.dataset or ["normal", "special"]
     size = args.size or DEFAULT_SIZE
     unavailable = _unavailable(backends)
-    total = matrix_size(len(backends), len(cases), len(dtypes), len(datasets),
-                        properties=not args.no_properties)
+    total = matrix_size(
+        len(backends),
+        len(cases),
+        len(dtypes),
+        len(datasets),
+        properties=not args.no_properties,
+    )
     with Progress(total) as bar:
-        results = run_matrix(backends, cases, dtypes, datasets, steps=args.steps, size=size,
-                             properties=not args.no_properties, progress=bar)
+        results = run_matrix(
+            backends,
+            cases,
+            dtypes,
+            datasets,
+            steps=args.steps,
+            size=size,
+            properties=not args.no_properties,
+            progress=bar,
+        )
     if args.json:
-        settings = {"backends": [b.name for b in backends], "cases": [c.name for c in cases],
-                    "dtypes": dtypes, "datasets": datasets, "steps": args.steps, "size": size}
+        settings = {
+            "backends": [b.name for b in backends],
+            "cases": [c.name for c in cases],
+            "dtypes": dtypes,
+            "datasets": datasets,
+            "steps": args.steps,
+            "size": size,
+        }
         print(render_json(results, settings=settings, unavailable=unavailable))
     else:
-        print(render_text(results, backends=backends, dtypes=dtypes, steps=args.steps,
-                          size=size, unavailable=unavailable))
+        print(
+            render_text(
+                results,
+                backends=backends,
+                dtypes=dtypes,
+                steps=args.steps,
+                size=size,
+                unavailable=unavailable,
+            )
+        )
     if not any(r.status != "skipped" for r in results):
-        print("agnosticopt conformance: no check ran (every one was skipped), so nothing "
-              "was verified", file=sys.stderr)
+        print(
+            "agnosticopt conformance: no check ran (every one was skipped), so nothing "
+            "was verified",
+            file=sys.stderr,
+        )
         return 1
     return 1 if any(r.failed for r in results) else 0
 
@@ -282,8 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("JAX_ENABLE_X64", "1")
     args = _parser().parse_args(argv)
     run = {"demo": _demo, "conformance": _conformance, "info": _info}[args.command]
+    if args.command == "conformance" and args.rule is not None:
+        run = _conformance_rule
     try:
         return run(args)
-    except _UsageError as exc:  # errors while running are not hidden: they keep their traceback
+    except (
+        _UsageError
+    ) as exc:  # errors while running are not hidden: they keep their traceback
         print(f"agnosticopt {args.command}: {exc}", file=sys.stderr)
         return 2
