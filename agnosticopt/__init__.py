@@ -37,6 +37,7 @@ from agnosticopt._leaf import Leaf
 from agnosticopt._norm import NUMERICS_VERSION, norm
 from agnosticopt._ops import OperatorWarning
 from agnosticopt._paths import ByPath, by_path
+from agnosticopt._protocols import RuleNamespace
 from agnosticopt._rule import (
     DECAY,
     NONNEGATIVE,
@@ -115,6 +116,7 @@ __all__ = [
     "Restructure",
     "Rprop",
     "Rule",
+    "RuleNamespace",
     "RuleOps",
     "Scheduled",
     "ScheduledState",

@@ -845,7 +845,9 @@ def _restore(
             problems.append(f"{where}: missing, and no rule was given")
             continue
         x = arrays[path]
-        template = Leaf(rule, rule.init(x, trainable_adapter(x)))
+        xp = trainable_adapter(x)
+        assert xp is not None, f"{where}: setup put a Leaf on an untrainable array"
+        template = Leaf(rule, rule.init(x, xp))
         new[key] = leaf_from_entries(
             template, entries, key, problems=problems, rule=rule
         )

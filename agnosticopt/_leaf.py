@@ -11,11 +11,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agnosticopt._containers import KeyPath, flatten, format_path
 from agnosticopt._protocols import ArrayAdapter
 from agnosticopt._xp import adapter_for
+
+if TYPE_CHECKING:
+    from agnosticopt._rule import Rule
 
 __all__ = ["MAX_DEPTH", "Leaf", "trainable_adapter"]
 
@@ -41,7 +44,7 @@ class Leaf:
     ``update`` and ``adjust`` return a tree of new leaves.
     """
 
-    rule: Any
+    rule: Rule
     state: Any
     frozen: bool = False
 
