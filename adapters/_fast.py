@@ -104,6 +104,9 @@ class Arrays(Protocol):
     def written(self, arrays: list[Any]) -> None:
         """Called after kernels wrote into ``arrays``."""
 
+    def scaled(self, a: Any, factor: Any) -> Any:
+        """A new array ``a * factor`` (one correctly rounded product per element)."""
+
 
 # -- the plan -------------------------------------------------------------------------------------
 
@@ -136,6 +139,8 @@ class FastPlan:
     states: list[Any]
     launches: list[_Launch]
     arrays: Arrays
+    #: Arrays the plan made (scaled gradients) that the kernels read: kept alive.
+    made: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def handled(self) -> list[bool]:
@@ -175,7 +180,13 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
     with np.errstate(all="ignore"):
+        given = items
         items, clipped = _global_clips(arrays, items)
+        made = [
+            new[3]
+            for new, old in zip(items, given, strict=True)
+            if new[3] is not old[3]
+        ]
         staged: list[_Launch] = []  # the launches of the cross-leaf leaves: all or none
         together = set(clipped)
         for key, group in _groups(arrays, items).items():
@@ -196,7 +207,7 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     fast = sum(s is not SKIP for s in states)
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
-    return FastPlan(states, launches, arrays)
+    return FastPlan(states, launches, arrays, made)
 
 
 #: Per backend, ``(leaves, elements)``: an update of fewer leaves and at most that
@@ -223,10 +234,11 @@ class _AfterClip:
     """A chain ``ClipGlobalNorm, *rest`` once the clip factor ``lam`` is known."""
 
     rest: Any
+    #: The factor, or None where the gradient handed in is already ``λ·dx``.
     lam: Any
 
     def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
-        scaled = xp.multiply(dx, self.lam)
+        scaled = dx if self.lam is None else xp.multiply(dx, self.lam)
         if self.rest is None:  # the clip alone
             return state, scaled
         sub, step = self.rest.apply(state[1:], x, scaled, xp)
@@ -255,17 +267,21 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
     dtype_of = arrays.dtype
     out = list(items)
 
+    clips: dict[int, tuple[Any, Any, str]] = {}  # the ClipNorm-first leaves
+
     def plain() -> tuple[Items, list[int]]:  # every cross-leaf leaf to the plain path
         for positions in (*groups.values(), *skips.values()):
             for k in positions:
                 out[k] = items[k]
+        if clips:  # those found so far (per leaf: each keeps the fast path)
+            _clip_norms(arrays, items, out, clips, rest_of)
         return out, []
 
     for k, (rule, _, x, grad) in enumerate(items):
         if not has_stages(rule):
-            wrapped = _clip_norm_first(arrays, rule, x, grad, rest_of)
-            if wrapped is not None:
-                out[k] = (wrapped, *items[k][1:])
+            found = _clip_norm_first(arrays, rule, x, grad, rest_of)
+            if found is not None:
+                clips[k] = found
             continue
         if isinstance(rule, SkipNonFinite) and not has_stages(rule.rule):
             dtype = dtype_of(x)
@@ -292,6 +308,8 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
             return plain()
         groups.setdefault(clip, []).append(k)
         rests[k] = rest
+    if clips:
+        _clip_norms(arrays, items, out, clips, rest_of)
     if not groups and not skips:
         return out, []
     from agnosticopt.adapters._numba import tree_root
@@ -366,15 +384,18 @@ def _all_finite(arrays: Arrays, items: Items) -> bool:
     return True
 
 
+#: A ``ClipNorm`` leaf of at most this many elements has its gradient scaled by its λ
+#: before the kernels (one extra pass over a small array), so that all the leaves of
+#: one chain share one recorded program and one kernel call; a larger leaf takes λ
+#: into its own program (no extra pass; one recording per leaf).
+SCALE_AT_MOST = 1 << 20
+
+
 def _clip_norm_first(
     arrays: Arrays, rule: Any, x: Any, grad: Any, rest_of: dict[Any, Any]
-) -> _AfterClip | None:
-    """A leaf's ``ClipNorm, *rest`` chain with its factor computed, or None.
-
-    The norm is the compiled aligned-block reduction (the plain path's bits) and
-    λ is :meth:`ClipNorm.factor`'s; a non-finite norm with ``throw`` is left to
-    the plain path, which raises naming the key path.
-    """
+) -> tuple[Any, Any, str] | None:
+    """``(clip, rest, dtype)`` for a leaf whose rule is ``ClipNorm, *rest`` (or the
+    clip alone: ``rest`` None) that the compiled reduction can take, else None."""
     from agnosticopt._clip import ClipNorm
     from agnosticopt._wrappers import OptimiserChain
 
@@ -392,37 +413,65 @@ def _clip_norm_first(
     else:
         return None
     dtype = arrays.dtype(x)
-    size = math.prod(x.shape)
     if (
         clip.p not in (1, 2, math.inf)
         or dtype is None
         or arrays.dtype(grad) != dtype
-        or not size
+        or not math.prod(x.shape)
     ):
         return None
-    from agnosticopt.adapters._numba import tree_root
+    return clip, rest, dtype
 
-    value = tree_root(
-        dtype,
-        clip.p,
-        np.array([arrays.address(grad)], dtype=np.int64),
-        np.array([size], dtype=np.int64),
-    )
-    if clip.p == 2:
-        value = np.sqrt(value)
-    if clip.throw and not math.isfinite(value):
-        return None
-    lam = clip.factor(value, x, _HostDtype(dtype))
-    key = (
-        "wrapper",
-        id(rule),
-        lam.dtype.name,
-        lam.tobytes(),
-    )  # leaves of one λ: one group
-    wrapper = rest_of.get(key)
-    if wrapper is None:
-        wrapper = rest_of[key] = _AfterClip(rest, lam)
-    return wrapper
+
+def _clip_norms(
+    arrays: Arrays,
+    items: Items,
+    out: Items,
+    clips: dict[int, tuple[Any, Any, str]],
+    rest_of: dict[Any, Any],
+) -> None:
+    """Compute the λ of every ``ClipNorm, *rest`` leaf of ``clips`` and wrap its rule.
+
+    The norms of one (dtype, p) come from one call of the compiled aligned-block
+    reduction (the plain path's bits), λ from :meth:`ClipNorm.factor`. A small
+    leaf's gradient is replaced by ``λ·dx`` (the plain path's product) and its
+    rule by a wrapper shared by every leaf of the chain (see
+    :data:`SCALE_AT_MOST`); a larger one keeps its gradient and gets a wrapper
+    holding λ. A leaf whose norm is not finite with ``throw`` is left as it is,
+    for the plain path to raise naming the key path.
+    """
+    from agnosticopt.adapters._numba import tree_roots
+
+    by_kind: dict[tuple[str, float], list[int]] = {}
+    for k, (clip, _, dtype) in clips.items():
+        by_kind.setdefault((dtype, clip.p), []).append(k)
+    for (dtype, p), positions in by_kind.items():
+        grads = [items[k][3] for k in positions]
+        values = tree_roots(
+            dtype,
+            p,
+            np.array([arrays.address(g) for g in grads], dtype=np.int64),
+            np.array([math.prod(g.shape) for g in grads], dtype=np.int64),
+        )
+        if p == 2:
+            values = np.sqrt(values)
+        host = _HostDtype(dtype)
+        for k, grad, value in zip(positions, grads, values, strict=True):
+            clip, rest, _ = clips[k]
+            rule, state, x, _ = items[k]
+            if clip.throw and not math.isfinite(value):
+                continue
+            lam = clip.factor(value, x, host)
+            if math.prod(x.shape) <= SCALE_AT_MOST:
+                key: tuple[Any, ...] = ("scaled", id(rule))  # small leaves: one group
+                factor, grad = None, arrays.scaled(grad, lam)
+            else:
+                key = ("wrapper", id(rule), lam.dtype.name, lam.tobytes())  # per λ
+                factor = lam
+            wrapper = rest_of.get(key)
+            if wrapper is None:
+                wrapper = rest_of[key] = _AfterClip(rest, factor)
+            out[k] = (wrapper, state, x, grad)
 
 
 class _HostDtype:

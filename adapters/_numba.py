@@ -31,6 +31,7 @@ written, kernels are compiled in memory for the session.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -496,6 +497,15 @@ def root(levels, blocks, values, counts):
     for t in range(sp - 2, -1, -1):
         v = comb(va[t], v)
     return v
+
+
+@njit(**OPTIONS)
+def roots(levels, blocks, values, counts, firsts, out):
+    # The root of each array: its pieces are firsts[r]..firsts[r + 1] (at least one).
+    for r in range(out.shape[0]):
+        a, b = firsts[r], firsts[r + 1]
+        out[r] = root(levels[a * {stack}:b * {stack}], blocks[a * {stack}:b * {stack}],
+                      values[a * {stack}:b * {stack}], counts[a:b])
 """
 
 _reducers: dict[tuple[str, float], Any] = {}
@@ -534,6 +544,53 @@ def _norm_module(fields: dict[str, Any]) -> dict[str, Any]:
     return namespace
 
 
+def tree_roots(
+    dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """The root of each array's own aligned-block tree of p-norm terms, in one call.
+
+    ``addresses[k]``/``sizes[k]`` as in :func:`tree_root`, every size at least 1;
+    element ``k`` of the result has the bits of ``tree_root`` of array ``k`` alone.
+    """
+    fns = reducer(dtype, p)
+    chunks = chunks_of(sizes)
+    rows = chunks[:, 0]
+    lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
+    addr = addresses[rows].copy()
+    count = len(chunks)
+    levels = np.empty(count * STACK, np.int64)
+    blocks = np.empty(count * STACK, np.int64)
+    values = np.empty(count * STACK, np.dtype(dtype))
+    counts = np.zeros(count, np.int64)
+    _pieces(
+        fns["pieces"],
+        int(sizes.sum()),
+        (addr, lo, hi, lo, levels, blocks, values, counts),
+    )
+    firsts = np.searchsorted(rows, np.arange(len(sizes) + 1, dtype=np.int64))
+    out = np.empty(len(sizes), np.dtype(dtype))
+    fns["roots"](levels, blocks, values, counts, firsts, out)
+    return out
+
+
+def _pieces(run: Any, total: int, args: tuple[np.ndarray, ...]) -> None:
+    """Run the ``pieces`` reduction over every chunk, on up to :func:`_threads` threads."""
+    count = len(args[-1])
+    threads = min(_threads(), max(1, total // PER_THREAD), count)
+    if threads <= 1:
+        run(*args, 0, count)
+        return
+    cuts = np.linspace(0, count, threads + 1).astype(np.int64).tolist()
+    pool = _pool(threads - 1)
+    futures = [
+        pool.submit(functools.partial(run, *args), a, b)
+        for a, b in itertools.pairwise(cuts[1:])
+    ]
+    run(*args, cuts[0], cuts[1])
+    for future in futures:
+        future.result()
+
+
 def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) -> Any:
     """The root of the aligned-block tree of the p-norm terms of arrays laid end to end.
 
@@ -557,21 +614,6 @@ def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) ->
     blocks = np.empty(count * STACK, np.int64)
     values = np.empty(count * STACK, np.dtype(dtype))
     counts = np.zeros(count, np.int64)
-    total = int(sizes.sum())
-    threads = min(_threads(), max(1, total // PER_THREAD), count)
-    run = fns["pieces"]
-    if threads <= 1:
-        run(addr, lo, hi, offsets, levels, blocks, values, counts, 0, count)
-    else:
-        cuts = np.linspace(0, count, threads + 1).astype(np.int64).tolist()
-        pool = _pool(threads - 1)
-        futures = [
-            pool.submit(
-                run, addr, lo, hi, offsets, levels, blocks, values, counts, a, b
-            )
-            for a, b in itertools.pairwise(cuts[1:])
-        ]
-        run(addr, lo, hi, offsets, levels, blocks, values, counts, cuts[0], cuts[1])
-        for future in futures:
-            future.result()
+    args = (addr, lo, hi, offsets, levels, blocks, values, counts)
+    _pieces(fns["pieces"], int(sizes.sum()), args)
     return np.dtype(dtype).type(fns["root"](levels, blocks, values, counts))

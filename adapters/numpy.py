@@ -196,6 +196,10 @@ class NumpyArrays:
     def written(self, arrays: list[Any]) -> None:
         """Called after kernels wrote into ``arrays`` (numpy keeps no version counter)."""
 
+    def scaled(self, a: Any, factor: Any) -> Any:
+        """A new C-contiguous array ``a * factor``: numpy's correctly rounded product."""
+        return np.multiply(a, factor)
+
 
 _ARRAYS: list[NumpyArrays] = []
 

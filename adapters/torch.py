@@ -576,6 +576,12 @@ class TorchArrays:
         for t in tensors:  # one at a time: torch < 2.5 takes no list
             bump(t)
 
+    def scaled(self, t: Any, factor: Any) -> Any:
+        """A new contiguous CPU tensor ``t * factor``, numpy's correctly rounded product."""
+        out = torch.empty(t.shape, dtype=t.dtype)
+        np.multiply(t.detach().numpy(), factor, out=out.numpy())
+        return out
+
 
 _ARRAYS: dict[int, TorchArrays] = {}
 

@@ -633,3 +633,65 @@ def test_large_updates_shared_between_threads_give_plain_bits(
     plain = _run(rule, "float32", kind, fast=False, steps=3, size=size)
     assert fast.fast == 3
     assert_identical(fast.result, plain.result, f"threads, {kind}")
+
+
+# -- ClipNorm leaves: a scaled gradient (small leaves) or λ in the program (large) ----------------
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("route", ["scaled gradient", "factor in the program"])
+def test_clip_norm_chains_give_plain_bits_both_ways(
+    kind: str, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if route == "factor in the program":
+        monkeypatch.setattr(_fast, "SCALE_AT_MOST", 0)
+    else:
+        assert N <= _fast.SCALE_AT_MOST
+    for rule in (
+        opt.OptimiserChain(opt.ClipNorm(100.0, throw=False), opt.AdamW(1e-3)),
+        opt.ClipNorm(10.0, 1.0, throw=False),
+    ):
+        for dtype in ("float32", "float64"):
+            got = _run(rule, dtype, kind, fast=True)
+            assert (got.fast, got.plain) == (STEPS, 0), (rule, dtype, route)
+            assert_identical(got.result, _plain(rule, dtype, kind), f"{rule!r} {route}")
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_small_clip_norm_leaves_share_one_kernel_call(kind: str) -> None:
+    convert = _convert(kind)
+    rng = np.random.default_rng(5)
+    model = {f"w{k}": convert(rng.normal(size=(32, 32))) for k in range(20)}
+    rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3))
+    tree = opt.setup(rule, model)
+    grads = {k: convert(rng.normal(size=(32, 32))) for k in model}
+    items = [(leaf.rule, leaf.state, model[k], grads[k]) for k, leaf in tree.items()]
+    if kind == "torch":
+        from agnosticopt.adapters.torch import torch_arrays
+
+        arrays: Any = torch_arrays(opt.adapter_for(model["w0"]))
+    else:
+        arrays = numpy_arrays()
+    plan = _fast.plan(arrays, items)
+    assert plan is not None
+    assert all(plan.handled)
+    assert len(plan.launches) == 1  # every leaf, each with its own λ: one program
+    assert len(plan.made) == len(model)  # the scaled gradients, kept for the run
+    assert all(g is not made for g, made in zip(grads.values(), plan.made, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tree_roots_are_each_arrays_own_tree_root(dtype: str) -> None:
+    rng = np.random.default_rng(11)
+    arrays = [
+        rng.normal(size=n).astype(dtype) for n in (1, 3, 255, 256, 257, 70_001, 5)
+    ]
+    arrays[3][7] = np.inf
+    arrays[4][0] = np.nan
+    addresses = np.array([numpy_arrays().address(a) for a in arrays], dtype=np.int64)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    for p in (2.0, 1.0, np.inf):
+        got = _numba.tree_roots(dtype, p, addresses, sizes)
+        for k in range(len(arrays)):
+            one = _numba.tree_root(dtype, p, addresses[k : k + 1], sizes[k : k + 1])
+            assert got[k].tobytes() == one.tobytes(), (p, k)
