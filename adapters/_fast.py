@@ -231,7 +231,8 @@ def _tiny(arrays: Arrays, items: Items) -> bool:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _AfterClip:
-    """A chain ``ClipGlobalNorm, *rest`` once the clip factor ``lam`` is known."""
+    """A chain ``ClipGlobalNorm, *rest`` or ``ClipNorm, *rest`` once the clip
+    factor ``lam`` is known (or already applied to the gradient: ``lam`` None)."""
 
     rest: Any
     #: The factor, or None where the gradient handed in is already ``λ·dx``.
@@ -447,22 +448,23 @@ def _clip_norms(
         by_kind.setdefault((dtype, clip.p), []).append(k)
     for (dtype, p), positions in by_kind.items():
         grads = [items[k][3] for k in positions]
+        sizes = [math.prod(g.shape) for g in grads]
         values = tree_roots(
             dtype,
             p,
             np.array([arrays.address(g) for g in grads], dtype=np.int64),
-            np.array([math.prod(g.shape) for g in grads], dtype=np.int64),
+            np.array(sizes, dtype=np.int64),
         )
         if p == 2:
             values = np.sqrt(values)
         host = _HostDtype(dtype)
-        for k, grad, value in zip(positions, grads, values, strict=True):
+        for k, grad, size, value in zip(positions, grads, sizes, values, strict=True):
             clip, rest, _ = clips[k]
             rule, state, x, _ = items[k]
             if clip.throw and not math.isfinite(value):
                 continue
             lam = clip.factor(value, x, host)
-            if math.prod(x.shape) <= SCALE_AT_MOST:
+            if size <= SCALE_AT_MOST:
                 key: tuple[Any, ...] = ("scaled", id(rule))  # small leaves: one group
                 factor, grad = None, arrays.scaled(grad, lam)
             else:

@@ -553,42 +553,52 @@ def tree_roots(
     element ``k`` of the result has the bits of ``tree_root`` of array ``k`` alone.
     """
     fns = reducer(dtype, p)
+    rows, stacks = _stacks(fns, dtype, addresses, sizes, laid_end_to_end=False)
+    firsts = np.searchsorted(rows, np.arange(len(sizes) + 1, dtype=np.int64))
+    out = np.empty(len(sizes), np.dtype(dtype))
+    fns["roots"](*stacks, firsts, out)
+    return out
+
+
+def _stacks(
+    fns: dict[str, Any],
+    dtype: str,
+    addresses: np.ndarray,
+    sizes: np.ndarray,
+    *,
+    laid_end_to_end: bool,
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Reduce every chunk of the arrays to its stack of aligned blocks.
+
+    Returns the array (row) of each chunk and ``(levels, blocks, values,
+    counts)``, the stacks. Block indices count from the start of the
+    concatenation (``laid_end_to_end``) or of each chunk's own array. The chunks
+    run on up to :func:`_threads` threads.
+    """
     chunks = chunks_of(sizes)
     rows = chunks[:, 0]
     lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
     addr = addresses[rows].copy()
+    offsets = (np.cumsum(sizes) - sizes)[rows] + lo if laid_end_to_end else lo
     count = len(chunks)
-    levels = np.empty(count * STACK, np.int64)
-    blocks = np.empty(count * STACK, np.int64)
-    values = np.empty(count * STACK, np.dtype(dtype))
-    counts = np.zeros(count, np.int64)
-    _pieces(
-        fns["pieces"],
-        int(sizes.sum()),
-        (addr, lo, hi, lo, levels, blocks, values, counts),
+    stacks = (
+        np.empty(count * STACK, np.int64),
+        np.empty(count * STACK, np.int64),
+        np.empty(count * STACK, np.dtype(dtype)),
+        np.zeros(count, np.int64),
     )
-    firsts = np.searchsorted(rows, np.arange(len(sizes) + 1, dtype=np.int64))
-    out = np.empty(len(sizes), np.dtype(dtype))
-    fns["roots"](levels, blocks, values, counts, firsts, out)
-    return out
-
-
-def _pieces(run: Any, total: int, args: tuple[np.ndarray, ...]) -> None:
-    """Run the ``pieces`` reduction over every chunk, on up to :func:`_threads` threads."""
-    count = len(args[-1])
-    threads = min(_threads(), max(1, total // PER_THREAD), count)
+    run = functools.partial(fns["pieces"], addr, lo, hi, offsets, *stacks)
+    threads = min(_threads(), max(1, int(sizes.sum()) // PER_THREAD), count)
     if threads <= 1:
-        run(*args, 0, count)
-        return
+        run(0, count)
+        return rows, stacks
     cuts = np.linspace(0, count, threads + 1).astype(np.int64).tolist()
     pool = _pool(threads - 1)
-    futures = [
-        pool.submit(functools.partial(run, *args), a, b)
-        for a, b in itertools.pairwise(cuts[1:])
-    ]
-    run(*args, cuts[0], cuts[1])
+    futures = [pool.submit(run, a, b) for a, b in itertools.pairwise(cuts[1:])]
+    run(cuts[0], cuts[1])
     for future in futures:
         future.result()
+    return rows, stacks
 
 
 def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) -> Any:
@@ -603,17 +613,5 @@ def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) ->
     folded right to left (the nodes whose right half lies past the end).
     """
     fns = reducer(dtype, p)
-    chunks = chunks_of(sizes)
-    starts = np.cumsum(sizes) - sizes
-    rows = chunks[:, 0]
-    lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
-    addr = addresses[rows].copy()
-    offsets = starts[rows] + lo
-    count = len(chunks)
-    levels = np.empty(count * STACK, np.int64)
-    blocks = np.empty(count * STACK, np.int64)
-    values = np.empty(count * STACK, np.dtype(dtype))
-    counts = np.zeros(count, np.int64)
-    args = (addr, lo, hi, offsets, levels, blocks, values, counts)
-    _pieces(fns["pieces"], int(sizes.sum()), args)
-    return np.dtype(dtype).type(fns["root"](levels, blocks, values, counts))
+    _, stacks = _stacks(fns, dtype, addresses, sizes, laid_end_to_end=True)
+    return np.dtype(dtype).type(fns["root"](*stacks))
