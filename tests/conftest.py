@@ -24,7 +24,44 @@ os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "jax" in sys.modules:  # imported before this file (a plugin): switch it on now
     sys.modules["jax"].config.update("jax_enable_x64", True)
-from _backends import ALL_BACKENDS, CORE_BACKENDS, BackendHelper, backend_params
+from _backends import (
+    ALL_BACKENDS,
+    CORE_BACKENDS,
+    BackendHelper,
+    BackendKind,
+    backend_params,
+)
+
+
+def _jax_beyond_float32(params: dict[str, Any]) -> bool:
+    return params.get("kind") == BackendKind.JAX and params.get("dtype") != "float32"
+
+
+#: Parametrised tests whose matrix is split between the tiers: the cases for which
+#: the predicate holds run in the slow tier (``pytest -m slow``), the rest in the
+#: default one, so that the two runs of ``.ci/run`` together cover each case once.
+#: JAX's eager ops are the slowest per call, so its dtypes beyond float32 go slow.
+SLOW_CASES = {
+    "test_every_backend_matches_the_golden_files": _jax_beyond_float32,
+    "test_property_checks_pass": _jax_beyond_float32,
+    "test_jax_is_bitwise_numpy_on_normal_range_data": (
+        lambda params: params["dtype"] not in ("float32", "complex64")
+    ),
+    "test_jax_subnormals_follow_the_named_deviation": (
+        lambda params: params["dtype"] not in ("float32", "complex128")
+    ),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the cases of ``SLOW_CASES`` slow."""
+    for item in items:
+        slow = SLOW_CASES.get(getattr(item, "originalname", ""))
+        callspec = getattr(item, "callspec", None)
+        if slow is not None and callspec is not None and slow(callspec.params):
+            item.add_marker(pytest.mark.slow)
+
 
 
 @pytest.fixture(params=backend_params(CORE_BACKENDS))

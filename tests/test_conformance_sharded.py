@@ -26,9 +26,6 @@ from agnosticopt import conformance as c
 
 #: The default tier: elementwise rules and every kind of reduction.
 REPRESENTATIVE = ["Adam", "ClipNorm", "WeightDecay+ClipGlobalNorm+Adam"]
-#: dask's default tier: one chain with an elementwise rule and a cross-leaf reduction
-#: (a LocalCluster trajectory costs seconds; every case runs in the slow tier).
-DASK_QUICK = ["WeightDecay+ClipGlobalNorm+Adam"]
 DTYPES = ("float32", "float64")
 
 
@@ -64,11 +61,6 @@ def _dask_trajectories(
     for name in names:
         for dtype in dtypes:
             c.check_trajectory(backend, c.case_named(name), dtype, steps=steps)
-
-
-@LARGE_GRAPH
-def test_dask_conformance_representative_case(dask_client: Any) -> None:
-    _dask_trajectories(DASK_QUICK, steps=3, dtypes=("float32",))
 
 
 @pytest.mark.slow

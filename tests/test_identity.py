@@ -103,9 +103,11 @@ def _params() -> list[Any]:
             for kind, path in runs:
                 if path == "fast" and dtype not in FAST_DTYPES:
                     continue
-                tiers = [("full", [*kind.marks, pytest.mark.slow])]
+                # one xdist worker per case, which computes its numpy reference once
+                group = pytest.mark.xdist_group(case.name)
+                tiers = [("full", [*kind.marks, group, pytest.mark.slow])]
                 if quick[kind.id, path] == (dtype, dataset):
-                    tiers.insert(0, ("quick", list(kind.marks)))
+                    tiers.insert(0, ("quick", [*kind.marks, group]))
                 params += [
                     pytest.param(
                         case,

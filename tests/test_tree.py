@@ -222,6 +222,20 @@ def test_none_gradient_for_a_whole_subtree(backend: Any) -> None:
     assert same([leaf.state for leaf in tree["enc"]], enc_states)
 
 
+
+def test_a_key_left_out_of_a_dict_gradient_is_none(backend: Any) -> None:
+    m = {"w": backend.asarray([1.0, 2.0]), "b": backend.asarray([3.0])}
+    tree = opt.setup(opt.Momentum(0.5), m)
+    b_state = tree["b"].state
+    b_before = snapshot(backend, b_state)
+    tree, m2 = opt.update_(tree, m, {"w": backend.asarray([1.0, 1.0])})
+    close(backend, m2["w"], [0.5, 1.5])
+    close(backend, m2["b"], [3.0])
+    assert tree["b"].state is b_state
+    assert snapshot(backend, tree["b"].state) == b_before
+    with pytest.raises(ValueError, match=r"keys \['c'\] that the model does not have"):
+        opt.update_(tree, m, {"w": backend.asarray([1.0, 1.0]), "c": None})
+
 # -- adjust ----------------------------------------------------------------------------
 
 
