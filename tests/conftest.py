@@ -63,7 +63,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-
 @pytest.fixture(params=backend_params(CORE_BACKENDS))
 def backend(request: pytest.FixtureRequest) -> BackendHelper:
     """One of the core backends."""

@@ -222,7 +222,6 @@ def test_none_gradient_for_a_whole_subtree(backend: Any) -> None:
     assert same([leaf.state for leaf in tree["enc"]], enc_states)
 
 
-
 def test_a_key_left_out_of_a_dict_gradient_is_none(backend: Any) -> None:
     m = {"w": backend.asarray([1.0, 2.0]), "b": backend.asarray([3.0])}
     tree = opt.setup(opt.Momentum(0.5), m)
@@ -235,6 +234,7 @@ def test_a_key_left_out_of_a_dict_gradient_is_none(backend: Any) -> None:
     assert snapshot(backend, tree["b"].state) == b_before
     with pytest.raises(ValueError, match=r"keys \['c'\] that the model does not have"):
         opt.update_(tree, m, {"w": backend.asarray([1.0, 1.0]), "c": None})
+
 
 # -- adjust ----------------------------------------------------------------------------
 
