@@ -48,7 +48,10 @@ def dask_rows() -> None:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            # no dashboard; its HTTP server (health routes) on a free loopback port,
+            # not 8787, which another cluster on this machine may hold
+            dashboard_address="127.0.0.1:0",
+            scheduler_kwargs={"dashboard": False},
         ) as cluster,
         distributed.Client(cluster) as client,
     ):

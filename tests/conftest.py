@@ -88,7 +88,10 @@ def dask_client() -> Iterator[Any]:
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        # no dashboard; its HTTP server (health routes) on a free loopback port,
+        # not 8787, which another cluster on this machine may hold
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
         worker_dashboard_address=None,
     )
     client = distributed.Client(cluster, timeout=60)
