@@ -332,6 +332,8 @@ class _ShardPlan:
     states: list[Any]
     plain_rules: list[Any]
     inner: Any
+    #: Arrays the plan made (scaled gradients) that the kernels read: kept alive.
+    made: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def handled(self) -> list[bool]:
@@ -347,33 +349,57 @@ class _ShardPlan:
 def _clip_plan(
     xp: LocalAdapter, items: list[tuple[Any, Any, Any, Any]], clips: list[_Clip]
 ) -> _ShardPlan:
-    """Every clip's λ (the collectives), then the fast plan of all leaves."""
+    """Every clip's λ (the collectives), then the fast plan of all leaves.
+
+    The leaves of one global clip share λ, so one wrapper and one kernel group.
+    A ClipNorm leaf has its own λ: as in ``adapters/_fast.py``, a shard of at
+    most :data:`~agnosticopt.adapters._fast.SCALE_AT_MOST` elements whose
+    gradient a kernel can read gets ``λ·dx`` (the plain path's product) as its
+    gradient and a wrapper shared by every such leaf of its chain (one recorded
+    program and one kernel call); a larger one keeps its gradient and gets a
+    wrapper holding λ.
+    """
     from agnosticopt.adapters import _fast
 
+    from agnosticopt._clip import ClipNorm
+
+    arrays = torch_arrays(xp)
     lams = _clip_stage(xp, items, clips)
     plain_rules: list[Any] = [None] * len(items)
     offered = dict(enumerate(items))
     wrappers: dict[Any, Any] = {}
+    made: list[Any] = []  # the scaled gradients, which the kernels read
     for c, (plain, fast) in zip(clips, lams, strict=True):
         plain_rules[c.at] = _fast._AfterClip(c.rest, plain)
         if fast is None:  # not a dtype of the kernels
             del offered[c.at]
             continue
-        key = (id(c.rest), fast.dtype.name, fast.tobytes())  # one λ: one kernel group
+        _, state, x, dx = items[c.at]
+        if (
+            type(c.clip) is ClipNorm
+            and 0 < dx.numel() <= _fast.SCALE_AT_MOST
+            and arrays.dtype(dx) == fast.dtype.name
+        ):
+            key: tuple[Any, ...] = ("scaled", id(c.rest))  # small shards: one group
+            factor, dx = None, arrays.scaled(dx, fast)
+            made.append(dx)
+        else:
+            key = (id(c.rest), fast.dtype.name, fast.tobytes())  # one λ: one group
+            factor = fast
         wrapper = wrappers.get(key)
         if wrapper is None:
-            wrapper = wrappers[key] = _fast._AfterClip(c.rest, fast)
-        offered[c.at] = (wrapper, *items[c.at][1:])
+            wrapper = wrappers[key] = _fast._AfterClip(c.rest, factor)
+        offered[c.at] = (wrapper, state, x, dx)
     states: list[Any] = [_fast.SKIP] * len(items)
     positions = list(offered)
-    plan = _fast.plan(torch_arrays(xp), list(offered.values())) if positions else None
+    plan = _fast.plan(arrays, list(offered.values())) if positions else None
     if plan is not None:
         for k, state in zip(positions, plan.states, strict=True):
             states[k] = state
     for c in clips:
         if states[c.at] is not _fast.SKIP:
             plain_rules[c.at] = None
-    return _ShardPlan(states, plain_rules, plan)
+    return _ShardPlan(states, plain_rules, plan, made)
 
 
 def _clip_stage(

@@ -78,7 +78,10 @@ def cases() -> dict[str, Any]:
 #: Replicate(), which rank 1 does not reduce).
 EMPTY_SHARD = ("global", "paths", "clipw64e")
 #: Cases run again with rank 1's gradient of "w" not contiguous (its leaf takes the
-#: plain path there, the fast path on rank 0), and with the fast path off on rank 1.
+#: plain path there, the fast path on rank 0), with the fast path off on rank 1, and
+#: with no ClipNorm gradient scaled ahead (``SCALE_AT_MOST`` 0 on rank 0: each of
+#: its ClipNorm leaves a kernel group of its own λ, rank 1's shards scaled).
+VARIANTS = ("noncontig/", "fastoff/", "unscaled/")
 MIXED = ("clipw32", "clipnorm64", "global32", "globalw64")
 #: Cases that first try a step with an infinite gradient element on rank 1 only
 #: (ClipNorm and ClipGlobalNorm with throw=True): every rank raises, nothing changes.
@@ -142,7 +145,8 @@ def run_case(
     """The steps of one case on DTensors; results under ``variant + name``.
 
     ``variant`` ``"noncontig/"``: rank 1's local gradient of "w" is a transposed
-    copy (not contiguous); ``"fastoff/"``: rank 1 has the fast path off.
+    copy (not contiguous); ``"fastoff/"``: rank 1 has the fast path off;
+    ``"unscaled/"``: rank 0 scales no ClipNorm gradient ahead.
     """
     from agnosticopt.adapters import _fast
 
@@ -158,6 +162,9 @@ def run_case(
         _refused(name, tree, sharded, grads[0], mesh, place, counts, results)
     before = _fast.counters["fast"]
     previous = opt.set_fast_path(not (variant == "fastoff/" and rank == 1))
+    scale_at_most = _fast.SCALE_AT_MOST
+    if variant == "unscaled/" and rank == 0:
+        _fast.SCALE_AT_MOST = 0
     try:
         for step in grads:
             dgrads = {k: distribute_tensor(v, mesh, place[k]) for k, v in step.items()}
@@ -174,8 +181,11 @@ def run_case(
             per_step.append([counts[c] - seen[c] for c in COUNTED])
     finally:
         opt.set_fast_path(previous)
+        _fast.SCALE_AT_MOST = scale_at_most
     fast = _fast.counters["fast"] - before
-    if variant and rank == 1:  # its "w" leaf, or all, took the plain path
+    if (
+        variant in ("noncontig/", "fastoff/") and rank == 1
+    ):  # its "w" leaf, or all, took the plain path
         assert fast == (2 if variant == "noncontig/" else 0) * STEPS, (name, fast)
     results[f"{variant}collectives/{name}"] = np.array(per_step)
     results[f"{variant}fast/{name}"] = np.array(fast)
@@ -232,7 +242,7 @@ def main(world: int, rank: int, port: int, out: str) -> None:
         every = {**cases(), **throwing_cases()}
         for name, (rule, dtype) in every.items():
             run_case(name, rule, dtype, mesh, counts, results)
-        for variant in ("noncontig/", "fastoff/"):
+        for variant in VARIANTS:
             for name in MIXED:
                 rule, dtype = every[name]
                 run_case(name, rule, dtype, mesh, counts, results, variant)
