@@ -498,10 +498,16 @@ def _global_clip(
 
 
 def _kernel_scalar(lam: Any) -> Any:
-    """λ as a numpy scalar for a kernel (float32/float64), else None."""
+    """λ as a numpy scalar for a kernel (float32/float64), else None.
+
+    None for a λ off the CPU too: the kernels read CPU memory only, and reading
+    it back would synchronise with its device.
+    """
     if isinstance(lam, torch.Tensor):
         name = {torch.float32: "float32", torch.float64: "float64"}.get(lam.dtype)
-        return None if name is None else np.dtype(name).type(lam.item())
+        if name is None or not lam.is_cpu:
+            return None
+        return np.dtype(name).type(lam.item())
     return lam if isinstance(lam, np.float32 | np.float64) else None
 
 
