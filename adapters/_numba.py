@@ -481,6 +481,18 @@ def pieces(addresses, lo, hi, offsets, levels, blocks, values, counts, p0, p1):
 
 
 @njit(**OPTIONS)
+def join(levels, blocks, values, counts, c0, c1, lv, bl, va):
+    # The stacks of the pieces c0..c1 (one array's chunks, in order) as one stack:
+    # the maximal aligned blocks of their whole range; returns how many.
+    sp = 0
+    for k in range(c0, c1):
+        for t in range(counts[k]):
+            idx = k * {stack} + t
+            sp = push(lv, bl, va, sp, levels[idx], blocks[idx], values[idx])
+    return sp
+
+
+@njit(**OPTIONS)
 def root(levels, blocks, values, counts):
     total = 0
     for k in range(counts.shape[0]):
@@ -553,7 +565,7 @@ def tree_roots(
     element ``k`` of the result has the bits of ``tree_root`` of array ``k`` alone.
     """
     fns = reducer(dtype, p)
-    rows, stacks = _stacks(fns, dtype, addresses, sizes, laid_end_to_end=False)
+    rows, stacks = _stacks(fns, dtype, addresses, sizes, np.zeros_like(sizes))
     firsts = np.searchsorted(rows, np.arange(len(sizes) + 1, dtype=np.int64))
     out = np.empty(len(sizes), np.dtype(dtype))
     fns["roots"](*stacks, firsts, out)
@@ -565,21 +577,22 @@ def _stacks(
     dtype: str,
     addresses: np.ndarray,
     sizes: np.ndarray,
-    *,
-    laid_end_to_end: bool,
+    offsets: np.ndarray,
 ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """Reduce every chunk of the arrays to its stack of aligned blocks.
 
-    Returns the array (row) of each chunk and ``(levels, blocks, values,
-    counts)``, the stacks. Block indices count from the start of the
-    concatenation (``laid_end_to_end``) or of each chunk's own array. The chunks
-    run on up to :func:`_threads` threads.
+    Array ``k``'s first element has the global index ``offsets[k]`` (the block
+    indices count from there): the start of the concatenation for arrays laid end
+    to end, 0 for arrays each on its own, the shard's place in the whole array for
+    a piece of one. Returns the array (row) of each chunk and ``(levels, blocks,
+    values, counts)``, the stacks: chunk ``c``'s ``counts[c]`` nodes at
+    ``c * STACK``. The chunks run on up to :func:`_threads` threads.
     """
     chunks = chunks_of(sizes)
     rows = chunks[:, 0]
     lo, hi = chunks[:, 1].copy(), chunks[:, 2].copy()
     addr = addresses[rows].copy()
-    offsets = (np.cumsum(sizes) - sizes)[rows] + lo if laid_end_to_end else lo
+    starts = np.asarray(offsets, np.int64)[rows] + lo
     count = len(chunks)
     stacks = (
         np.empty(count * STACK, np.int64),
@@ -587,7 +600,7 @@ def _stacks(
         np.empty(count * STACK, np.dtype(dtype)),
         np.zeros(count, np.int64),
     )
-    run = functools.partial(fns["pieces"], addr, lo, hi, offsets, *stacks)
+    run = functools.partial(fns["pieces"], addr, lo, hi, starts, *stacks)
     threads = min(_threads(), max(1, int(sizes.sum()) // PER_THREAD), count)
     if threads <= 1:
         run(0, count)
@@ -613,5 +626,52 @@ def tree_root(dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray) ->
     folded right to left (the nodes whose right half lies past the end).
     """
     fns = reducer(dtype, p)
-    _, stacks = _stacks(fns, dtype, addresses, sizes, laid_end_to_end=True)
+    _, stacks = _stacks(fns, dtype, addresses, sizes, np.cumsum(sizes) - sizes)
     return np.dtype(dtype).type(fns["root"](*stacks))
+
+
+def piece_nodes(
+    dtype: str, p: float, addresses: np.ndarray, sizes: np.ndarray, offsets: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The aligned-block tree nodes of the p-norm terms of pieces of a larger array.
+
+    ``addresses[k]`` is the data address of piece ``k`` (``sizes[k]`` elements of
+    ``dtype``), whose first element has the global index ``offsets[k]``. Returns,
+    per piece, ``(levels, blocks, values)``: the maximal aligned blocks of its index
+    range, in order, reduced; the nodes and the bits of
+    :func:`agnosticopt._norm.reduce_piece` of the piece's terms (none for an empty
+    piece), for :func:`agnosticopt._norm.combine_nodes` or :func:`nodes_root`.
+    """
+    fns = reducer(dtype, p)
+    rows, stacks = _stacks(fns, dtype, addresses, sizes, offsets)
+    counts = stacks[3]
+    ends = np.searchsorted(rows, np.arange(len(sizes)), side="right").tolist()
+    join, out, c0 = fns["join"], [], 0
+    for c1 in ends:
+        room = int(counts[c0:c1].sum())
+        lv, bl = np.empty(room, np.int64), np.empty(room, np.int64)
+        va = np.empty(room, np.dtype(dtype))
+        used = join(*stacks, c0, c1, lv, bl, va) if room else 0
+        out.append((lv[:used], bl[:used], va[:used]))
+        c0 = c1
+    return out
+
+
+def nodes_root(
+    dtype: str, p: float, levels: np.ndarray, blocks: np.ndarray, values: np.ndarray
+) -> Any:
+    """The root of the tree from nodes that cover ``[0, n)`` once, in index order.
+
+    The bits of :func:`agnosticopt._norm.combine_nodes` over the same nodes (the
+    caller checks the cover); ``values`` are of ``dtype``.
+    """
+    fns = reducer(dtype, p)
+    counts = np.array([len(levels)], np.int64)
+    return np.dtype(dtype).type(
+        fns["root"](
+            np.ascontiguousarray(levels, np.int64),
+            np.ascontiguousarray(blocks, np.int64),
+            np.ascontiguousarray(values, np.dtype(dtype)),
+            counts,
+        )
+    )

@@ -23,10 +23,12 @@ array take part in reductions: ``Shard(0)`` and ``Replicate()`` on a 1-D mesh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from agnosticopt.adapters.torch import TorchAdapter, torch_arrays
 from torch.distributed.tensor import DTensor, Replicate
@@ -34,7 +36,7 @@ from torch.distributed.tensor import Shard as ShardPlacement
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from agnosticopt._containers import KeyPath, format_path
-from agnosticopt._norm import Node
+from agnosticopt._norm import Node, combine_nodes, finish_norm, node_width, norm_nodes
 
 __all__ = ["DTensorAdapter", "LocalAdapter", "Shard", "adapter", "is_dtensor"]
 
@@ -109,45 +111,57 @@ class Shard:
         same order, so each reduction finds its rows at the same place in every
         rank's message. Returns, per piece, the nodes of every rank (rank order).
         """
+        encoded = []
+        for nodes, width in pieces:
+            dtype = nodes[0].value.dtype if nodes else torch.float64
+            rows = np.empty((len(nodes), 3), dtype=np.float64)
+            if nodes:
+                rows[:, 0] = [n.level for n in nodes]
+                rows[:, 1] = [n.block for n in nodes]
+                rows[:, 2] = (
+                    torch.cat([n.value.reshape(1) for n in nodes]).double().numpy()
+                )
+            encoded.append((rows, width, _DTYPE_CODE.get(dtype, 0)))
+        return [_as_nodes(found) for found in self.gather_rows(encoded)]
+
+    def gather_rows(
+        self, pieces: list[tuple[np.ndarray, int, int]]
+    ) -> list[list[tuple[np.ndarray, int]]]:
+        """:meth:`gather_many` on arrays: ONE all-gather of rows ``(level, block, value)``.
+
+        ``pieces`` holds, per reduction, this rank's rows (a float64 array of
+        shape ``(m, 3)``), the rows reserved for them (the same on every rank) and
+        the code of the nodes' dtype (``_DTYPE_CODE``). The message is a float64
+        vector: the codes of the pieces, then each piece's rows, unused rows
+        ``-1``. Values travel as float64, which holds every float16/bfloat16/
+        float32 value and every index exactly. Returns, per piece, the rows and
+        the code of every rank that sent any (rank order).
+        """
         import torch.distributed as dist
 
-        kinds, tables = [], []
-        for nodes, width in pieces:
-            if len(nodes) > width:
-                msg = f"{len(nodes)} tree nodes do not fit the {width} rows of the exchange"
+        sent = np.full(len(pieces) + 3 * sum(w for _, w, _ in pieces), -1.0)
+        sent[: len(pieces)] = [code for _, _, code in pieces]
+        at = len(pieces)
+        for rows, width, _ in pieces:
+            if len(rows) > width:
+                msg = f"{len(rows)} tree nodes do not fit the {width} rows of the exchange"
                 raise RuntimeError(msg)
-            dtype = nodes[0].value.dtype if nodes else torch.float64
-            kinds.append(float(_DTYPE_CODE.get(dtype, 0)))
-            rows = torch.full((width, 3), -1.0, dtype=torch.float64)
-            if nodes:
-                rows[: len(nodes), 0] = torch.tensor(
-                    [n.level for n in nodes], dtype=torch.float64
-                )
-                rows[: len(nodes), 1] = torch.tensor(
-                    [n.block for n in nodes], dtype=torch.float64
-                )
-                rows[: len(nodes), 2] = torch.cat(
-                    [n.value.reshape(1) for n in nodes]
-                ).double()
-            tables.append(rows.reshape(-1))
-        sent = torch.cat([torch.tensor(kinds, dtype=torch.float64), *tables])
+            sent[at : at + rows.size] = rows.reshape(-1)
+            at += 3 * width
+        message = torch.from_numpy(sent)
         world = dist.get_world_size(self.group)
-        out = [torch.empty_like(sent) for _ in range(world)]
-        dist.all_gather(out, sent, group=self.group)
-        found: list[list[Node]] = [[] for _ in pieces]
-        for part in out:
+        out = [torch.empty_like(message) for _ in range(world)]
+        dist.all_gather(out, message, group=self.group)
+        found: list[list[tuple[np.ndarray, int]]] = [[] for _ in pieces]
+        for received in out:
+            part = received.numpy()
             at = len(pieces)
-            for k, (_, width) in enumerate(pieces):
+            for k, (_, width, _) in enumerate(pieces):
                 table = part[at : at + 3 * width].reshape(width, 3)
                 at += 3 * width
                 used = table[:, 0] >= 0
-                if not bool(used.any()):
-                    continue
-                values = table[used, 2].to(_CODE_DTYPE[int(part[k])])
-                for (level, block), value in zip(
-                    table[used, :2].tolist(), values, strict=True
-                ):
-                    found[k].append(Node(int(level), int(block), value.reshape(1)))
+                if used.any():
+                    found[k].append((table[used], int(part[k])))
         return found
 
     def all_true(self, flag: bool) -> bool:
@@ -169,14 +183,27 @@ class Shard:
 
 _DTYPE_CODE = {torch.float64: 1, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
 _CODE_DTYPE = {v: k for k, v in _DTYPE_CODE.items()}
+_CODE_NAME = {1: "float64", 2: "float32"}  # the dtypes of the compiled reductions
+
+
+def _as_nodes(found: list[tuple[np.ndarray, int]]) -> list[Node]:
+    """The rows of every rank (:meth:`Shard.gather_rows`) as nodes of torch values."""
+    nodes = []
+    for rows, code in found:
+        values = torch.from_numpy(rows[:, 2].copy()).to(_CODE_DTYPE[code])
+        for (level, block), value in zip(rows[:, :2].tolist(), values, strict=True):
+            nodes.append(Node(int(level), int(block), value.reshape(1)))
+    return nodes
 
 
 class LocalAdapter(TorchAdapter):
     """The torch adapter of the local shards of DTensor parameters.
 
     Its own name (``torch-dtensor``) keeps them out of the fast plans of plain
-    tensors (a global norm over both raises); its fast path leaves norm clips,
-    which need the other ranks, to the plain path.
+    tensors (a global norm over both raises). Its fast path takes the chains
+    that start with a norm clip too (:func:`_clip_plan`): the clip's exchange
+    between the ranks first, as the plain path does it, then the rest of the
+    chain on the compiled fast path.
     """
 
     def __init__(self) -> None:
@@ -185,7 +212,12 @@ class LocalAdapter(TorchAdapter):
     def fast_plan(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
         from agnosticopt.adapters import _fast
 
-        keep = [k for k, item in enumerate(items) if not _needs_other_ranks(item[0])]
+        staged = [k for k, item in enumerate(items) if _needs_other_ranks(item[0])]
+        clips = _clip_items(items, staged) if staged else None
+        if clips is not None:
+            return _clip_plan(self, items, clips)
+        skipped = set(staged)
+        keep = [k for k in range(len(items)) if k not in skipped]
         if not keep:
             return None
         plan = _fast.plan(torch_arrays(self), [items[k] for k in keep])
@@ -209,6 +241,364 @@ def _needs_other_ranks(rule: Any) -> bool:
         [rule.rule] if hasattr(rule, "rule") else []
     )
     return any(_needs_other_ranks(r) for r in inner)
+
+
+# -- norm clips on the fast path -------------------------------------------------------------
+#
+# A chain ``ClipNorm, *rest`` or ``ClipGlobalNorm, *rest`` (or the clip alone) on
+# local shards needs the other ranks for λ only. :func:`_clip_plan` does that part
+# itself, with the collectives of the plain path (``agnosticopt._global``:
+# ``ShardNorms`` for the ClipNorm leaves, one exchange per global clip, in the order
+# in which the plain path's stages meet them, the same messages), so every rank
+# issues the same collectives whichever path its own leaves then take: the fast
+# path off, a non-contiguous gradient, a kernel that cannot be built. Each shard's
+# tree nodes come from the compiled reduction (the plain path's bits) where its
+# gradient can be read in place, else from the plain functions. With λ known, the
+# rest of each chain is elementwise: ``_fast.plan`` takes it as ``_AfterClip``; a
+# leaf it leaves to the plain path gets the same ``_AfterClip`` (with λ as the plain
+# path holds it) as its ``plain_rules`` entry, so that the plain path does not run
+# the exchange again (see ``agnosticopt/_commit.py``).
+
+
+class _Clip(NamedTuple):
+    """A leaf whose chain starts with a norm clip."""
+
+    at: int  # its position in the items
+    clip: Any  # the ClipNorm or ClipGlobalNorm
+    rest: Any  # the rules after it (an OptimiserChain), None for the clip alone
+    shard: Shard
+
+
+#: The key of the ClipNorm leaves' stage (``ShardNorms``: all share one exchange).
+_NORMS = object()
+#: The norms of the compiled reduction.
+_COMPILED_P = (2, 1, math.inf)
+
+
+def _clip_items(
+    items: list[tuple[Any, Any, Any, Any]], staged: list[int]
+) -> list[_Clip] | None:
+    """The leaves ``staged`` (those whose rule needs other ranks) as :class:`_Clip` s,
+    or None if one of them is not a clip-first chain that the stage can do.
+
+    The answer depends only on what every rank knows alike (the rules, the
+    layouts, the lengths), so that all ranks take the same collectives.
+    """
+    from agnosticopt._clip import ClipNorm
+    from agnosticopt._global import ClipGlobalNorm
+    from agnosticopt._wrappers import OptimiserChain
+
+    rests: dict[int, Any] = {}
+    clips = []
+    mesh = None
+    for k in staged:
+        rule, _, x, _ = items[k]
+        clip, rest = rule, None
+        if (
+            type(rule) is OptimiserChain
+            and rule.opts
+            and not any(_needs_other_ranks(r) for r in rule.opts[1:])
+        ):
+            clip = rule.opts[0]
+            rest = rests.get(id(rule))
+            if rest is None:
+                rest = rests[id(rule)] = OptimiserChain(*rule.opts[1:])
+        if not (
+            type(clip) is ClipGlobalNorm
+            or (type(clip) is ClipNorm and clip.p in _COMPILED_P)
+        ):
+            return None
+        shard = getattr(x, _ATTR, None)
+        if not isinstance(shard, Shard) or shard.reason is not None:
+            return None  # the plain path raises
+        if mesh is not None and shard.mesh != mesh:
+            return None
+        mesh = shard.mesh
+        clips.append(_Clip(k, clip, rest, shard))
+    totals: dict[Any, int] = {}
+    for c in clips:
+        if type(c.clip) is ClipGlobalNorm:
+            totals[c.clip] = totals.get(c.clip, 0) + c.shard.total
+    if any(total == 0 for total in totals.values()):
+        return None  # every gradient of a global clip empty: nothing to scale
+    return clips
+
+
+@dataclasses.dataclass
+class _ShardPlan:
+    """A fast plan of local shards, with the leaves it leaves to the plain path
+    and the rules they take there (``plain_rules``, see ``agnosticopt/_commit.py``)."""
+
+    states: list[Any]
+    plain_rules: list[Any]
+    inner: Any
+    #: Arrays the plan made (scaled gradients) that the kernels read: kept alive.
+    made: list[Any] = dataclasses.field(default_factory=list)
+
+    @property
+    def handled(self) -> list[bool]:
+        from agnosticopt.adapters import _fast
+
+        return [s is not _fast.SKIP for s in self.states]
+
+    def run(self) -> None:
+        if self.inner is not None:
+            self.inner.run()
+
+
+def _clip_plan(
+    xp: LocalAdapter, items: list[tuple[Any, Any, Any, Any]], clips: list[_Clip]
+) -> _ShardPlan:
+    """Every clip's λ (the collectives), then the fast plan of all leaves.
+
+    The leaves of one global clip share λ, so one wrapper and one kernel group.
+    A ClipNorm leaf has its own λ: as in ``adapters/_fast.py``, a shard of at
+    most :data:`~agnosticopt.adapters._fast.SCALE_AT_MOST` elements whose
+    gradient a kernel can read gets ``λ·dx`` (the plain path's product) as its
+    gradient and a wrapper shared by every such leaf of its chain (one recorded
+    program and one kernel call); a larger one keeps its gradient and gets a
+    wrapper holding λ.
+    """
+    from agnosticopt.adapters import _fast
+
+    from agnosticopt._clip import ClipNorm
+
+    arrays = torch_arrays(xp)
+    lams = _clip_stage(xp, items, clips)
+    plain_rules: list[Any] = [None] * len(items)
+    offered = dict(enumerate(items))
+    wrappers: dict[Any, Any] = {}
+    made: list[Any] = []  # the scaled gradients, which the kernels read
+    for c, (plain, fast) in zip(clips, lams, strict=True):
+        plain_rules[c.at] = _fast._AfterClip(c.rest, plain)
+        if fast is None:  # not a dtype of the kernels
+            del offered[c.at]
+            continue
+        _, state, x, dx = items[c.at]
+        if (
+            type(c.clip) is ClipNorm
+            and 0 < dx.numel() <= _fast.SCALE_AT_MOST
+            and arrays.dtype(dx) == fast.dtype.name
+        ):
+            key: tuple[Any, ...] = ("scaled", id(c.rest))  # small shards: one group
+            factor, dx = None, arrays.scaled(dx, fast)
+            made.append(dx)
+        else:
+            key = (id(c.rest), fast.dtype.name, fast.tobytes())  # one λ: one group
+            factor = fast
+        wrapper = wrappers.get(key)
+        if wrapper is None:
+            wrapper = wrappers[key] = _fast._AfterClip(c.rest, factor)
+        offered[c.at] = (wrapper, state, x, dx)
+    states: list[Any] = [_fast.SKIP] * len(items)
+    positions = list(offered)
+    plan = _fast.plan(arrays, list(offered.values())) if positions else None
+    if plan is not None:
+        for k, state in zip(positions, plan.states, strict=True):
+            states[k] = state
+    for c in clips:
+        if states[c.at] is not _fast.SKIP:
+            plain_rules[c.at] = None
+    return _ShardPlan(states, plain_rules, plan, made)
+
+
+def _clip_stage(
+    xp: LocalAdapter, items: list[tuple[Any, Any, Any, Any]], clips: list[_Clip]
+) -> list[tuple[Any, Any]]:
+    """λ of every clip leaf, as the plain path has it and as a kernel parameter.
+
+    The stages in the order in which the plain path's ``run_stages`` meets them
+    (first appearance in tree order), one exchange each, the plain path's
+    messages; a ClipNorm of an empty array needs none. Raises what the plain
+    path raises (``throw``), before anything is written and on every rank (the
+    norm is the same everywhere).
+    """
+    from agnosticopt._clip import ClipNorm
+
+    lams: list[Any] = [None] * len(clips)
+    stages: dict[Any, list[int]] = {}
+    for i, c in enumerate(clips):
+        if type(c.clip) is not ClipNorm:
+            stages.setdefault(c.clip, []).append(i)
+        elif c.shard.total:
+            stages.setdefault(_NORMS, []).append(i)
+        else:  # as shard_norm_nodes: the norm of an empty array is 0
+            _, _, x, dx = items[c.at]
+            lam = c.clip.factor(xp.scalar_type(dx)(0), x, xp)
+            lams[i] = (lam, _kernel_scalar(lam))
+    for key, members in stages.items():
+        chosen = [clips[i] for i in members]
+        found = (
+            _clip_norms(xp, items, chosen)
+            if key is _NORMS
+            else _global_clip(xp, items, chosen)
+        )
+        for i, lam in zip(members, found, strict=True):
+            lams[i] = lam
+    return lams
+
+
+def _clip_norms(
+    xp: LocalAdapter, items: list[tuple[Any, Any, Any, Any]], chosen: list[_Clip]
+) -> list[tuple[Any, Any]]:
+    """λ of ClipNorm leaves: ``ShardNorms``'s exchange (one piece per leaf)."""
+    pieces = _local_nodes(
+        xp,
+        [
+            (items[c.at][3], c.shard.offset, None, c.clip.p, c.shard.contributes)
+            for c in chosen
+        ],
+    )
+    found = chosen[0].shard.gather_rows(
+        [
+            (rows, node_width(c.shard.total), code)
+            for c, (rows, code) in zip(chosen, pieces, strict=True)
+        ]
+    )
+    lams = []
+    for c, rows in zip(chosen, found, strict=True):
+        _, _, x, dx = items[c.at]
+        real = xp.scalar_type(dx)
+        n = real(xp.to_host(_root(rows, c.shard.total, c.clip.p)[0]))
+        if c.clip.p == 2:
+            n = np.sqrt(n)
+        try:
+            lam = c.clip.factor(n, x, xp)
+        except Exception as exc:  # throw: FloatingPointError, named by its key path
+            exc.agnosticopt_item = c.at  # type: ignore[attr-defined]
+            raise
+        lams.append((lam, _kernel_scalar(lam)))
+    return lams
+
+
+def _global_clip(
+    xp: LocalAdapter, items: list[tuple[Any, Any, Any, Any]], chosen: list[_Clip]
+) -> list[tuple[Any, Any]]:
+    """λ of the leaves of one ClipGlobalNorm: one piece, every leaf at its offset."""
+    from agnosticopt._global import Part, _reduction_dtype
+
+    clip = chosen[0].clip
+    parts = [Part((), xp, items[c.at][2], items[c.at][3]) for c in chosen]
+    dtype = _reduction_dtype(parts)
+    wanted: list[tuple[Any, int, str | None, float, bool]] = []
+    offset = width = 0
+    for c, part in zip(chosen, parts, strict=True):
+        wanted.append(
+            (part.dx, offset + c.shard.offset, dtype, clip.p, c.shard.contributes)
+        )
+        offset += c.shard.total
+        width += node_width(c.shard.total)
+    pieces = _local_nodes(xp, wanted)
+    rows = np.concatenate([r for r, _ in pieces])
+    code = next((code for r, code in pieces if len(r)), _DTYPE_CODE[torch.float64])
+    (found,) = chosen[0].shard.gather_rows([(rows, width, code)])
+    value = finish_norm(xp, _root(found, offset, clip.p), clip.p)
+    shared = clip.factors(xp, value, dtype, parts)
+    return [(lam, _kernel_scalar(lam)) for lam in shared]
+
+
+def _kernel_scalar(lam: Any) -> Any:
+    """λ as a numpy scalar for a kernel (float32/float64), else None.
+
+    None for a λ off the CPU too: the kernels read CPU memory only, and reading
+    it back would synchronise with its device.
+    """
+    if isinstance(lam, torch.Tensor):
+        name = {torch.float32: "float32", torch.float64: "float64"}.get(lam.dtype)
+        if name is None or not lam.is_cpu:
+            return None
+        return np.dtype(name).type(lam.item())
+    return lam if isinstance(lam, np.float32 | np.float64) else None
+
+
+#: The rows of a rank that sends no node, and their code (as ``gather_many``'s).
+_NO_ROWS = (np.empty((0, 3), dtype=np.float64), 1)
+
+
+def _local_nodes(
+    xp: LocalAdapter, wanted: list[tuple[Any, int, str | None, float, bool]]
+) -> list[tuple[np.ndarray, int]]:
+    """This rank's tree nodes of pieces ``(dx, offset, dtype, p, contributes)``.
+
+    Rows ``(level, block, value)`` and the nodes' dtype code per piece: the
+    compiled reduction for a float32/float64 gradient that a kernel can read
+    (in the reduction dtype ``dtype``; ``None``: its own), else the plain
+    path's :func:`~agnosticopt._norm.norm_nodes`. The same nodes and bits
+    either way.
+    """
+    from agnosticopt.adapters import _fast
+
+    arrays = torch_arrays(xp)
+    compiled = _fast.available()
+    out: list[tuple[np.ndarray, int]] = [_NO_ROWS] * len(wanted)
+    batches: dict[tuple[str, float], list[int]] = {}
+    for j, (dx, offset, dtype, p, contributes) in enumerate(wanted):
+        if not contributes or dx.numel() == 0:
+            continue
+        name = arrays.dtype(dx) if compiled else None
+        if name is not None and dtype in (None, name):
+            batches.setdefault((name, p), []).append(j)
+            continue
+        nodes, _ = norm_nodes(xp, dx, p, offset, dtype)
+        rows = np.empty((len(nodes), 3), dtype=np.float64)
+        if nodes:
+            rows[:, 0] = [n.level for n in nodes]
+            rows[:, 1] = [n.block for n in nodes]
+            rows[:, 2] = torch.cat([n.value.reshape(1) for n in nodes]).double().numpy()
+        code = _DTYPE_CODE.get(nodes[0].value.dtype, 0) if nodes else _NO_ROWS[1]
+        out[j] = (rows, code)
+    if batches:
+        from agnosticopt.adapters._numba import piece_nodes
+
+        for (name, p), js in batches.items():
+            found = piece_nodes(
+                name,
+                p,
+                np.array([arrays.address(wanted[j][0]) for j in js], dtype=np.int64),
+                np.array([wanted[j][0].numel() for j in js], dtype=np.int64),
+                np.array([wanted[j][1] for j in js], dtype=np.int64),
+            )
+            code = _DTYPE_CODE[getattr(torch, name)]
+            for j, (levels, blocks, values) in zip(js, found, strict=True):
+                rows = np.empty((len(levels), 3), dtype=np.float64)
+                rows[:, 0], rows[:, 1], rows[:, 2] = levels, blocks, values
+                out[j] = (rows, code)
+    return out
+
+
+def _root(found: list[tuple[np.ndarray, int]], total: int, p: float) -> Any:
+    """The root of the tree (a one-element tensor of the nodes' dtype) from every rank's rows.
+
+    The compiled fold where the nodes are float32/float64 and cover ``[0, total)``
+    once; otherwise :func:`~agnosticopt._norm.combine_nodes` on torch values (the
+    plain path's finish, which also says what is wrong with a bad cover).
+    """
+    from agnosticopt.adapters import _fast
+
+    name = _CODE_NAME.get(found[0][1]) if found else None
+    if name is not None and _fast.available():
+        rows = np.concatenate([r for r, _ in found])
+        levels, blocks = rows[:, 0].astype(np.int64), rows[:, 1].astype(np.int64)
+        starts = blocks << levels
+        order = np.argsort(starts, kind="stable")
+        levels, blocks, starts = levels[order], blocks[order], starts[order]
+        ends = starts + (np.int64(1) << levels)
+        top = (total - 1).bit_length()
+        if (
+            len({code for _, code in found}) == 1
+            and starts[0] == 0
+            and ends[-1] == total
+            and bool(np.all(starts[1:] == ends[:-1]))
+            and bool(np.all((levels >= 0) & (levels <= top)))
+        ):
+            from agnosticopt.adapters._numba import nodes_root
+
+            values = rows[order, 2].astype(name)
+            return torch.from_numpy(
+                np.array([nodes_root(name, p, levels, blocks, values)])
+            )
+    combine = _LOCAL.maximum if p == math.inf else _LOCAL.add
+    return combine_nodes(_as_nodes(found), total, combine)
 
 
 _LOCAL = LocalAdapter()

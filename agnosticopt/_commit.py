@@ -74,10 +74,11 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[_Planned]:
         with xp.computing():
             try:
                 found = staged.get(id(entry))
+                rule = leaf.rule if entry.plain_rule is None else entry.plain_rule
                 entry.state, step = (
                     found
                     if found is not None
-                    else leaf.rule.apply(leaf.state, x, entry.grad, xp)
+                    else rule.apply(leaf.state, x, entry.grad, xp)
                 )
             except Exception as exc:
                 _add_note(
@@ -109,7 +110,14 @@ def _cross_leaf_steps(entries: list[_Entry]) -> dict[int, tuple[Any, Any]]:
     """``id(entry) -> (state, step)`` for the leaves whose rule reduces over every
     leaf (global-norm clipping, non-finite skip): see ``agnosticopt/_global.py``."""
     return run_stages(
-        [e for e in entries if not e.fast and e.grad is not None and not e.leaf.frozen]
+        [
+            e
+            for e in entries
+            if not e.fast
+            and e.plain_rule is None
+            and e.grad is not None
+            and not e.leaf.frozen
+        ]
     )
 
 
@@ -123,6 +131,14 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
     place. Planning
     writes nothing and computes the new states, so that an ``update_`` that
     raises later still changes nothing (see ``adapters/_fast.py``).
+
+    A plan that did a leaf's cross-leaf stage itself (``adapters/dtensor.py``:
+    the norm clips of DTensor shards, whose collectives every rank issues alike)
+    but leaves the rest of its chain to the plain path names, in
+    ``plain_rules``, the rule the plain path applies instead (``None`` where the
+    leaf's own rule); such a leaf takes no part in :func:`run_stages`. An error
+    raised while planning that carries ``agnosticopt_item`` (the position of the
+    leaf whose rule raised) gets the key path of that leaf as a note.
     """
     by_adapter: dict[int, tuple[FastPlanner, list[_Entry]]] = {}
     plain = cross_leaf_plain(entries)  # a reduction over leaves of several adapters
@@ -136,14 +152,26 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
     for xp, group in by_adapter.values():
         items = [(e.leaf.rule, e.leaf.state, e.x, e.grad) for e in group]
         with xp.computing():
-            plan = xp.fast_plan(items)
+            try:
+                plan = xp.fast_plan(items)
+            except Exception as exc:
+                at = getattr(exc, "agnosticopt_item", None)
+                if isinstance(at, int):
+                    where = format_path(group[at].path)
+                    _add_note(exc, f"while updating the parameter at {where}")
+                raise
         if plan is None:
             continue
+        plain_rules = getattr(plan, "plain_rules", None)
         taken = []
-        for entry, handled, state in zip(group, plan.handled, plan.states, strict=True):
+        for k, (entry, handled, state) in enumerate(
+            zip(group, plan.handled, plan.states, strict=True)
+        ):
             if handled:
                 entry.fast, entry.state = True, state
                 taken.append(entry)
+            elif plain_rules is not None:
+                entry.plain_rule = plain_rules[k]
         plans.append((plan, taken))
     return plans
 

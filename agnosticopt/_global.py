@@ -268,6 +268,17 @@ class ClipGlobalNorm(CrossLeaf):
         xp, value, dtype = self.global_norm(parts)
         if value is None:  # every gradient is empty: nothing to scale
             return [None] * len(parts)
+        return self.factors(xp, value, dtype, parts)
+
+    def factors(
+        self, xp: RuleNamespace, value: Any, dtype: str, parts: list[Part]
+    ) -> list[Any]:
+        """λ of every part (a 0-d array of its real dtype) from the global norm ``value``.
+
+        ``value`` is the norm as a one-element array of ``dtype`` (the widest real
+        dtype of the parts, :meth:`global_norm`). Raises ``FloatingPointError``
+        for a non-finite norm when ``throw``.
+        """
         if self.throw:
             host = xp.to_host(value[0])
             if not math.isfinite(float(host)):

@@ -31,6 +31,7 @@ class _Entry:
     new_x: Any = None
     write: Any = None  # a step (or Replace) still to be written into x by update_
     fast: bool = False  # updated by the adapter's compiled fast path (update_ only)
+    plain_rule: Any = None  # applied instead of leaf.rule: a fast plan did its stage
     outer: Any = None  # a DTensor whose local shard ``x`` is (see adapters/dtensor.py)
     outer_xp: Any = None
     home: Any = None  # the tree's Leaf when ``leaf`` is a view of it on local shards

@@ -3,8 +3,12 @@
 ``python benchmarks/sharded_step.py [--steps N]`` starts two ranks on 127.0.0.1;
 each holds a ``fully_shard`` model (4 float32 ``Linear(1024, 1024)`` layers,
 about 4.2M parameters, half per rank) and times ``optimizer.step()`` alone (the
-gradients are set once), the optimisers interleaved step by step so that both
-see the same machine load. Rank 0 prints the median milliseconds per step.
+gradients are set once), the optimisers interleaved step by step so that all
+see the same machine load. The norm-clip chains run twice, on the fast path and
+with it off (:func:`agnosticopt.set_fast_path`, the plain path), against
+torch.optim's ``AdamW`` after ``clip_grad_norm_`` (over all parameters, the
+global clip; or per parameter, as ``ClipNorm``). Rank 0 prints the median
+milliseconds per step.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -39,6 +44,57 @@ def sharded_model(mesh: DeviceMesh) -> torch.nn.Sequential:
     return model
 
 
+def _step_functions(mesh: DeviceMesh) -> dict[str, tuple[bool, Callable[[], None]]]:
+    """Per optimiser, whether agnosticopt's fast path is on and one step."""
+
+    def ours(rule: opt.Rule) -> Callable[[], None]:
+        return opt.TorchOptimizer(sharded_model(mesh).parameters(), rule).step
+
+    def torch_clipped(per_parameter: bool) -> Callable[[], None]:
+        params = list(sharded_model(mesh).parameters())
+        optim = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+        def step() -> None:
+            if per_parameter:
+                for p in params:
+                    torch.nn.utils.clip_grad_norm_([p], 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+
+        return step
+
+    def clip_norm() -> opt.Rule:
+        return opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3, lambda_=0.01))
+
+    def clip_global() -> opt.Rule:
+        return opt.OptimiserChain(
+            opt.ClipGlobalNorm(1.0), opt.AdamW(1e-3, lambda_=0.01)
+        )
+
+    adam = torch.optim.Adam(sharded_model(mesh).parameters(), lr=1e-3)
+    adamw = torch.optim.AdamW(
+        sharded_model(mesh).parameters(), lr=1e-3, weight_decay=0.01
+    )
+    return {
+        "agnosticopt TorchOptimizer(Adam)": (True, ours(opt.Adam(1e-3))),
+        "torch.optim.Adam (foreach)": (True, adam.step),
+        "agnosticopt ClipNorm+AdamW, fast path": (True, ours(clip_norm())),
+        "agnosticopt ClipNorm+AdamW, plain path": (False, ours(clip_norm())),
+        "torch clip_grad_norm_ per parameter + AdamW (foreach)": (
+            True,
+            torch_clipped(per_parameter=True),
+        ),
+        "agnosticopt ClipGlobalNorm+AdamW, fast path": (True, ours(clip_global())),
+        "agnosticopt ClipGlobalNorm+AdamW, plain path": (False, ours(clip_global())),
+        "torch clip_grad_norm_ + AdamW (foreach)": (
+            True,
+            torch_clipped(per_parameter=False),
+        ),
+        "torch.optim.AdamW (foreach)": (True, adamw.step),
+    }
+
+
 def run(rank: int, port: int, steps: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -50,26 +106,19 @@ def run(rank: int, port: int, steps: int) -> None:
     )
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        optimizers = {
-            "agnosticopt TorchOptimizer(Adam)": opt.TorchOptimizer(
-                sharded_model(mesh).parameters(), opt.Adam(1e-3)
-            ),
-            "torch.optim.Adam (foreach)": torch.optim.Adam(
-                sharded_model(mesh).parameters(), lr=1e-3
-            ),
-            "agnosticopt ClipGlobalNorm+Adam": opt.TorchOptimizer(
-                sharded_model(mesh).parameters(),
-                opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.Adam(1e-3)),
-            ),
-        }
-        times: dict[str, list[float]] = {k: [] for k in optimizers}
+        steps_of = _step_functions(mesh)
+        times: dict[str, list[float]] = {k: [] for k in steps_of}
         for step in range(steps + 2):  # two warm-up steps (numba compiles once)
-            for name, optim in optimizers.items():
-                dist.barrier()
-                start = time.perf_counter()
-                optim.step()
-                if step >= 2:
-                    times[name].append(time.perf_counter() - start)
+            for name, (fast, optim_step) in steps_of.items():
+                previous = opt.set_fast_path(fast)
+                try:
+                    dist.barrier()
+                    start = time.perf_counter()
+                    optim_step()
+                    if step >= 2:
+                        times[name].append(time.perf_counter() - start)
+                finally:
+                    opt.set_fast_path(previous)
         if rank == 0:
             for name, ts in times.items():
                 print(

@@ -52,6 +52,14 @@ def cases() -> dict[str, Any]:
             ),
             "float32",
         ),
+        # norm clips on the fast path: the exchange, then compiled AdamW
+        "clipw32": (opt.OptimiserChain(opt.ClipNorm(0.5), opt.AdamW()), "float32"),
+        "clipw64e": (opt.OptimiserChain(opt.ClipNorm(0.5), opt.AdamW()), "float64"),
+        "globalw64": (
+            opt.OptimiserChain(opt.ClipGlobalNorm(0.5), opt.AdamW()),
+            "float64",
+        ),
+        "globalalone32": (opt.ClipGlobalNorm(0.5), "float32"),
         # a rule per path: ClipNorms of other ω and p share the exchange ("one" is
         # Shard(0) here: an empty shard on rank 1)
         "pathsclip": (
@@ -63,6 +71,33 @@ def cases() -> dict[str, Any]:
             ),
             "float64",
         ),
+    }
+
+
+#: Cases where "one" (a single row) is Shard(0): an empty shard on rank 1 (else
+#: Replicate(), which rank 1 does not reduce).
+EMPTY_SHARD = ("global", "paths", "clipw64e")
+#: Cases run again with rank 1's gradient of "w" not contiguous (its leaf takes the
+#: plain path there, the fast path on rank 0), with the fast path off on rank 1, and
+#: with no ClipNorm gradient scaled ahead (``SCALE_AT_MOST`` 0 on rank 0: each of
+#: its ClipNorm leaves a kernel group of its own λ, rank 1's shards scaled).
+VARIANTS = ("noncontig/", "fastoff/", "unscaled/")
+MIXED = ("clipw32", "clipnorm64", "global32", "globalw64")
+#: Cases that first try a step with an infinite gradient element on rank 1 only
+#: (ClipNorm and ClipGlobalNorm with throw=True): every rank raises, nothing changes.
+THROWS = {
+    "clipw32": "gradient has 2.0-norm inf",
+    "globalthrow32": "the gradients have a global 2.0-norm of inf",
+}
+
+
+def throwing_cases() -> dict[str, Any]:
+    """The throw=True cases that are not in :func:`cases` (their steps are checked too)."""
+    return {
+        "globalthrow32": (
+            opt.OptimiserChain(opt.ClipGlobalNorm(0.5, throw=True), opt.AdamW()),
+            "float32",
+        )
     }
 
 
@@ -98,6 +133,104 @@ def data(dtype: str) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tens
     return model, grads
 
 
+def run_case(
+    name: str,
+    rule: Any,
+    dtype: str,
+    mesh: Any,
+    counts: dict[str, int],
+    results: dict[str, np.ndarray],
+    variant: str = "",
+) -> None:
+    """The steps of one case on DTensors; results under ``variant + name``.
+
+    ``variant`` ``"noncontig/"``: rank 1's local gradient of "w" is a transposed
+    copy (not contiguous); ``"fastoff/"``: rank 1 has the fast path off;
+    ``"unscaled/"``: rank 0 scales no ClipNorm gradient ahead.
+    """
+    from agnosticopt.adapters import _fast
+
+    rank = dist.get_rank()
+    model, grads = data(dtype)
+    place = {"w": [Shard(0)], "b": [Shard(0)], "one": [Replicate()]}
+    per_step = []
+    if name.startswith(EMPTY_SHARD):
+        place["one"] = [Shard(0)]
+    sharded = {k: distribute_tensor(v, mesh, place[k]) for k, v in model.items()}
+    tree = opt.setup(rule, sharded)
+    if name in THROWS and not variant:
+        _refused(name, tree, sharded, grads[0], mesh, place, counts, results)
+    before = _fast.counters["fast"]
+    previous = opt.set_fast_path(not (variant == "fastoff/" and rank == 1))
+    scale_at_most = _fast.SCALE_AT_MOST
+    if variant == "unscaled/" and rank == 0:
+        _fast.SCALE_AT_MOST = 0
+    try:
+        for step in grads:
+            dgrads = {k: distribute_tensor(v, mesh, place[k]) for k, v in step.items()}
+            if variant == "noncontig/" and rank == 1:
+                g = dgrads["w"]
+                local = g._local_tensor.t().contiguous().t()
+                assert not local.is_contiguous()
+                dgrads["w"] = DTensor.from_local(
+                    local, mesh, g.placements, shape=g.shape, stride=g.stride()
+                )
+                assert not dgrads["w"]._local_tensor.is_contiguous()
+            seen = dict(counts)
+            tree, sharded = opt.update_(tree, sharded, dgrads)
+            per_step.append([counts[c] - seen[c] for c in COUNTED])
+    finally:
+        opt.set_fast_path(previous)
+        _fast.SCALE_AT_MOST = scale_at_most
+    fast = _fast.counters["fast"] - before
+    if (
+        variant in ("noncontig/", "fastoff/") and rank == 1
+    ):  # its "w" leaf, or all, took the plain path
+        assert fast == (2 if variant == "noncontig/" else 0) * STEPS, (name, fast)
+    results[f"{variant}collectives/{name}"] = np.array(per_step)
+    results[f"{variant}fast/{name}"] = np.array(fast)
+    for k, v in sharded.items():
+        assert isinstance(v, DTensor), (name, k, type(v))
+        results[f"{variant}{name}/{k}"] = v.full_tensor().numpy()
+
+
+def _refused(
+    name: str,
+    tree: Any,
+    sharded: dict[str, Any],
+    step: dict[str, torch.Tensor],
+    mesh: Any,
+    place: dict[str, Any],
+    counts: dict[str, int],
+    results: dict[str, np.ndarray],
+) -> None:
+    """A step whose gradient of "w" has an infinite element on rank 1 only: every
+    rank raises the plain path's error, named by the key path, and nothing changes."""
+    dgrads = {k: distribute_tensor(v, mesh, place[k]) for k, v in step.items()}
+    if dist.get_rank() == 1:
+        dgrads["w"]._local_tensor[-1, -1] = float("inf")
+    kept = {k: v._local_tensor.clone() for k, v in sharded.items()}
+    leaf = tree["w"]
+    state = leaf.state
+    seen = dict(counts)
+    try:
+        opt.update_(tree, sharded, dgrads)
+    except FloatingPointError as exc:
+        message = str(exc) + "".join(getattr(exc, "__notes__", []))
+    else:
+        raise AssertionError(f"{name}: update_ with an infinite gradient did not raise")
+    assert THROWS[name] in message, message
+    if name.startswith("clip"):  # ClipNorm's error names the leaf
+        assert "while updating the parameter at ('w',)" in message, message
+    assert leaf.state is state
+    for k, v in sharded.items():
+        assert v._local_tensor.equal(kept[k]), (name, k)
+    results[f"refused/{name}"] = np.array(message)
+    results[f"refused/collectives/{name}"] = np.array(
+        [counts[c] - seen[c] for c in COUNTED]
+    )
+
+
 def main(world: int, rank: int, port: int, out: str) -> None:
     with gloo_group(world, rank, port):
         mesh = init_device_mesh("cpu", (world,))
@@ -106,27 +239,13 @@ def main(world: int, rank: int, port: int, out: str) -> None:
 
         before = _fast.counters["fast"]
         counts = count_collectives()
-        for name, (rule, dtype) in cases().items():
-            model, grads = data(dtype)
-            place = {"w": [Shard(0)], "b": [Shard(0)], "one": [Replicate()]}
-            per_step = []
-            if name.startswith(("global", "paths")):
-                place["one"] = [Shard(0)]
-            sharded = {
-                k: distribute_tensor(v, mesh, place[k]) for k, v in model.items()
-            }
-            tree = opt.setup(rule, sharded)
-            for step in grads:
-                dgrads = {
-                    k: distribute_tensor(v, mesh, place[k]) for k, v in step.items()
-                }
-                seen = dict(counts)
-                tree, sharded = opt.update_(tree, sharded, dgrads)
-                per_step.append([counts[c] - seen[c] for c in COUNTED])
-            results[f"collectives/{name}"] = np.array(per_step)
-            for k, v in sharded.items():
-                assert isinstance(v, DTensor), (name, k, type(v))
-                results[f"{name}/{k}"] = v.full_tensor().numpy()
+        every = {**cases(), **throwing_cases()}
+        for name, (rule, dtype) in every.items():
+            run_case(name, rule, dtype, mesh, counts, results)
+        for variant in VARIANTS:
+            for name in MIXED:
+                rule, dtype = every[name]
+                run_case(name, rule, dtype, mesh, counts, results, variant)
         results["fast_leaves"] = np.array(_fast.counters["fast"] - before)
         results["w_size"] = np.array(331 * 397)
         # update (not in place) returns DTensors

@@ -73,7 +73,8 @@ def run_ranks(world: int, tmp_path: Path) -> dict[str, np.ndarray]:
 def single_process() -> dict[str, np.ndarray]:
     """The same cases on plain tensors in one process."""
     results = {}
-    for name, (rule, dtype) in dtensor_ranks.cases().items():
+    every = {**dtensor_ranks.cases(), **dtensor_ranks.throwing_cases()}
+    for name, (rule, dtype) in every.items():
         model, grads = dtensor_ranks.data(dtype)
         tree = opt.setup(rule, model)
         for step in grads:
@@ -103,21 +104,44 @@ def test_sharded_steps_identical_to_one_process(
     assert found["w_size"] > 100_000
     for key, want in reference.items():
         assert same_bits(found[key], want), key
+    # rank 1's "w" gradient not contiguous (its leaf on the plain path there), the
+    # fast path off on rank 1, no ClipNorm gradient scaled ahead on rank 0: the same
+    # bits, the same collectives
+    for variant in dtensor_ranks.VARIANTS:
+        for name in dtensor_ranks.MIXED:
+            for k, _ in dtensor_ranks.SHAPES:
+                want = reference[f"{name}/{k}"]
+                assert same_bits(found[f"{variant}{name}/{k}"], want), (variant, name)
     # per step, (all_gather, all_gather_into_tensor, all_reduce, broadcast): the
     # ClipNorm leaves of a tree (three here) share ONE all-gather of tree nodes,
-    # as the global clip does; ClipNorm + ClipGlobalNorm + ClipNorm(inf): three
-    # stages, one all-gather each; elementwise rules: none
-    one_gather = [[1, 0, 0, 0]] * dtensor_ranks.STEPS
-    for name in ("clipnorm64", "clipnorm1", "global32", "globalinf", "pathsclip"):
-        assert found[f"collectives/{name}"].tolist() == one_gather, name
-    assert (
-        found["collectives/globalclipnorm"].tolist()
-        == [[3, 0, 0, 0]] * dtensor_ranks.STEPS
-    )
-    assert found["collectives/adam64"].tolist() == [[0, 0, 0, 0]] * dtensor_ranks.STEPS
-    assert (
-        found["fast_leaves"] > 0
-    )  # elementwise rules on the local shards: the fast path
+    # as the global clip does, on the fast path as on the plain path; ClipNorm +
+    # ClipGlobalNorm + ClipNorm(inf): three stages, one all-gather each;
+    # elementwise rules: none
+    steps = dtensor_ranks.STEPS
+    one_gather = [[1, 0, 0, 0]] * steps
+    clip_first = [
+        *("clipnorm64", "clipnorm1", "global32", "globalinf", "pathsclip"),
+        *("clipw32", "clipw64e", "globalw64", "globalalone32", "globalthrow32"),
+    ]
+    runs = [("", name) for name in clip_first] + [
+        (v, n) for v in dtensor_ranks.VARIANTS for n in dtensor_ranks.MIXED
+    ]
+    for v, name in runs:
+        assert found[f"{v}collectives/{name}"].tolist() == one_gather, (v, name)
+    assert found["collectives/globalclipnorm"].tolist() == [[3, 0, 0, 0]] * steps
+    assert found["collectives/adam64"].tolist() == [[0, 0, 0, 0]] * steps
+    # clip-first chains take the fast path: every leaf (3) at every step, on rank 0
+    # (whose gradients are contiguous in the mixed runs too); a clip in the middle
+    # of a chain does not
+    for v, name in [*runs, ("", "adam64")]:
+        assert found[f"{v}fast/{name}"] == 3 * steps, (v, name)
+    assert found["fast/globalclipnorm"] == 0
+    # throw=True and an infinite gradient element on rank 1: both ranks raise the
+    # plain path's error after the one exchange, and change nothing (the steps
+    # that follow are the reference's)
+    for name, text in dtensor_ranks.THROWS.items():
+        assert text in str(found[f"refused/{name}"]), name
+        assert found[f"refused/collectives/{name}"].tolist() == [1, 0, 0, 0], name
     assert found["update/state_is_dtensor"]
     messages = list(found["messages"])
     assert any(
