@@ -906,14 +906,23 @@ class HostSym:
     ``rho > 5``) is computed on the value and written into the program, which a
     later step replays on new values with the same operators (so the same bits
     as the plain path's host arithmetic). Truth tests (``if rho > 5``) become
-    guards: the replay gives up where one differs. Anything else (``float(h)``,
-    ``math.sqrt(h)``, ``np.sqrt(h)``, an attribute) raises, and the step is
-    recorded with concrete values instead.
+    guards: the replay gives up where one differs. numpy functions of host
+    values (``np.sqrt(h)``; numpy scalars' operators go through them too) are
+    recorded as calls. Anything else (``float(h)``, ``math.sqrt(h)``, an
+    attribute) raises, and the step is recorded with concrete values instead.
     """
 
     __slots__ = ("_recorder", "ref", "value")
-    __array_ufunc__ = None  # numpy scalars and arrays defer to the reflected operators
     __hash__ = object.__hash__
+
+    def __array_ufunc__(
+        self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any
+    ) -> Any:
+        """A numpy function of host values (``np.sqrt(h)``, ``np.float32(1) - h``)."""
+        if method != "__call__" or kwargs or any(isinstance(a, Sym) for a in inputs):
+            msg = f"numpy's {ufunc.__name__}.{method} on a host value (not recorded)"
+            raise Untraceable(msg)
+        return self._recorder.ufunc(ufunc, inputs)
 
     def __init__(self, recorder: HostProgram, ref: int, value: Any) -> None:
         self._recorder = recorder
@@ -1037,6 +1046,18 @@ class HostProgram:
             raise Untraceable(symbol)
         out = self._new(result)
         self.lines.append(f"r{out.ref} = {na} {symbol} {nb}")
+        return out
+
+    def ufunc(self, ufunc: Any, inputs: tuple[Any, ...]) -> HostSym:
+        """``ufunc(*inputs)``, computed now and recorded."""
+        named = [self.operand(a) for a in inputs]
+        result = ufunc(*[v for _, v in named])
+        if not isinstance(result, (np.generic, int, float)):
+            msg = f"numpy's {ufunc.__name__} of host values gives a {type(result).__name__}"
+            raise Untraceable(msg)
+        name, _ = self.operand(ufunc)
+        out = self._new(result)
+        self.lines.append(f"r{out.ref} = {name}({', '.join(n for n, _ in named)})")
         return out
 
     def unary(self, symbol: str, a: HostSym) -> HostSym:
