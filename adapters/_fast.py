@@ -186,7 +186,7 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     Returns ``None`` when the fast path is off or unavailable, or when no leaf
     can take it. Never writes; raises only on an internal error.
     """
-    if not available() or not items or _tiny(arrays, items):
+    if not available() or not items:
         return None
     kept = _kept.get(id(arrays))
     if kept is not None and kept.arrays is arrays:
@@ -235,25 +235,6 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     ):
         _kept[id(arrays)] = _Kept(arrays, given, states, parts, launches)
     return FastPlan(states, launches, arrays, made)
-
-
-#: Per backend, ``(leaves, elements)``: an update of fewer leaves and at most that
-#: many elements in all takes the plain path. Recording a step costs about as much
-#: as the plain path's step of one or two small arrays
-#: (``benchmarks/checks_overhead.py --leaves 1 --size 100``).
-PLAIN_BELOW = {"numpy": (3, 4096), "torch": (2, 4096)}
-
-
-def _tiny(arrays: Arrays, items: Items) -> bool:
-    """Whether the plain path steps ``items`` faster than the fast path would."""
-    leaves, elements = PLAIN_BELOW.get(arrays.name, (0, 0))
-    if (
-        len(items) >= leaves
-        or sum(math.prod(x.shape) for _, _, x, _ in items) > elements
-    ):
-        return False
-    counters["plain"] += len(items)
-    return True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -596,6 +577,9 @@ _recordings: dict[Any, tuple[Any, list[Recording] | None]] = {}
 #: Most keys kept (beyond, the cache starts again), most guard variants per key.
 RECORDINGS = 1024
 VARIANTS = 8
+#: Off: every step is recorded anew with its host values and no plan is kept
+#: (the fast path before steps were recorded once; for measuring, same bits).
+RECORD_ONCE = True
 
 
 def _step_of(
@@ -609,6 +593,8 @@ def _step_of(
 ) -> _Step | None:
     """The step of a leaf: a recording's replay on the state's host values, or a
     new recording; ``None`` when it cannot be recorded (the plain path)."""
+    if not RECORD_ONCE:
+        return _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
     hosts: list[Any] = []
     try:
         structure = split_state(state, arrays.array_type, [], hosts)

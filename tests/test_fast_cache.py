@@ -317,8 +317,10 @@ def test_an_id_reused_by_a_new_array_is_not_taken_for_the_old_one() -> None:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_a_tiny_update_takes_the_plain_path_with_the_same_bits(kind: str) -> None:
-    """One 10x10 array: recording would cost more than the plain step."""
+def test_a_tiny_update_takes_the_fast_path_with_the_same_bits(kind: str) -> None:
+    """One 10x10 array: replaying the recorded step costs less than the plain
+    step (``benchmarks/record_once.py``), so no update is too small for the
+    fast path; from the second step on its plan is reused."""
     rng = np.random.default_rng(1)
     x0 = rng.standard_normal((10, 10)).astype(np.float32)
     g = _array(kind, rng.standard_normal((10, 10)).astype(np.float32))
@@ -330,12 +332,13 @@ def test_a_tiny_update_takes_the_plain_path_with_the_same_bits(kind: str) -> Non
         with fast_path(fast):
             for _ in range(3):
                 tree, x = opt.update_(tree, x, g)
-        assert _fast.counters["fast"] == before["fast"]
+        if fast:
+            assert _fast.counters["fast"] - before["fast"] == 3
+            assert _fast.counters["reused"] - before["reused"] == 2
+        else:
+            assert _fast.counters["fast"] == before["fast"]
         results.append([host_copy(x), *state_leaves(tree.state)])
     _same(results[0], results[1], kind)
-    leaves, elements = _fast.PLAIN_BELOW[kind]
-    assert leaves > 1
-    assert elements >= 100
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
