@@ -530,3 +530,90 @@ def test_a_rule_testing_a_host_value_type_is_recorded_at_every_step() -> None:
             assert _fast.counters["fast"] - before["fast"] == 3 * len(SIZES)
         runs.append(_snapshot(tree, model))
     _same(runs[0], runs[1], "typed")
+
+
+def _forget() -> None:
+    """Drop every kept plan, table and recording: the next update starts fresh."""
+    _fast._kept.clear()
+    _fast._tables.clear()
+    _fast._recordings.clear()
+
+
+def _moved(kind: str, model: dict[str, Any]) -> Any:
+    """``a`` at new memory: torch ``p.data = ...`` (the same Parameter), numpy a new
+    array in the model. Returns the old memory's array."""
+    if kind == "torch":
+        old = model["a"].data
+        model["a"].data = old.clone()
+        return old
+    old = model["a"]
+    model["a"] = old.copy()
+    return old
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_kept_plan_is_dropped_when_a_parameter_moves(kind: str) -> None:
+    """The plan is reused while the leaves are the same; ``a`` moved to new memory
+    gives a new plan (the old memory is not written), the same recording, and
+    the bits of updates that kept nothing from one step to the next."""
+    runs, reused, olds = [], [], []
+    for fresh in (False, True):
+        rng = np.random.default_rng(11)
+        model = {
+            k: _array(kind, rng.standard_normal(n).astype(np.float32))
+            for k, n in SIZES.items()
+        }
+        grads = {
+            k: _copy(kind, _array(kind, rng.standard_normal(n).astype(np.float32)))
+            for k, n in SIZES.items()
+        }
+        tree = opt.setup(opt.Adam(1e-2), model)
+        _forget()
+        recorded = _fast.counters["recorded"]
+        snapshots = []
+        with fast_path(True):
+            for step in range(6):
+                if step == 3:
+                    old = _moved(kind, model)
+                    kept = host_copy(old)
+                if fresh:
+                    _forget()
+                before = _fast.counters["reused"]
+                tree, model = opt.update_(tree, model, grads)
+                if not fresh:
+                    reused.append(_fast.counters["reused"] - before)
+                snapshots.append(_snapshot(tree, model))
+        if not fresh:
+            assert _fast.counters["recorded"] - recorded == 1
+            olds.append((old, kept))
+        runs.append(snapshots)
+    n = len(SIZES)
+    assert reused == [0, n, n, 0, n, n]
+    old, kept = olds[0]
+    _same([host_copy(old)], [kept], f"{kind}: the old memory of a")
+    for k, (got, want) in enumerate(zip(*runs, strict=True)):
+        _same(got, want, f"{kind}: after step {k}")
+
+
+def test_a_new_dtype_or_rule_is_recorded_anew() -> None:
+    """A recording serves every tree of the same rule and dtype; another dtype,
+    or the rule inside a chain (another state structure), is recorded anew."""
+    rng = np.random.default_rng(12)
+    adam = opt.Adam(1e-2)
+
+    def recordings(rule: opt.Rule, dtype: str) -> int:
+        model = {k: rng.standard_normal(n).astype(dtype) for k, n in SIZES.items()}
+        grads = {k: rng.standard_normal(n).astype(dtype) for k, n in SIZES.items()}
+        tree = opt.setup(rule, model)
+        before = _fast.counters["recorded"]
+        with fast_path(True):
+            for _ in range(3):
+                tree, model = opt.update_(tree, model, grads)
+        return _fast.counters["recorded"] - before
+
+    _forget()
+    assert recordings(adam, "float32") == 1
+    assert recordings(adam, "float32") == 0  # a new tree, the same recording
+    assert recordings(adam, "float64") == 1
+    assert recordings(opt.OptimiserChain(opt.WeightDecay(1e-3), adam), "float32") == 1
+    assert recordings(adam, "float64") == 0
