@@ -188,7 +188,7 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     """
     if not available() or not items:
         return None
-    kept = _kept.get(id(arrays))
+    kept = _kept.get(id(arrays)) if RECORD_ONCE else None
     if kept is not None and kept.arrays is arrays:
         with np.errstate(all="ignore"):
             again = kept.again(items)
