@@ -131,38 +131,63 @@ def one_array(rounds: int) -> None:
 
 
 def trees(sets: list[str], rounds: int) -> None:
-    """Print the benchmark's per-array trees against torch fused Adam, before and after."""
-    impls = ("numpy fast", "torch fast", "torch fused")
-    found: dict[bool, list[_harness.Result]] = {}
-    for once in (False, True):
-        _fast.RECORD_ONCE = once
-        try:
-            found[once] = _harness.run(
-                tuple(sets),
-                ("Adam",),
-                impls,
-                rounds=rounds,
-                warmup=3,
-                memory=False,
-                log=lambda line: print(line, file=sys.stderr, flush=True),
-            )
-        finally:
-            _fast.RECORD_ONCE = True
+    """Print the benchmark's per-array trees against torch fused Adam, before and after.
+
+    The steps are ``benchmarks/_harness.py``'s; before and after are two trees
+    each, stepped in the same rounds as torch's fused step.
+    """
     print()
     print(
-        f"Per-array trees, Adam, median of {rounds} steps, ratio to "
-        "torch.optim.Adam(fused=True) of the same measurement:"
+        f"Per-array trees, Adam, median of {rounds} steps (before, after and torch "
+        "fused interleaved), ratio to torch.optim.Adam(fused=True):"
     )
-    print("| set | numpy fast before | after | torch fast before | after |")
-    print("|---|---|---|---|---|")
+    print(
+        "| set | numpy fast before | after | torch fast before | after | torch fused |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in sets:
-        cells = []
-        for kind in ("numpy", "torch"):
-            for once in (False, True):
-                row = {r.impl: r.ms for r in found[once] if r.set == name}
-                ms = row[f"{kind} fast"]
-                cells.append(f"{ms:.2f} ms ({ms / row['torch fused']:.2f}×)")
-        print(f"| {name} | {' | '.join(cells)} |")
+        shapes = _harness.SETS[name]
+        live: dict[str, Callable[[], Any]] = {}
+        for once in (False, True):
+            made = _harness.steps(("numpy fast", "torch fast"), "Adam", shapes)
+            for impl, step in made.items():
+                assert step is not None
+                live[f"{impl} {'after' if once else 'before'}"] = _switched(step, once)
+        fused = _harness.steps(("torch fused",), "Adam", shapes)["torch fused"]
+        assert fused is not None
+        live["torch fused"] = fused
+        for step in live.values():
+            for _ in range(3):
+                step()
+        times: dict[str, list[float]] = {k: [] for k in live}
+        for _ in range(rounds):
+            for label, step in live.items():
+                start = time.perf_counter()
+                step()
+                times[label].append(time.perf_counter() - start)
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        reference = ms["torch fused"]
+        cells = [
+            f"{ms[f'{kind} fast {when}']:.2f} ms "
+            f"({ms[f'{kind} fast {when}'] / reference:.2f}×)"
+            for kind in ("numpy", "torch")
+            for when in ("before", "after")
+        ]
+        print(f"| {name} | {' | '.join(cells)} | {reference:.2f} ms |")
+        sys.stdout.flush()
+
+
+def _switched(step: Callable[[], Any], once: bool) -> Callable[[], None]:
+    """``step`` with ``RECORD_ONCE`` set to ``once`` while it runs."""
+
+    def run() -> None:
+        _fast.RECORD_ONCE = once
+        try:
+            step()
+        finally:
+            _fast.RECORD_ONCE = True
+
+    return run
 
 
 #: The child process of :func:`first_step`: the time of the first ``update_``.
@@ -229,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sets", nargs="*", default=["resnet", "tiny"], choices=list(_harness.SETS)
     )
-    parser.add_argument("--tree-rounds", type=int, default=15, help="steps per set")
+    parser.add_argument("--tree-rounds", type=int, default=21, help="steps per set")
     parser.add_argument(
         "--threads",
         type=int,
