@@ -41,6 +41,7 @@ import numpy as np
 from agnosticopt._ops import OperatorWarning
 from agnosticopt._speed import fast_path_enabled
 from agnosticopt._trace import (
+    OperatorUsed,
     Program,
     Recording,
     Untraceable,
@@ -620,6 +621,8 @@ def _step_of(
         )
     except OperatorWarning:  # the rule's Python operator, a warning made an error
         raise
+    except OperatorUsed:  # warned once; recording at this state would warn again
+        return None
     except Exception:  # noqa: BLE001  (not recordable once: record at every step)
         step = _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
         if step is not None and not variants:

@@ -62,6 +62,11 @@ class Untraceable(Exception):  # noqa: N818  (a signal, not an error)
     """The step cannot be recorded; the caller takes the plain path."""
 
 
+class OperatorUsed(Untraceable):
+    """A Python operator met an array symbol (its warning already issued): any
+    other recording of this step meets it too."""
+
+
 class Sym:
     """A symbolic array: the result (or an input) of a recorded program.
 
@@ -235,7 +240,7 @@ class Recorder:
             stacklevel=3,
         )
         msg = f"the Python operator {symbol} on an array"
-        raise Untraceable(msg)
+        raise OperatorUsed(msg)
 
     def input(self, dtype: str, shape: tuple[int, ...]) -> Sym:
         """A new input symbol (call before recording any operation)."""
