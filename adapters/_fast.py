@@ -40,15 +40,27 @@ import numpy as np
 
 from agnosticopt._ops import OperatorWarning
 from agnosticopt._speed import fast_path_enabled
-from agnosticopt._trace import Trace, Untraceable, flatten_state, trace
+from agnosticopt._trace import (
+    OperatorUsed,
+    Program,
+    Recording,
+    Untraceable,
+    flatten_state,
+    record,
+    split_state,
+    trace,
+)
 
 __all__ = ["SKIP", "Arrays", "FastPlan", "available", "counters", "plan"]
 
 #: A leaf that the plan does not update (it takes the plain path).
 SKIP: Any = object()
 
-#: Leaves updated by kernels and leaves left to the plain path, since import (tests).
-counters = {"fast": 0, "plain": 0}
+#: Since import (tests): leaves updated by kernels and leaves left to the plain
+#: path; steps recorded once (``recorded``) and steps recorded with their host
+#: values (``traced``: rules whose host code cannot be recorded symbolically);
+#: plans reused from the step before (``reused``).
+counters = {"fast": 0, "plain": 0, "recorded": 0, "traced": 0, "reused": 0}
 
 _numba_ok: bool | None = None
 
@@ -175,10 +187,19 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     Returns ``None`` when the fast path is off or unavailable, or when no leaf
     can take it. Never writes; raises only on an internal error.
     """
-    if not available() or not items or _tiny(arrays, items):
+    if not available() or not items:
         return None
+    kept = _kept.get(id(arrays)) if RECORD_ONCE else None
+    if kept is not None and kept.arrays is arrays:
+        with np.errstate(all="ignore"):
+            again = kept.again(items)
+        if again is not None:
+            return again
+        del _kept[id(arrays)]
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
+    parts: list[_Part] = []
+    given = items
     with np.errstate(all="ignore"):
         given = items
         items, clipped = _global_clips(arrays, items)
@@ -190,7 +211,7 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
         staged: list[_Launch] = []  # the launches of the cross-leaf leaves: all or none
         together = set(clipped)
         for key, group in _groups(arrays, items).items():
-            found = _launches(arrays, key[1], key[3], group, states)
+            found = _launches(arrays, key[1], key[3], group, states, parts)
             (staged if group[0].position in together else launches).extend(found)
         if clipped and any(states[k] is SKIP for k in clipped):
             for (
@@ -207,26 +228,14 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     fast = sum(s is not SKIP for s in states)
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
-    return FastPlan(states, launches, arrays, made)
-
-
-#: Per backend, ``(leaves, elements)``: an update of fewer leaves and at most that
-#: many elements in all takes the plain path. Recording a step costs about as much
-#: as the plain path's step of one or two small arrays
-#: (``benchmarks/checks_overhead.py --leaves 1 --size 100``).
-PLAIN_BELOW = {"numpy": (3, 4096), "torch": (2, 4096)}
-
-
-def _tiny(arrays: Arrays, items: Items) -> bool:
-    """Whether the plain path steps ``items`` faster than the fast path would."""
-    leaves, elements = PLAIN_BELOW.get(arrays.name, (0, 0))
     if (
-        len(items) >= leaves
-        or sum(math.prod(x.shape) for _, _, x, _ in items) > elements
+        fast == len(items)
+        and not clipped
+        and all(a is b for a, b in zip(items, given, strict=True))
+        and all(part.step.recording is not None for part in parts)
     ):
-        return False
-    counters["plain"] += len(items)
-    return True
+        _kept[id(arrays)] = _Kept(arrays, given, states, parts, launches)
+    return FastPlan(states, launches, arrays, made)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -516,67 +525,197 @@ def _groups(arrays: Arrays, items: Items) -> dict[Any, list[_Leaf]]:
     return groups
 
 
+class _Step(NamedTuple):
+    """One group's step: its program, parameter values and new states."""
+
+    program: Program
+    values: tuple[Any, ...]
+    state: Any  # state(arrays): the new state of a leaf whose state arrays are arrays
+    shape_used: bool
+    recording: Recording | None  # None: recorded with this step's host values
+
+
 def _launches(
     arrays: Arrays,
     dtype: str,
     dtypes: tuple[str, ...],
     group: list[_Leaf],
     states: list[Any],
+    parts: list[_Part],
 ) -> list[_Launch]:
-    """Record the group's step, compile it, and tabulate the group's leaves."""
-    recorded = _record(arrays, group[0], dtype, dtypes)
-    if recorded is None:
+    """Find (or record) the group's step, compile it, and tabulate the group's leaves."""
+    first = group[0]
+    step = _step_of(
+        arrays, first.rule, first.state, first.arrays, first.x, dtype, dtypes
+    )
+    if step is None:
         return []
-    if not recorded.shape_used:
-        return _launch(arrays, recorded, group, states)
+    if not step.shape_used:
+        return _launch(arrays, step, group, states, parts, dtype, dtypes)
     by_shape: dict[tuple[int, ...], list[_Leaf]] = {}  # the rule read a shape
     for leaf in group:
         by_shape.setdefault(tuple(leaf.x.shape), []).append(leaf)
     launches = []
     for part in by_shape.values():
+        leaf = part[0]
         again = (
-            recorded if part[0] is group[0] else _record(arrays, part[0], dtype, dtypes)
+            step
+            if leaf is first
+            else _step_of(
+                arrays, leaf.rule, leaf.state, leaf.arrays, leaf.x, dtype, dtypes
+            )
         )
         if again is not None:
-            launches.extend(_launch(arrays, again, part, states))
+            launches.extend(_launch(arrays, again, part, states, parts, dtype, dtypes))
     return launches
 
 
-def _record(
-    arrays: Arrays, leaf: _Leaf, dtype: str, dtypes: tuple[str, ...]
-) -> Trace | None:
+#: Steps recorded once (:func:`agnosticopt._trace.record`), by
+#: ``(id(rule), dtype, state structure, state dtypes)`` (and the shape, for a
+#: rule that reads it): ``(rule, recordings)``, the recordings of the guards met
+#: so far, or ``(rule, None)`` for a rule recorded at every step instead.
+_recordings: dict[Any, tuple[Any, list[Recording] | None]] = {}
+#: Most keys kept (beyond, the cache starts again), most guard variants per key.
+RECORDINGS = 1024
+VARIANTS = 8
+#: Off: every step is recorded anew with its host values and no plan is kept
+#: (the fast path before steps were recorded once; for measuring, same bits).
+RECORD_ONCE = True
+
+
+def _step_of(
+    arrays: Arrays,
+    rule: Any,
+    state: Any,
+    leaf_arrays: list[Any],
+    x: Any,
+    dtype: str,
+    dtypes: tuple[str, ...],
+) -> _Step | None:
+    """The step of a leaf: a recording's replay on the state's host values, or a
+    new recording; ``None`` when it cannot be recorded (the plain path)."""
+    if not RECORD_ONCE:
+        return _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
+    hosts: list[Any] = []
     try:
-        return trace(
-            leaf.rule,
-            leaf.state,
-            leaf.arrays,
-            tuple(leaf.x.shape),
-            dtype,
-            dtypes,
-            arrays.name,
+        structure = split_state(state, arrays.array_type, [], hosts)
+    except Untraceable:
+        return _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
+    key: tuple[Any, ...] = (id(rule), dtype, structure, dtypes)
+    entry = _recordings.get(key)
+    if entry is not None and entry[0] is not rule:  # an id reused by a new rule
+        entry = None
+    if entry is not None and entry[1] is None:
+        return _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
+    if entry is not None and entry[1] and entry[1][0].shape_used:
+        key = (*key, tuple(x.shape))
+        entry = _recordings.get(key)
+    variants = entry[1] if entry is not None and entry[1] is not None else []
+    for recording in variants:
+        step = _replay(recording, hosts)
+        if step is not None:
+            return step
+    try:
+        recording = record(
+            rule, state, leaf_arrays, tuple(x.shape), dtype, dtypes, arrays.name
         )
-    except (
-        OperatorWarning
-    ):  # the rule's Python operator, a warning made an error: raise it
+    except OperatorWarning:  # the rule's Python operator, a warning made an error
+        raise
+    except OperatorUsed:  # warned once; recording at this state would warn again
+        return None
+    except Exception:  # noqa: BLE001  (not recordable once: record at every step)
+        step = _traced(arrays, rule, state, leaf_arrays, x, dtype, dtypes)
+        if step is not None and not variants:
+            _remember(key, rule, None)
+        return step
+    counters["recorded"] += 1
+    if recording.shape_used and len(key) == 4:
+        _remember(key, rule, [recording])  # the marker: look up by shape
+        key = (*key, tuple(x.shape))
+    _remember(key, rule, [*variants, recording][-VARIANTS:])
+    return _replay(recording, hosts)
+
+
+def _remember(key: Any, rule: Any, recordings: list[Recording] | None) -> None:
+    if len(_recordings) >= RECORDINGS:
+        _recordings.clear()
+    _recordings[key] = (rule, recordings)
+
+
+def _replay(recording: Recording, hosts: list[Any]) -> _Step | None:
+    """The step of ``recording`` for these host values, or ``None`` (a guard differs)."""
+    try:
+        out = recording.host(*hosts)
+    except Exception:  # noqa: BLE001  (the rule raises here: the plain path raises it)
+        return None
+    if out is None:
+        return None
+    values, shared = out
+    rebuild = recording.rebuild
+    return _Step(
+        recording.program,
+        values,
+        lambda a: rebuild(a, shared),
+        recording.shape_used,
+        recording,
+    )
+
+
+def _traced(
+    arrays: Arrays,
+    rule: Any,
+    state: Any,
+    leaf_arrays: list[Any],
+    x: Any,
+    dtype: str,
+    dtypes: tuple[str, ...],
+) -> _Step | None:
+    """The step recorded with the state's host values (for this step only)."""
+    try:
+        recorded = trace(
+            rule, state, leaf_arrays, tuple(x.shape), dtype, dtypes, arrays.name
+        )
+    except OperatorWarning:  # the rule's Python operator, a warning made an error
         raise
     except Exception:  # noqa: BLE001  (not recordable: plain path)
         return None
+    counters["traced"] += 1
+    return _Step(
+        recorded.program, recorded.values, recorded.rebuild, recorded.shape_used, None
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Part:
+    """A launch's leaves, kept with the plan for the next step (see :class:`_Kept`)."""
+
+    step: _Step
+    leaves: list[_Leaf]
+    dtype: str
+    dtypes: tuple[str, ...]
+    launch: _Launch
 
 
 def _launch(
-    arrays: Arrays, recorded: Trace, group: list[_Leaf], states: list[Any]
+    arrays: Arrays,
+    step: _Step,
+    group: list[_Leaf],
+    states: list[Any],
+    parts: list[_Part],
+    dtype: str,
+    dtypes: tuple[str, ...],
 ) -> list[_Launch]:
-    program = recorded.program
+    program = step.program
     from agnosticopt.adapters._numba import kernel_for  # numba imports: see available()
 
     try:
         kernel = kernel_for(program)
-        kernel.prepare(recorded.values)
+        kernel.prepare(step.values)
     except Exception:  # noqa: BLE001  (cannot compile: plain path)
         return []
     targets = frozenset(a for a, _ in program.stores)
     state_targets = [a - 2 for a in targets if a >= 2]
-    writeable, rebuild = arrays.writeable, recorded.rebuild
+    writeable, rebuild = arrays.writeable, step.state
     chosen, written = [], []
     for leaf in group:
         outs = [leaf.arrays[a] for a in state_targets]
@@ -591,18 +730,138 @@ def _launch(
         return []
     table = _table(arrays, chosen, len(program.inputs))
     itemsizes = tuple(np.dtype(d).itemsize for d in program.inputs)
-    return [
-        _Launch(
-            kernel,
-            table.table,
-            table.sizes,
-            recorded.values,
-            itemsizes,
-            targets,
-            written,
-            table.chunks,
-        )
-    ]
+    launch = _Launch(
+        kernel,
+        table.table,
+        table.sizes,
+        step.values,
+        itemsizes,
+        targets,
+        written,
+        table.chunks,
+    )
+    parts.append(_Part(step, chosen, dtype, dtypes, launch))
+    return [launch]
+
+
+class _Kept:
+    """The plan of the last update, for the next one of the same leaves.
+
+    Valid while the next update has, at every place, the same rule, the state
+    that this plan produced (held here, compared with ``is``), the same
+    parameter array (on torch at the same data address: ``p.data = ...`` gives
+    a new plan) and, where the gradient is the same array too, nothing more to
+    do; new gradient arrays (torch's ``zero_grad(set_to_none=True)``) only
+    refresh the gradient column of the tables. Each group's step is then the
+    replay of its recording on the new host values (a guard that differs, or a
+    structure never seen, records again); nothing is walked per leaf but these
+    comparisons and the new state.
+    """
+
+    def __init__(
+        self,
+        arrays: Arrays,
+        items: Items,
+        states: list[Any],
+        parts: list[_Part],
+        launches: list[_Launch],
+    ) -> None:
+        self.arrays = arrays
+        self.rules = [item[0] for item in items]
+        self.xs = [item[2] for item in items]
+        self.grads = [weakref.ref(item[3]) for item in items]
+        self.states = states
+        self.parts = parts
+        self.launches = launches
+        self.torch = arrays.array_type is not np.ndarray
+        self.addresses = [arrays.address(x) for x in self.xs] if self.torch else []
+        self.written = [a for launch in launches for a in launch.written]
+
+    def again(self, items: Items) -> FastPlan | None:
+        """The plan for ``items``, or ``None`` when it must be made anew."""
+        rules, states, xs, grads = self.rules, self.states, self.xs, self.grads
+        if len(items) != len(rules):
+            return None
+        fresh = False
+        for k, (rule, state, x, grad) in enumerate(items):
+            if rule is not rules[k] or state is not states[k] or x is not xs[k]:
+                return None
+            if grads[k]() is not grad:
+                fresh = True
+        arrays = self.arrays
+        if self.torch and [arrays.address(x) for x in xs] != self.addresses:
+            return None
+        writeable = arrays.writeable
+        if not all(writeable(a) for a in self.written):
+            return None
+        if fresh and not self._new_grads(items):
+            return None
+        new_states = list(states)
+        launches = []
+        for part in self.parts:
+            first = part.leaves[0]
+            step = _step_of(
+                arrays,
+                first.rule,
+                new_states[first.position],
+                first.arrays,
+                first.x,
+                part.dtype,
+                part.dtypes,
+            )
+            if step is None or step.program is not part.step.program:
+                return None  # another program (a guard, a structure): plan anew
+            rebuild = step.state
+            for leaf in part.leaves:
+                new_states[leaf.position] = rebuild(leaf.arrays)
+            launch = part.launch
+            launches.append(
+                _Launch(
+                    launch.kernel,
+                    launch.table,
+                    launch.sizes,
+                    step.values,
+                    launch.itemsizes,
+                    launch.targets,
+                    launch.written,
+                    launch.chunks,
+                )
+            )
+            part.step = step
+        self.states = new_states
+        counters["fast"] += len(items)
+        counters["reused"] += len(items)
+        return FastPlan(new_states, launches, arrays)
+
+    def _new_grads(self, items: Items) -> bool:
+        """Take new gradient arrays: check them, refresh the tables' gradient column.
+
+        ``False`` when one cannot be read by the kernels or overlaps a written array.
+        """
+        arrays = self.arrays
+        dtype_of, address = arrays.dtype, arrays.address
+        launches = []
+        for part in self.parts:
+            grads = [items[leaf.position][3] for leaf in part.leaves]
+            if any(dtype_of(g) != part.dtype for g in grads):
+                return False
+            launch = part.launch
+            table = launch.table.copy()
+            table[:, 1] = [address(g) for g in grads]
+            launches.append(dataclasses.replace(launch, table=table))
+        if _overlapping(launches):
+            return False
+        for part, launch in zip(self.parts, launches, strict=True):
+            part.launch = launch
+            part.leaves = [
+                leaf._replace(grad=items[leaf.position][3]) for leaf in part.leaves
+            ]
+        self.grads = [weakref.ref(item[3]) for item in items]
+        return True
+
+
+#: The kept plan of each backend's memory access (:class:`_Kept`), by ``id``.
+_kept: dict[int, _Kept] = {}
 
 
 @dataclasses.dataclass(eq=False)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from agnosticopt._containers import format_path
 from agnosticopt._global import cross_leaf_plain, run_stages
-from agnosticopt._plan import _Entry
+from agnosticopt._plan import _Entry, hook
 from agnosticopt._protocols import ArrayAdapter, CompiledPlan, FastPlanner
 from agnosticopt._rule import Replace
 from agnosticopt._speed import fast_path_enabled
@@ -47,7 +47,7 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[_Planned]:
     written = Written()
     if in_place:
         for entry in stepping:  # an adapter whose arrays cannot be written (dask)
-            refused = getattr(entry.xp, "refuses_in_place", None)
+            refused = hook(entry.xp, "refuses_in_place")
             if refused:
                 msg = f"update_: the parameter at {format_path(entry.path)}: {refused}"
                 raise TypeError(msg)
@@ -145,7 +145,7 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
     for entry in entries:
         if entry.grad is None or entry.leaf.frozen or id(entry) in plain:
             continue
-        if getattr(entry.xp, "fast_plan", None) is not None:
+        if hook(entry.xp, "fast_plan") is not None:
             xp = cast(FastPlanner, entry.xp)
             by_adapter.setdefault(id(xp), (xp, []))[1].append(entry)
     plans = []

@@ -115,11 +115,11 @@ class _Plan:
                 "objects there; make the tree with setup so that ties share one Leaf"
             )
             raise ValueError(msg)
-        check = getattr(xp, "check_leaf", None)
+        check = hook(xp, "check_leaf")
         if check is not None:
             check(x, format_path(path))
         entry = _Entry(leaf, x, xp, path)
-        if getattr(xp, "local_adapter", None) is not None:  # step the local shards
+        if hook(xp, "local_adapter") is not None:  # step the local shards
             local = xp.local(x)
             view = Leaf(leaf.rule, xp.local_state(x, leaf.state), leaf.frozen)
             entry = _Entry(
@@ -128,6 +128,26 @@ class _Plan:
         self.entries[id(leaf)] = entry
         self.owners[id(x)] = entry
         return entry
+
+
+#: Whether an adapter class defines an attribute, by ``(class, name)``.
+_DEFINED: dict[tuple[type, str], bool] = {}
+
+
+def hook(xp: Any, name: str) -> Any:
+    """The adapter's optional attribute ``name`` (``check_leaf``...), or ``None``.
+
+    As ``getattr(xp, name, None)``, without asking the backend namespace (an
+    adapter's ``__getattr__`` looks a missing name up there, and raising that
+    miss costs more than the rest of a leaf's checks).
+    """
+    kind = type(xp)
+    defined = _DEFINED.get((kind, name))
+    if defined is None:
+        defined = _DEFINED[(kind, name)] = any(name in vars(c) for c in kind.__mro__)
+    if defined or name in getattr(xp, "__dict__", ()):
+        return getattr(xp, name, None)
+    return None
 
 
 def _check_untracked(x: Any, path: KeyPath) -> None:

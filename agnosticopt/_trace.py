@@ -62,6 +62,11 @@ class Untraceable(Exception):  # noqa: N818  (a signal, not an error)
     """The step cannot be recorded; the caller takes the plain path."""
 
 
+class OperatorUsed(Untraceable):
+    """A Python operator met an array symbol (its warning already issued): any
+    other recording of this step meets it too."""
+
+
 class Sym:
     """A symbolic array: the result (or an input) of a recorded program.
 
@@ -218,6 +223,8 @@ class Recorder:
         self.values: list[Any] = []
         self.syms: list[Sym] = []
         self.shape_used = False
+        #: The host program of :func:`record` (``None``: host values are concrete).
+        self.host: HostProgram | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names not defined here: an operation not recorded.
@@ -233,7 +240,7 @@ class Recorder:
             stacklevel=3,
         )
         msg = f"the Python operator {symbol} on an array"
-        raise Untraceable(msg)
+        raise OperatorUsed(msg)
 
     def input(self, dtype: str, shape: tuple[int, ...]) -> Sym:
         """A new input symbol (call before recording any operation)."""
@@ -412,6 +419,15 @@ class Recorder:
 
     def _param(self, value: Any, dtype: str) -> Operand:
         """A host scalar used in ``dtype``: rounded to it, as weak promotion does."""
+        if isinstance(value, HostSym) and self.host is not None:
+            if isinstance(value.value, (bool, np.bool_)) or not isinstance(
+                value.value, (int, float, np.integer, np.floating)
+            ):
+                msg = f"host value of type {type(value.value).__name__} in an array operation"
+                raise Untraceable(msg)
+            rounded = self.host.cast(value, dtype)
+            self.values.append(rounded)
+            return -len(self.values)
         if isinstance(value, (bool, np.bool_)) or not isinstance(
             value, (int, float, np.integer, np.floating)
         ):
@@ -589,7 +605,16 @@ def trace(
     by_array = {id(a): s for a, s in zip(arrays, inputs, strict=True)}
     sym_state = _substitute(state, by_array)
     new_state, step = rule.apply(sym_state, sx, sg, rec)
+    stores = _stores(rec, new_state, step, sx, inputs)
+    _, rebuild = _builder(new_state, [0])
+    program, values = _reduce(rec, len(inputs) + 2, stores)
+    return Trace(program, values, rebuild, rec.shape_used)
 
+
+def _stores(
+    rec: Recorder, new_state: Any, step: Any, sx: Sym, inputs: list[Sym]
+) -> list[tuple[int, int]]:
+    """The stores of a recorded step: ``(input, symbol)``, the parameter's last."""
     outs: list[Sym] = []
     _output_syms(new_state, outs)
     if len(outs) != len(inputs):
@@ -610,9 +635,7 @@ def trace(
             msg = "a step of another dtype than the parameter"
             raise Untraceable(msg)
         stores.append((0, value.id if replace else rec.subtract(sx, value).id))
-    _, rebuild = _builder(new_state, [0])
-    program, values = _reduce(rec, len(inputs) + 2, stores)
-    return Trace(program, values, rebuild, rec.shape_used)
+    return stores
 
 
 def _substitute(state: Any, by_array: dict[int, Sym]) -> Any:
@@ -672,7 +695,7 @@ def _reduce_structure(
             if operand >= 0:
                 new_operands.append(renum[operand])
             else:
-                params.append(rec.values[-1 - operand].dtype.name)
+                params.append(_value_of(rec.values[-1 - operand]).dtype.name)
                 kept.append(-1 - operand)
                 new_operands.append(-len(kept))
         renum[n_inputs + j] = n_inputs + len(ops)
@@ -681,6 +704,11 @@ def _reduce_structure(
         inputs, tuple(ops), tuple(params), tuple((a, renum[s]) for a, s in stores)
     )
     return program, tuple(kept)
+
+
+def _value_of(value: Any) -> Any:
+    """The value now of a parameter (a :class:`HostSym` holds its value)."""
+    return value.value if isinstance(value, HostSym) else value
 
 
 # -- Python operators ---------------------------------------------------------------------------
@@ -870,3 +898,439 @@ def ops_used(
         tuple(sorted(set(rec.operators))),
         stopped,
     )
+
+
+# -- recording once: host values as symbols --------------------------------------------------------
+
+
+class HostSym:
+    """A host scalar of the state (Adam's ``beta_t``, a step counter) while recording.
+
+    It carries its value at the recording and its register in the host program:
+    every Python operator applied to it (``1 - bt``, ``bt * b``, ``t + 1``,
+    ``rho > 5``) is computed on the value and written into the program, which a
+    later step replays on new values with the same operators (so the same bits
+    as the plain path's host arithmetic). Truth tests (``if rho > 5``) become
+    guards: the replay gives up where one differs. numpy functions of host
+    values (``np.sqrt(h)``; numpy scalars' operators go through them too) are
+    recorded as calls. Anything else (``float(h)``, ``math.sqrt(h)``, an
+    attribute) raises, and the step is recorded with concrete values instead.
+    """
+
+    __slots__ = ("_recorder", "ref", "value")
+    __hash__ = object.__hash__
+
+    def __array_ufunc__(
+        self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any
+    ) -> Any:
+        """A numpy function of host values (``np.sqrt(h)``, ``np.float32(1) - h``)."""
+        if method != "__call__" or kwargs or any(isinstance(a, Sym) for a in inputs):
+            msg = f"numpy's {ufunc.__name__}.{method} on a host value (not recorded)"
+            raise Untraceable(msg)
+        return self._recorder.ufunc(ufunc, inputs)
+
+    def __init__(self, recorder: HostProgram, ref: int, value: Any) -> None:
+        self._recorder = recorder
+        self.ref = ref
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"HostSym(r{self.ref}={self.value!r})"
+
+    def __bool__(self) -> bool:
+        return self._recorder.guard(self)
+
+    def _concrete(self, *args: Any) -> Any:
+        msg = "a host value of the state read as a number (not recorded)"
+        raise Untraceable(msg)
+
+    __float__ = __int__ = __index__ = __complex__ = __round__ = _concrete
+    __trunc__ = __floor__ = __ceil__ = __array__ = __len__ = __iter__ = _concrete
+
+
+def _host_binary(symbol: str, *, reflected: bool) -> Callable[..., Any]:
+    def method(self: HostSym, other: Any) -> Any:
+        if isinstance(other, Sym):  # an array: the array's (warning) operator
+            return NotImplemented
+        rec = self._recorder
+        return (
+            rec.binary(symbol, other, self)
+            if reflected
+            else rec.binary(symbol, self, other)
+        )
+
+    return method
+
+
+def _host_unary(symbol: str) -> Callable[..., Any]:
+    def method(self: HostSym) -> Any:
+        return self._recorder.unary(symbol, self)
+
+    return method
+
+
+_HOST_BINARY = {
+    "add": "+",
+    "sub": "-",
+    "mul": "*",
+    "truediv": "/",
+    "floordiv": "//",
+    "mod": "%",
+    "pow": "**",
+}
+for _name, _symbol in _HOST_BINARY.items():
+    setattr(HostSym, f"__{_name}__", _host_binary(_symbol, reflected=False))
+    setattr(HostSym, f"__r{_name}__", _host_binary(_symbol, reflected=True))
+for _name, _symbol in {
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "eq": "==",
+    "ne": "!=",
+}.items():
+    setattr(HostSym, f"__{_name}__", _host_binary(_symbol, reflected=False))
+for _name, _symbol in {"neg": "-", "pos": "+", "abs": "abs"}.items():
+    setattr(HostSym, f"__{_name}__", _host_unary(_symbol))
+
+_HOST_EVAL: dict[str, Callable[..., Any]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b,
+    "//": lambda a, b: a // b,
+    "%": lambda a, b: a % b,
+    "**": lambda a, b: a**b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+class HostProgram:
+    """The host arithmetic of one recorded step, as lines of Python over registers.
+
+    Register ``r{k}`` is input ``k`` (a host value of the state) or the result of
+    an operation; constants (hyperparameters, Python numbers) are named ``c{k}``.
+    """
+
+    def __init__(self) -> None:
+        self.n_inputs = 0
+        self.registers = 0
+        self.lines: list[str] = []
+        self.constants: list[Any] = []
+
+    def input(self, value: Any) -> HostSym:
+        """A new input register holding ``value`` (before any operation)."""
+        self.n_inputs += 1
+        return self._new(value)
+
+    def _new(self, value: Any) -> HostSym:
+        sym = HostSym(self, self.registers, value)
+        self.registers += 1
+        return sym
+
+    def operand(self, value: Any) -> tuple[str, Any]:
+        """The name of ``value`` in the program, and its value now."""
+        if isinstance(value, HostSym):
+            if value._recorder is not self:
+                msg = "a host value of another recording"
+                raise Untraceable(msg)
+            return f"r{value.ref}", value.value
+        self.constants.append(value)
+        return f"c{len(self.constants) - 1}", value
+
+    def binary(self, symbol: str, a: Any, b: Any) -> HostSym:
+        """``a symbol b``, computed now and recorded."""
+        (na, va), (nb, vb) = self.operand(a), self.operand(b)
+        result = _HOST_EVAL[symbol](va, vb)
+        if result is NotImplemented:  # pragma: no cover - never from a lambda
+            raise Untraceable(symbol)
+        out = self._new(result)
+        self.lines.append(f"r{out.ref} = {na} {symbol} {nb}")
+        return out
+
+    def ufunc(self, ufunc: Any, inputs: tuple[Any, ...]) -> HostSym:
+        """``ufunc(*inputs)``, computed now and recorded."""
+        named = [self.operand(a) for a in inputs]
+        result = ufunc(*[v for _, v in named])
+        if not isinstance(result, (np.generic, int, float)):
+            msg = f"numpy's {ufunc.__name__} of host values gives a {type(result).__name__}"
+            raise Untraceable(msg)
+        name, _ = self.operand(ufunc)
+        out = self._new(result)
+        self.lines.append(f"r{out.ref} = {name}({', '.join(n for n, _ in named)})")
+        return out
+
+    def unary(self, symbol: str, a: HostSym) -> HostSym:
+        """``-a``, ``+a`` or ``abs(a)``, computed now and recorded."""
+        na, va = self.operand(a)
+        result = abs(va) if symbol == "abs" else (-va if symbol == "-" else +va)
+        out = self._new(result)
+        expr = f"abs({na})" if symbol == "abs" else f"{symbol}{na}"
+        self.lines.append(f"r{out.ref} = {expr}")
+        return out
+
+    def cast(self, a: HostSym, dtype: str) -> HostSym:
+        """``a`` rounded to ``dtype`` (a parameter of an array operation)."""
+        na, va = self.operand(a)
+        out = self._new(_SCALAR_TYPES[dtype](va))
+        self.lines.append(f"r{out.ref} = {dtype}({na})")
+        return out
+
+    def guard(self, a: HostSym) -> bool:
+        """``bool(a)`` now; the replay gives up where it differs."""
+        value = bool(a.value)
+        test = f"not r{a.ref}" if value else f"r{a.ref}"
+        self.lines.append(f"if {test}:\n        return None")
+        return value
+
+    def compile(self, results: list[str]) -> Callable[..., Any]:
+        """``f(*inputs)``: ``None`` where a guard differs, else the tuple ``results``."""
+        args = ", ".join(f"r{k}" for k in range(self.n_inputs))
+        body = [f"    {line}" for line in self.lines]
+        body.append(f"    return ({''.join(r + ', ' for r in results)})")
+        text = f"def host({args}):\n" + "\n".join(body) + "\n"
+        namespace: dict[str, Any] = {f"c{k}": c for k, c in enumerate(self.constants)}
+        namespace.update(_SCALAR_TYPES)
+        exec(compile(text, "<agnosticopt host program>", "exec"), namespace)  # noqa: S102
+        host: Callable[..., Any] = namespace["host"]
+        return host
+
+
+def split_state(
+    state: Any, array_type: type | tuple[type, ...], arrays: list[Any], hosts: list[Any]
+) -> Any:
+    """Append the arrays and the host values of ``state``; return its structure.
+
+    The structure (a hashable signature) describes the containers, where the
+    arrays are and the type of every host value, but not the values: the host
+    values (numpy scalars, Python ints and floats) are appended to ``hosts``, in
+    the order of :func:`record`'s inputs. ``None``, strings and bools are part of
+    the structure. Raises :class:`Untraceable` for anything else (lists too: a
+    list can change in place between steps).
+    """
+    kind = type(state)
+    if kind is tuple or (isinstance(state, tuple) and hasattr(kind, "_fields")):
+        return (kind, *[split_state(s, array_type, arrays, hosts) for s in state])
+    if isinstance(state, array_type):
+        arrays.append(state)
+        return _ARRAY
+    if kind in _HOST_SCALARS or kind is int or kind is float:
+        hosts.append(state)
+        return kind
+    if state is None or kind is str:
+        return state
+    if kind is bool:
+        return (bool, state)
+    msg = f"a state holding a {kind.__name__}"
+    raise Untraceable(msg)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recording:
+    """A step recorded once, for every value of the state's host scalars.
+
+    Attributes
+    ----------
+    program
+        The array program (the key of a compiled kernel).
+    host
+        ``host(*hosts)`` with the state's host values (:func:`split_state`
+        order): ``None`` when a guard of the recording differs, else
+        ``(values, shared)``: the program's parameter values and the parts of
+        the new state that hold no array, which every leaf of a group shares.
+    rebuild
+        ``rebuild(arrays, shared)``: the new state of a leaf whose state arrays
+        are ``arrays``.
+    shape_used
+        Whether the rule read a shape (then the recording holds for that shape).
+    """
+
+    program: Program
+    host: Callable[..., Any]
+    rebuild: Callable[[list[Any], Any], Any]
+    shape_used: bool
+
+
+def _host_sub(state: Any, by_array: dict[int, Sym], host: HostProgram) -> Any:
+    sym = by_array.get(id(state))
+    if sym is not None:
+        return sym
+    kind = type(state)
+    if isinstance(state, tuple):
+        parts = [_host_sub(s, by_array, host) for s in state]
+        return kind(*parts) if hasattr(kind, "_fields") else kind(parts)
+    if kind in _HOST_SCALARS or kind is int or kind is float:
+        return host.input(state)
+    if isinstance(state, list):
+        msg = "a state holding a list"
+        raise Untraceable(msg)
+    return state
+
+
+class _Rebuild:
+    """Writes the source of a new state's rebuilding function."""
+
+    def __init__(self, host: HostProgram) -> None:
+        self.host = host
+        self.arrays = 0
+        self.shared: list[str] = []  # host expressions of the array-free subtrees
+        self.kinds: list[Any] = []
+
+    def expr(self, state: Any) -> tuple[bool, str]:
+        """``(has_arrays, expression)``: ``state`` over ``a`` (its arrays) and ``s``
+        (its array-free parts, host expressions computed once per group)."""
+        if isinstance(state, Sym):
+            self.arrays += 1
+            return True, f"a[{self.arrays - 1}]"
+        if isinstance(state, HostSym):
+            return False, self.host.operand(state)[0]
+        kind = type(state)
+        if isinstance(state, tuple):
+            parts = [self.expr(s) for s in state]
+            if not any(has for has, _ in parts):
+                return False, self._tuple(kind, [e for _, e in parts])
+            exprs = [e if has else self._share(e) for has, e in parts]
+            return True, self._tuple(kind, exprs)
+        if isinstance(state, list):
+            msg = "a new state holding a list"
+            raise Untraceable(msg)
+        return False, self.host.operand(state)[0]  # a constant, shared as it is
+
+    def _share(self, expr: str) -> str:
+        self.shared.append(expr)
+        return f"s[{len(self.shared) - 1}]"
+
+    def _tuple(self, kind: Any, exprs: list[str]) -> str:
+        inner = "".join(e + ", " for e in exprs)
+        if kind is tuple:
+            return f"({inner})"
+        self.kinds.append(kind)
+        return f"K{len(self.kinds) - 1}({inner})"
+
+
+def record(
+    rule: Any,
+    state: Any,
+    arrays: list[Any],
+    shape: tuple[int, ...],
+    dtype: str,
+    dtypes: tuple[str, ...],
+    name: str,
+) -> Recording:
+    """Record ``rule.apply`` once for every value of the state's host scalars.
+
+    As :func:`trace`, but the state's host values are :class:`HostSym` inputs:
+    the result holds for every state of the same structure (:func:`split_state`)
+    while the recorded guards hold. The recording is checked against
+    :func:`trace` at this state (the same program, parameter values and new
+    host values, bit for bit); a rule whose host code the symbols cannot follow
+    (one that tests a host value's type, say) raises :class:`Untraceable`.
+    """
+    host = HostProgram()
+    rec = Recorder(name, rule)
+    sx = rec.input(dtype, shape)
+    sg = rec.input(dtype, shape)
+    inputs = [rec.input(d, shape) for d in dtypes]
+    by_array = {id(a): s for a, s in zip(arrays, inputs, strict=True)}
+    rec.host = host
+    new_state, step = rule.apply(_host_sub(state, by_array, host), sx, sg, rec)
+    stores = _stores(rec, new_state, step, sx, inputs)
+    program, kept = _reduce_structure(
+        rec,
+        len(inputs) + 2,
+        tuple(s.dtype for s in rec.syms[: len(inputs) + 2]),
+        stores,
+    )
+    params = [host.operand(rec.values[k])[0] for k in kept]
+    build = _Rebuild(host)
+    has_arrays, expr = build.expr(new_state)
+    if not has_arrays:
+        expr = build._share(expr)
+    fn = host.compile(
+        [
+            f"({''.join(p + ', ' for p in params)})",
+            f"({''.join(s + ', ' for s in build.shared)})",
+        ]
+    )
+    namespace: dict[str, Any] = {f"K{k}": kind for k, kind in enumerate(build.kinds)}
+    rebuild = eval(f"lambda a, s: {expr}", namespace)
+    recording = Recording(program, fn, rebuild, rec.shape_used)
+    _check_recording(recording, rule, state, arrays, shape, dtype, dtypes, name)
+    return recording
+
+
+def _check_recording(
+    recording: Recording,
+    rule: Any,
+    state: Any,
+    arrays: list[Any],
+    shape: tuple[int, ...],
+    dtype: str,
+    dtypes: tuple[str, ...],
+    name: str,
+) -> None:
+    """Raise :class:`Untraceable` unless ``recording`` replays :func:`trace` at ``state``."""
+    concrete = trace(rule, state, arrays, shape, dtype, dtypes, name)
+    hosts: list[Any] = []
+    _hosts_of(state, hosts)
+    out = recording.host(*hosts)
+    if out is None or concrete.program != recording.program:
+        msg = "the recording with host symbols differs from the concrete one"
+        raise Untraceable(msg)
+    values, shared = out
+    want = _host_leaves(concrete.rebuild(arrays))
+    got = _host_leaves(recording.rebuild(arrays, shared))
+    if not (_same_values(values, concrete.values) and _same_values(got, want)):
+        msg = "the recording with host symbols computes other host values"
+        raise Untraceable(msg)
+
+
+def _hosts_of(state: Any, hosts: list[Any]) -> None:
+    kind = type(state)
+    if isinstance(state, tuple):
+        for s in state:
+            _hosts_of(s, hosts)
+    elif kind in _HOST_SCALARS or kind is int or kind is float:
+        hosts.append(state)
+
+
+def _host_leaves(state: Any) -> list[Any]:
+    """Every non-tuple leaf of ``state`` that is not an array, with its identity of kind."""
+    out: list[Any] = []
+
+    def walk(s: Any) -> None:
+        if isinstance(s, tuple):
+            out.append(type(s))
+            for part in s:
+                walk(part)
+        elif isinstance(s, list):
+            out.append(list)
+            for part in s:
+                walk(part)
+        elif hasattr(s, "shape") and hasattr(s, "dtype") and not np.isscalar(s):
+            out.append(_ARRAY)
+        else:
+            out.append(s)
+
+    walk(state)
+    return out
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two sequences of host values are equal in type and bits."""
+    if len(a) != len(b):
+        return False
+    for u, v in zip(a, b, strict=True):
+        if type(u) is not type(v):
+            return False
+        if isinstance(u, (np.generic, float)):
+            if np.asarray(u).tobytes() != np.asarray(v).tobytes():
+                return False
+        elif u is not v and u != v:
+            return False
+    return True

@@ -52,7 +52,17 @@ from agnosticopt.conformance._cases import BENCHMARK, cases_in
 
 import agnosticopt as opt
 
-__all__ = ["RESNET18", "RULES", "SETS", "Result", "chart", "machine", "run", "table"]
+__all__ = [
+    "RESNET18",
+    "RULES",
+    "SETS",
+    "Result",
+    "chart",
+    "machine",
+    "run",
+    "steps",
+    "table",
+]
 
 
 def _resnet18() -> list[tuple[int, ...]]:
@@ -316,9 +326,10 @@ def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
     return step
 
 
-def _steps(
+def steps(
     impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
 ) -> dict[str, Step | None]:
+    """One step function per implementation (``None``: not available here)."""
     ours, name, keywords, clip = RULES[rule]
     norm = NORM_CLIPS.get(rule)
     makers: dict[str, Callable[[], Step | None]] = {
@@ -415,9 +426,9 @@ def run(
     for set_name in sets:
         shapes = SETS[set_name]
         for rule in rules:
-            steps = _steps(impls, rule, shapes)
-            missing = [i for i, s in steps.items() if s is None]
-            live = {i: s for i, s in steps.items() if s is not None}
+            made = steps(impls, rule, shapes)
+            missing = [i for i, s in made.items() if s is None]
+            live = {i: s for i, s in made.items() if s is not None}
             for step in live.values():
                 for _ in range(warmup):
                     step()
@@ -454,7 +465,7 @@ def run(
                     if (r.set, r.rule) == (set_name, rule)
                 )
             )
-            del steps, live
+            del made, live
     return results
 
 

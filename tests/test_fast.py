@@ -61,13 +61,6 @@ def _one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_tiny_routing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests run the kernels on small arrays too: no update is sent to the
-    plain path for being small (that routing is tested in test_fast_cache.py)."""
-    monkeypatch.setattr(_fast, "PLAIN_BELOW", {})
-
-
 # -- data and comparison ---------------------------------------------------------------------------
 
 

@@ -161,7 +161,7 @@ def test_a_python_operator_warns_at_recording_naming_the_rule_and_the_operation(
     None
 ):
     pytest.importorskip("numba", reason="numba not installed: nothing is recorded")
-    n = 5000  # more than the fast path's plain-below threshold (adapters/_fast.py)
+    n = 5000
     g = np.linspace(-2, 2, n, dtype=np.float32)
     with fast_path(False):
         expected = opt.update(
@@ -186,9 +186,7 @@ def test_a_python_operator_warns_at_recording_naming_the_rule_and_the_operation(
 
 def test_the_operator_warning_made_an_error_raises_and_changes_nothing() -> None:
     pytest.importorskip("numba", reason="numba not installed: nothing is recorded")
-    model = {
-        "w": np.ones(5000, np.float32)
-    }  # past the fast path's plain-below threshold
+    model = {"w": np.ones(5000, np.float32)}
     tree = opt.setup(WithOperators(), model)
     with fast_path(True), warnings.catch_warnings():
         warnings.simplefilter("error", opt.OperatorWarning)
