@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("jax", reason="JAX is not installed (extra 'jax')")
@@ -66,3 +67,101 @@ def test_clipnorm_throw_under_jit_says_what_to_do() -> None:
     tree = opt.setup(opt.ClipNorm(1.0), [x])
     with pytest.raises(TypeError, match=r"throw=False"):
         jax.jit(opt.update)(tree, [x], [x])
+
+
+def _run_case(case: Path) -> str:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_ENABLE_X64": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, str(case)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # about 2 minutes on a loaded 2-core machine
+def test_jax_norms_are_shard_local_and_numpy_identical() -> None:
+    """Explicit and automatic meshes, in and out of set_mesh, eager and jit."""
+    assert _run_case(CASE.with_name("_jax_shard_local_case.py")).startswith("ok ")
+
+
+def test_rules_are_static_pytrees_eval_shape_of_setup() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import agnosticopt as opt
+
+    rule = opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.Adam(1e-3))
+    params = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.zeros(4, jnp.float64)}
+    assert jax.tree_util.tree_leaves(rule) == []
+    shapes = jax.eval_shape(opt.setup, rule, params)
+    real = opt.setup(rule, params)
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(real)
+    got = [(s.shape, s.dtype) for s in jax.tree_util.tree_leaves(shapes)]
+    assert got == [(jnp.shape(r), r.dtype) for r in jax.tree_util.tree_leaves(real)]
+    tree = jax.jit(opt.setup)(rule, params)  # the rule an argument of jit
+    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(real)
+    _, stepped = jax.jit(opt.update)(tree, params, params)
+    assert stepped["w"].shape == (3, 4)
+
+
+def test_rules_are_pytrees_when_jax_is_imported_after_agnosticopt(
+    tmp_path: Path,
+) -> None:
+    code = (
+        "import agnosticopt as opt\n"
+        "import jax, jax.numpy as jnp\n"
+        "rule = opt.Adam(1e-3)\n"
+        "s = jax.eval_shape(opt.setup, rule, [jnp.ones(3)])\n"
+        "print(s[0].state.m.shape)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,  # the installed package, not the source tree
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "(3,)"
+
+
+def test_jitted_norm_terms_are_not_contracted_into_fmas() -> None:
+    """XLA drops optimization barriers on CPU; x*x + y*y must not become an FMA.
+
+    Every node of the tree (what shards exchange) has numpy's bits, and the norm.
+    """
+    import jax
+
+    import agnosticopt as opt
+    from agnosticopt._norm import norm_nodes
+    from agnosticopt.adapters.numpy import NumpyAdapter
+
+    def nodes(d: object) -> object:
+        found, _ = norm_nodes(opt.adapter_for(d), d, 2, 0)
+        return jax.numpy.concatenate([n.value for n in found])
+
+    rule = opt.ClipNorm(1.0, throw=False)
+    for seed in range(6):
+        g = np.random.default_rng(seed).standard_normal(138_014 + 1001 * seed)
+        g = g.astype(np.float32)
+        want, _ = norm_nodes(NumpyAdapter(), g, 2, 0)
+        got = np.asarray(jax.jit(nodes)(jax.numpy.asarray(g)))
+        assert np.array_equal(
+            got.view(np.uint32), np.concatenate([n.value for n in want]).view(np.uint32)
+        ), seed
+        norm = jax.jit(lambda d: rule.device_norm(d, opt.adapter_for(d)))(
+            jax.numpy.asarray(g)
+        )
+        assert np.asarray(norm).reshape(-1).view(np.uint32)[0] == np.asarray(
+            opt.norm(g)
+        ).view(np.uint32), seed
