@@ -283,7 +283,7 @@ class JaxAdapter(Adapter):
 def _product(x: Any) -> Any:
     """``x*x`` under ``jit``, in a form that no add contracts into an FMA (see ``abs2``)."""
     p = jnp.multiply(x, x)
-    return jnp.where(p == p, p, x)
+    return jnp.where(p == p, p, x)  # noqa: PLR0124  (False only for NaN)
 
 
 def _row_split(x: Any) -> tuple[Any, tuple[str, ...], int] | None:
@@ -339,7 +339,7 @@ def _shard_reducer(
 
     def branch(k: int) -> Callable[[Any], Any]:
         def reduce(block: Any) -> Any:
-            xp = adapter(block)
+            xp: Any = adapter(block)  # a tracer's: never None
             terms, combine = _terms(xp, jnp.reshape(block, (-1,)), p)
             if str(jnp.dtype(terms.dtype)) != real:
                 terms = xp.astype(terms, real)
@@ -528,6 +528,7 @@ def _register_rule(cls: type) -> None:
 
 
 def _subclasses(cls: type) -> Iterator[type]:
+    sub: type
     for sub in cls.__subclasses__():
         yield sub
         yield from _subclasses(sub)

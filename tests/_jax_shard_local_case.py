@@ -22,11 +22,11 @@ os.environ["JAX_ENABLE_X64"] = "1"
 
 import jax
 import numpy as np
+from agnosticopt.adapters import jax as jax_adapter
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import agnosticopt as opt
-from agnosticopt.adapters import jax as jax_adapter
 
 #: The most elements one collective of a shard-local step may carry (the
 #: gradient has 138,014; the nodes are about 2·log2(n) per shard and leaf).
@@ -178,7 +178,9 @@ def run(mesh: jax.sharding.Mesh, inside: bool) -> None:
             f"eval_shape structure {label}",
         )
         for s, r in zip(
-            jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(real)
+            jax.tree_util.tree_leaves(shapes),
+            jax.tree_util.tree_leaves(real),
+            strict=True,
         ):
             check(
                 s.shape == r.shape and s.dtype == r.dtype,

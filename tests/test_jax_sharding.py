@@ -141,10 +141,10 @@ def test_jitted_norm_terms_are_not_contracted_into_fmas() -> None:
     Every node of the tree (what shards exchange) has numpy's bits, and the norm.
     """
     import jax
+    from agnosticopt.adapters.numpy import NumpyAdapter
 
     import agnosticopt as opt
     from agnosticopt._norm import norm_nodes
-    from agnosticopt.adapters.numpy import NumpyAdapter
 
     def nodes(d: object) -> object:
         found, _ = norm_nodes(opt.adapter_for(d), d, 2, 0)
