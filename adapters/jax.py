@@ -36,15 +36,25 @@ variants (one per counter value), and a changed hyperparameter recompiles.
 schedules are evaluated on the device (:func:`schedule_value`), so one compiled
 step serves a whole schedule.
 ``ClipNorm(omega, throw=False)`` and ``ClipGlobalNorm`` are traced: the
-aligned-block tree is a fixed sequence of adds on static shapes, ``|g|²`` sits
-behind ``lax.optimization_barrier`` (no FMA contraction), and ClipNorm's λ is
+aligned-block tree is a fixed sequence of adds on static shapes, each square
+of ``|g|²`` is read through a guard that no add contracts into an FMA
+(:meth:`JaxAdapter.abs2`; XLA on CPU drops ``lax.optimization_barrier``
+before it fuses), and ClipNorm's λ is
 computed in float64 on the device (64-bit mode) or by its own host code through
 ``jax.pure_callback`` (otherwise), so the clip alone gives numpy's bits.
 ``ClipNorm(throw=True)`` (the default) and ``RAdam`` (which branches on
 ``rho``) decide on the host: a clear ``TypeError`` here; run them outside
-``jax.jit``. Explicit-sharding meshes work: devices are compared by equivalent
-sharding, and the reductions replicate the flattened gradient (an all-gather;
-the shard-local reduction is not built for JAX yet). After a jitted step the host scalars are 0-d JAX arrays;
+``jax.jit``. Explicit-sharding meshes work, inside and outside
+``jax.set_mesh``: devices are compared by equivalent sharding. A gradient split
+on dim 0 only is reduced shard by shard (:meth:`JaxAdapter.norm_nodes`: one
+``shard_map``, one all-gather of the tree's nodes, never of the gradient),
+eagerly on any mesh and under ``jax.jit`` on explicit meshes (an automatic
+mesh's tracer has no sharding yet: one piece, which XLA partitions); any other
+layout is reduced as one piece (replicated first on an explicit mesh), the same
+bits. Rule classes are
+static pytrees (no leaves), so ``jax.eval_shape(opt.setup, rule, params)``
+works and a rule can be an argument of a jitted function. After a jitted step
+the host scalars are 0-d JAX arrays;
 eager steps, :func:`~agnosticopt.state_dict` and :func:`~agnosticopt.save`
 take them as they are.
 
