@@ -18,7 +18,8 @@ elementwise ops change its sharding). In every configuration:
   the compiled step has no collective of more than ``SMALL`` values (no
   gather of the gradient), and on explicit meshes one all-gather of nodes per
   clip and row-split leaf; the eager reducer's program is one all-gather of
-  its nodes;
+  its nodes; on explicit meshes the jitted shard-local nodes of ``|a|²`` (what
+  the shards exchange) are numpy's (no XLA FMA changed one);
 * ``jax.eval_shape(opt.setup, rule, params)``: the real state's structure,
   shapes, dtypes and (explicit meshes; automatic ones give none) shardings.
 
@@ -46,10 +47,12 @@ os.environ["JAX_ENABLE_X64"] = "1"
 import jax
 import numpy as np
 from agnosticopt.adapters import jax as jax_adapter
+from agnosticopt.adapters.numpy import NumpyAdapter
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import agnosticopt as opt
+from agnosticopt._norm import norm_nodes
 
 #: The most elements one collective of a shard-local step may carry (the
 #: gradient has 138,014; the nodes are about 2·log2(n) per shard and leaf).
@@ -96,6 +99,12 @@ def same_layout(a: object, b: object, ndim: int) -> bool:
         return getattr(mesh, "abstract_mesh", mesh), spec + (None,) * (ndim - len(spec))
 
     return key(a) == key(b)
+
+
+def nodes_of(d: object) -> object:
+    """The tree nodes of ``|d|²`` that JAX's adapter reduces, in one array."""
+    found, _ = norm_nodes(opt.adapter_for(d), d, 2, 0)
+    return jax.numpy.concatenate([n.value for n in found])
 
 
 def model(dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -193,6 +202,24 @@ def run(kind: AxisType, inside: bool, dtype: str, p: float, q: float) -> None:
             split = 1 if inside else 2  # "a" (and "b"); "e" is empty
             check(len(gathers) == 2 * split, f"jit clips {label}: all-gathers {sizes}")
 
+        if explicit:  # under jit, what the shards exchange: numpy's nodes of |a|²
+            # (the clipped bits alone can hide a node changed by an XLA FMA)
+            local = g["a"].size // 2
+            flat = g["a"].reshape(-1)
+            want_nodes = np.concatenate(
+                [
+                    n.value
+                    for k in range(2)
+                    for n in norm_nodes(
+                        NumpyAdapter(), flat[k * local : (k + 1) * local], 2, k * local
+                    )[0]
+                ]
+            )
+            got_nodes = jax.jit(nodes_of)(put(g)["a"])
+            check(
+                np.array_equal(bits(got_nodes), bits(want_nodes)),
+                f"jit shard nodes {label}",
+            )
         # eager: the cached shard_map of "a" exchanges only its nodes
         local = g["a"].size // 2
         width = max(len(opt._norm.piece_layout(k * local, local)) for k in range(2))
