@@ -36,7 +36,7 @@ def _run_case(case: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.slow  # one process; about 40 s of CPU (70 s on a loaded 2-core machine)
+@pytest.mark.slow  # one process: about 45 s of CPU, 80 s on a loaded 2-core machine
 def test_jax_sharded_steps_keep_shardings_norms_shard_local_numpy_bits() -> None:
     """Explicit and automatic meshes, in and out of set_mesh, eager and jit.
 
