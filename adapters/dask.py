@@ -38,6 +38,8 @@ from agnosticopt.adapters.numpy import NumpyAdapter
 from dask.array.core import elemwise
 from dask.base import tokenize
 
+from agnosticopt._norm import piece_layout  # the nodes of a block (was defined here)
+
 __all__ = ["DaskAdapter", "adapter", "piece_layout"]
 
 _NP = NumpyAdapter()
@@ -70,27 +72,6 @@ class _OnBlocks:
             self.fixed[i] if i in self.fixed else next(given) for i in range(self.count)
         ]
         return np.asarray(getattr(_NP, self.method)(*args, **self.kwargs))
-
-
-def piece_layout(offset: int, size: int) -> list[tuple[int, int]]:
-    """``(level, block)`` of the tree nodes of a piece, in :func:`reduce_piece`'s order.
-
-    The index arithmetic of :func:`agnosticopt._norm.reduce_piece` without the
-    values, so that the node list of a block is known before its task runs.
-    """
-    out: list[tuple[int, int]] = []
-    lo, hi, level = offset, offset + size, 0
-    while lo < hi:
-        if lo & 1:
-            out.append((level, lo))
-            lo += 1
-        if lo < hi and hi & 1:
-            out.append((level, hi - 1))
-            hi -= 1
-        if lo == hi:
-            break
-        lo, hi, level = lo >> 1, hi >> 1, level + 1
-    return out
 
 
 def _block_nodes(

@@ -40,6 +40,7 @@ __all__ = [
     "norm_at",
     "norm_nodes",
     "pairwise_reduce",
+    "piece_layout",
     "reduce_piece",
     "shard_norm_finish",
     "shard_norm_nodes",
@@ -104,30 +105,63 @@ def reduce_piece(
     One elementwise ``combine`` per level over the piece (``log2(size)`` calls
     in all), on the halves ``a[0::2]`` and ``a[1::2]``.
     """
-    flat = xp.flatten(piece)
-    n = xp.size(flat)
+    n = xp.size(piece)
     if offset < 0 or (total is not None and offset + n > total):
         msg = f"a piece of {n} elements at offset {offset} is not inside [0, {total})"
         raise ValueError(msg)
     nodes: list[Node] = []
-    lo, hi, level = (
-        offset,
-        offset + n,
-        0,
-    )  # the nodes [lo, hi) of this level are in flat
-    while lo < hi:
+    if n == 0:
+        return nodes
+    flat = xp.flatten(piece)
+    # The nodes [lo, hi) of this level are in flat. No slice is ever empty: JAX
+    # cannot build an empty slice of an explicitly sharded array outside
+    # ``jax.set_mesh`` ("Length of device assignment 1 is not equal to the size
+    # of the mesh"), so a piece that is used up ends the loop before slicing.
+    lo, hi, level = offset, offset + n, 0
+    while True:
         if lo & 1:  # its left sibling is in another piece: a finished node
             nodes.append(Node(level, lo, flat[0:1]))
-            flat, lo = flat[1:], lo + 1
-        if lo < hi and hi & 1:  # the last node's right sibling is not here
+            lo += 1
+            if lo == hi:
+                break
+            flat = flat[1:]
+        if hi & 1:  # the last node's right sibling is not here
             m = hi - lo
             nodes.append(Node(level, hi - 1, flat[m - 1 : m]))
-            flat, hi = flat[: m - 1], hi - 1
-        if lo == hi:
-            break
+            hi -= 1
+            if lo == hi:
+                break
+            flat = flat[: m - 1]
         flat = combine(flat[0::2], flat[1::2])
         lo, hi, level = lo >> 1, hi >> 1, level + 1
     return nodes
+
+
+def piece_layout(offset: int, size: int) -> list[tuple[int, int]]:
+    """``(level, block)`` of each node :func:`reduce_piece` gives, in its order.
+
+    The same walk as :func:`reduce_piece` on the index range
+    ``[offset, offset + size)``, without the data: an adapter that reduces the
+    pieces on the devices (JAX's shards, in one ``shard_map``) labels the
+    values it gets back with it.
+    """
+    layout: list[tuple[int, int]] = []
+    if size == 0:
+        return layout
+    lo, hi, level = offset, offset + size, 0
+    while True:
+        if lo & 1:
+            layout.append((level, lo))
+            lo += 1
+            if lo == hi:
+                break
+        if hi & 1:
+            layout.append((level, hi - 1))
+            hi -= 1
+            if lo == hi:
+                break
+        lo, hi, level = lo >> 1, hi >> 1, level + 1
+    return layout
 
 
 def combine_nodes(nodes: Iterable[Node], total: int, combine: Combine) -> Any:
@@ -287,9 +321,11 @@ def norm_nodes(
     """
     by_blocks = getattr(
         xp, "norm_nodes", None
-    )  # an adapter that reduces block by block
+    )  # an adapter that reduces block by block (None: not this array)
     if by_blocks is not None:
-        return by_blocks(dx, p, offset, dtype), _combine_of(xp, p)
+        found = by_blocks(dx, p, offset, dtype)
+        if found is not None:
+            return found, _combine_of(xp, p)
     terms, combine = _terms(xp, dx, p)
     if dtype is not None and xp.dtype_name(terms) != dtype:
         terms = xp.astype(terms, dtype)

@@ -442,6 +442,28 @@ def _checking_apply(fn: Callable[..., Any]) -> Callable[..., Any]:
     return apply
 
 
+#: Called with every new subclass of :class:`Rule`; JAX's adapter, once loaded,
+#: adds the hook that makes each one a static pytree (a rule has no leaves).
+NEW_RULE_CLASS_HOOKS: list[Callable[[type], None]] = []
+
+
+def _load_jax_pytrees() -> None:
+    """Load JAX's adapter (it makes rules and ``Leaf`` pytrees) if JAX is imported.
+
+    Called when a rule is made, so that ``jax.eval_shape(opt.setup, rule, params)``
+    works in a program that imported JAX after agnosticopt: JAX flattens the
+    rule before ``setup`` runs. Never imports JAX itself.
+    """
+    if (
+        "jax" in sys.modules
+        and "agnosticopt.adapters.jax" not in sys.modules
+        and getattr(sys.modules.get("agnosticopt"), "__version__", None) is not None
+    ):
+        import importlib
+
+        importlib.import_module("agnosticopt.adapters.jax")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Base class of every rule: validation, ``adjust`` and the contract.
@@ -471,8 +493,11 @@ class Rule:
             fn = cls.__dict__.get(name)
             if callable(fn) and not getattr(fn, "__agnosticopt_checked__", False):
                 setattr(cls, name, wrap(fn))
+        for hook in NEW_RULE_CLASS_HOOKS:
+            hook(cls)
 
     def __post_init__(self) -> None:
+        _load_jax_pytrees()
         if _TRACED_HYPERPARAMETERS.get():
             return
         hints = _hints(type(self))
