@@ -530,6 +530,15 @@ def memory_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` threads in torch and in agnosticopt's kernels."""
+    import torch
+    from agnosticopt.adapters import _numba
+
+    torch.set_num_threads(threads)
+    _numba.THREADS = threads
+
+
 def machine() -> str:
     """The machine and library versions, for the report."""
     cpu = platform.processor() or platform.machine()

@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.threads:
-        import torch
-        from agnosticopt.adapters import _numba
-
-        torch.set_num_threads(args.threads)
-        _numba.THREADS = args.threads
+        _harness.set_threads(args.threads)
 
     print(f"machine: {_harness.machine()}", flush=True)
     results = _harness.run(

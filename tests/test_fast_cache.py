@@ -240,8 +240,9 @@ class _no_grad:  # noqa: N801  (a context manager used like torch.no_grad)
             self.inner.__exit__(*exc)
 
 
-def _steps(kind: str, rule: opt.Rule, *, fast: bool) -> tuple[list[list[Any]], int]:
-    rng = np.random.default_rng(5)
+def _model_and_grads(kind: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Random float32 parameters of ``SIZES`` on ``kind``, and gradients (copies)."""
+    rng = np.random.default_rng(seed)
     model = {
         k: _array(kind, rng.standard_normal(n).astype(np.float32))
         for k, n in SIZES.items()
@@ -250,6 +251,11 @@ def _steps(kind: str, rule: opt.Rule, *, fast: bool) -> tuple[list[list[Any]], i
         k: _copy(kind, _array(kind, rng.standard_normal(n).astype(np.float32)))
         for k, n in SIZES.items()
     }
+    return model, grads
+
+
+def _steps(kind: str, rule: opt.Rule, *, fast: bool) -> tuple[list[list[Any]], int]:
+    model, grads = _model_and_grads(kind, seed=5)
     tree = opt.setup(rule, model)
     snapshots = []
     before = _fast.counters["fast"]
@@ -425,15 +431,7 @@ def test_a_global_clip_sent_back_to_the_plain_path_keeps_the_clip_norm_leaves_ri
 
 def _recorded_steps(kind: str, rule: opt.Rule, steps: int) -> tuple[int, int, int]:
     """``(recorded, traced, reused)`` counts of ``steps`` updates of three leaves."""
-    rng = np.random.default_rng(7)
-    model = {
-        k: _array(kind, rng.standard_normal(n).astype(np.float32))
-        for k, n in SIZES.items()
-    }
-    grads = {
-        k: _copy(kind, _array(kind, rng.standard_normal(n).astype(np.float32)))
-        for k, n in SIZES.items()
-    }
+    model, grads = _model_and_grads(kind, seed=7)
     tree = opt.setup(rule, model)
     _fast._recordings.clear()
     before = dict(_fast.counters)
