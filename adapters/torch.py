@@ -577,8 +577,11 @@ class TorchArrays:
     def written(self, tensors: list[Any]) -> None:
         """Bump the version counters of ``tensors``."""
         bump = torch.autograd.graph.increment_version
-        for t in tensors:  # one at a time: torch < 2.5 takes no list
-            bump(t)
+        try:
+            bump(tensors)  # one call for all (torch >= 2.5)
+        except TypeError:  # torch < 2.5 takes no list: one at a time
+            for t in tensors:
+                bump(t)
 
     def scaled(self, t: Any, factor: Any) -> Any:
         """A new contiguous CPU tensor ``t * factor``, numpy's correctly rounded product."""
