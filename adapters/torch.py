@@ -423,7 +423,8 @@ def adapter(x: Any) -> Adapter | None:
     """The torch adapter for the device type of tensor ``x``."""
     if not isinstance(x, torch.Tensor):
         return None
-    if type(x) is not torch.Tensor and _is_dtensor(x):  # FSDP2 / DTensor: local shards
+    cls = type(x)  # an nn.Parameter of a DTensor is of a DTensor class
+    if cls is not torch.Tensor and cls is not _PARAMETER and _is_dtensor(x):
         from agnosticopt.adapters import dtensor
 
         return dtensor.adapter(x)
@@ -432,6 +433,9 @@ def adapter(x: Any) -> Adapter | None:
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
     return found
+
+
+_PARAMETER = torch.nn.Parameter
 
 
 def _is_dtensor(x: Any) -> bool:
@@ -573,8 +577,11 @@ class TorchArrays:
     def written(self, tensors: list[Any]) -> None:
         """Bump the version counters of ``tensors``."""
         bump = torch.autograd.graph.increment_version
-        for t in tensors:  # one at a time: torch < 2.5 takes no list
-            bump(t)
+        try:
+            bump(tensors)  # one call for all (torch >= 2.5)
+        except TypeError:  # torch < 2.5 takes no list: one at a time
+            for t in tensors:
+                bump(t)
 
     def scaled(self, t: Any, factor: Any) -> Any:
         """A new contiguous CPU tensor ``t * factor``, numpy's correctly rounded product."""

@@ -45,9 +45,10 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[_Planned]:
     for entry in stepping:
         check_state(entry.leaf, entry.x, entry.xp, entry.path)
     written = Written()
+    asked: dict[int, tuple[Any, Any]] = {}
     if in_place:
         for entry in stepping:  # an adapter whose arrays cannot be written (dask)
-            refused = hook(entry.xp, "refuses_in_place")
+            refused = _hook_of(entry.xp, "refuses_in_place", asked)
             if refused:
                 msg = f"update_: the parameter at {format_path(entry.path)}: {refused}"
                 raise TypeError(msg)
@@ -142,10 +143,11 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
     """
     by_adapter: dict[int, tuple[FastPlanner, list[_Entry]]] = {}
     plain = cross_leaf_plain(entries)  # a reduction over leaves of several adapters
+    asked: dict[int, tuple[Any, Any]] = {}
     for entry in entries:
         if entry.grad is None or entry.leaf.frozen or id(entry) in plain:
             continue
-        if hook(entry.xp, "fast_plan") is not None:
+        if _hook_of(entry.xp, "fast_plan", asked) is not None:
             xp = cast(FastPlanner, entry.xp)
             by_adapter.setdefault(id(xp), (xp, []))[1].append(entry)
     plans = []
@@ -174,6 +176,14 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
                 entry.plain_rule = plain_rules[k]
         plans.append((plan, taken))
     return plans
+
+
+def _hook_of(xp: Any, name: str, asked: dict[int, tuple[Any, Any]]) -> Any:
+    """``hook(xp, name)``, asked once per adapter in one update (``asked``: by ``id``)."""
+    found = asked.get(id(xp))
+    if found is None or found[0] is not xp:
+        found = asked[id(xp)] = (xp, hook(xp, name))
+    return found[1]
 
 
 def _stepped(xp: ArrayAdapter, x: Any, step: Any) -> Any:

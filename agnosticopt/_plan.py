@@ -48,6 +48,9 @@ class _Plan:
     def __init__(self) -> None:
         self.entries: dict[int, _Entry] = {}  # id(leaf) -> entry
         self.owners: dict[int, _Entry] = {}  # id(array) -> entry
+        #: id(adapter) -> (adapter, its check_leaf, its local_adapter): asked once
+        #: per adapter and update, not per leaf.
+        self.hooks: dict[int, tuple[Any, Any, Any]] = {}
 
     def walk(self, tree: Any, x: Any, g: Any, path: KeyPath) -> None:
         if isinstance(tree, Leaf):
@@ -115,11 +118,15 @@ class _Plan:
                 "objects there; make the tree with setup so that ties share one Leaf"
             )
             raise ValueError(msg)
-        check = hook(xp, "check_leaf")
+        hooks = self.hooks.get(id(xp))
+        if hooks is None or hooks[0] is not xp:
+            hooks = (xp, hook(xp, "check_leaf"), hook(xp, "local_adapter"))
+            self.hooks[id(xp)] = hooks
+        check = hooks[1]
         if check is not None:
             check(x, format_path(path))
         entry = _Entry(leaf, x, xp, path)
-        if hook(xp, "local_adapter") is not None:  # step the local shards
+        if hooks[2] is not None:  # step the local shards
             local = xp.local(x)
             view = Leaf(leaf.rule, xp.local_state(x, leaf.state), leaf.frozen)
             entry = _Entry(
@@ -246,6 +253,8 @@ def _grad_children(g: Any, node: Node, path: KeyPath) -> list[Any]:
 def _checked_grad(xp: ArrayAdapter, x: Any, g: Any, path: KeyPath) -> Any:
     """``g`` checked against parameter ``x``, and cast to its dtype."""
     gxp = adapter_for(g)
+    if gxp is xp and g.dtype is x.dtype and g.shape == x.shape:
+        return g  # the usual gradient: the checks below, all passed, in one line
     if gxp is None:
         msg = f"the gradient at {format_path(path)} must be an array or None, got {_describe(g)}"
         raise TypeError(msg)
