@@ -199,7 +199,6 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
     parts: list[_Part] = []
-    given = items
     with np.errstate(all="ignore"):
         given = items
         items, clipped = _global_clips(arrays, items)
@@ -469,20 +468,43 @@ def _clip_norms(
         host = _HostDtype(dtype)
         for k, grad, size, value in zip(positions, grads, sizes, values, strict=True):
             clip, rest, _ = clips[k]
-            rule, state, x, _ = items[k]
+            _, state, x, _ = items[k]
             if clip.throw and not math.isfinite(value):
                 continue
             lam = clip.factor(value, x, host)
-            if size <= SCALE_AT_MOST:
-                key: tuple[Any, ...] = ("scaled", id(rule))  # small leaves: one group
-                factor, grad = None, arrays.scaled(grad, lam)
-            else:
-                key = ("wrapper", id(rule), lam.dtype.name, lam.tobytes())  # per λ
-                factor = lam
-            wrapper = rest_of.get(key)
-            if wrapper is None:
-                wrapper = rest_of[key] = _AfterClip(rest, factor)
+            wrapper, grad = clipped_by(
+                arrays, rest, lam, grad, rest_of, scale=size <= SCALE_AT_MOST
+            )
             out[k] = (wrapper, state, x, grad)
+
+
+def clipped_by(
+    arrays: Arrays,
+    rest: Any,
+    lam: Any,
+    grad: Any,
+    wrappers: dict[Any, Any],
+    *,
+    scale: bool,
+) -> tuple[_AfterClip, Any]:
+    """The rule and gradient of a leaf clipped by its own λ before ``rest``.
+
+    With ``scale``, the gradient becomes ``λ·grad`` (one correctly rounded product
+    per element) under a wrapper shared by every such leaf of ``rest``, so that
+    they share one recorded program and one kernel call; else the gradient is
+    kept and the wrapper holds λ (one per value of λ). ``wrappers`` holds the
+    wrappers made so far, by key.
+    """
+    if scale:
+        key: tuple[Any, ...] = ("scaled", id(rest))
+        factor, grad = None, arrays.scaled(grad, lam)
+    else:
+        key = ("lambda", id(rest), lam.dtype.name, lam.tobytes())
+        factor = lam
+    wrapper = wrappers.get(key)
+    if wrapper is None:
+        wrapper = wrappers[key] = _AfterClip(rest, factor)
+    return wrapper, grad
 
 
 class _HostDtype:
@@ -814,19 +836,7 @@ class _Kept:
             rebuild = step.state
             for leaf in part.leaves:
                 new_states[leaf.position] = rebuild(leaf.arrays)
-            launch = part.launch
-            launches.append(
-                _Launch(
-                    launch.kernel,
-                    launch.table,
-                    launch.sizes,
-                    step.values,
-                    launch.itemsizes,
-                    launch.targets,
-                    launch.written,
-                    launch.chunks,
-                )
-            )
+            launches.append(dataclasses.replace(part.launch, values=step.values))
             part.step = step
         self.states = new_states
         counters["fast"] += len(items)

@@ -375,20 +375,14 @@ def _clip_plan(
             del offered[c.at]
             continue
         _, state, x, dx = items[c.at]
-        if (
+        scale = (  # small ClipNorm shards: one group (a global clip has one λ)
             type(c.clip) is ClipNorm
             and 0 < dx.numel() <= _fast.SCALE_AT_MOST
             and arrays.dtype(dx) == fast.dtype.name
-        ):
-            key: tuple[Any, ...] = ("scaled", id(c.rest))  # small shards: one group
-            factor, dx = None, arrays.scaled(dx, fast)
+        )
+        wrapper, dx = _fast.clipped_by(arrays, c.rest, fast, dx, wrappers, scale=scale)
+        if scale:
             made.append(dx)
-        else:
-            key = (id(c.rest), fast.dtype.name, fast.tobytes())  # one λ: one group
-            factor = fast
-        wrapper = wrappers.get(key)
-        if wrapper is None:
-            wrapper = wrappers[key] = _fast._AfterClip(c.rest, factor)
         offered[c.at] = (wrapper, state, x, dx)
     states: list[Any] = [_fast.SKIP] * len(items)
     positions = list(offered)
