@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from agnosticopt._containers import format_path
 from agnosticopt._global import cross_leaf_plain, run_stages
-from agnosticopt._plan import _Entry, hook
+from agnosticopt._plan import _Entry, asked_hook
 from agnosticopt._protocols import ArrayAdapter, CompiledPlan, FastPlanner
 from agnosticopt._rule import Replace
 from agnosticopt._speed import fast_path_enabled
@@ -45,10 +45,10 @@ def _compute(entries: list[_Entry], *, in_place: bool) -> list[_Planned]:
     for entry in stepping:
         check_state(entry.leaf, entry.x, entry.xp, entry.path)
     written = Written()
-    asked: dict[int, tuple[Any, Any]] = {}
+    asked: dict[tuple[int, str], tuple[Any, Any]] = {}
     if in_place:
         for entry in stepping:  # an adapter whose arrays cannot be written (dask)
-            refused = _hook_of(entry.xp, "refuses_in_place", asked)
+            refused = asked_hook(entry.xp, "refuses_in_place", asked)
             if refused:
                 msg = f"update_: the parameter at {format_path(entry.path)}: {refused}"
                 raise TypeError(msg)
@@ -143,11 +143,11 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
     """
     by_adapter: dict[int, tuple[FastPlanner, list[_Entry]]] = {}
     plain = cross_leaf_plain(entries)  # a reduction over leaves of several adapters
-    asked: dict[int, tuple[Any, Any]] = {}
+    asked: dict[tuple[int, str], tuple[Any, Any]] = {}
     for entry in entries:
         if entry.grad is None or entry.leaf.frozen or id(entry) in plain:
             continue
-        if _hook_of(entry.xp, "fast_plan", asked) is not None:
+        if asked_hook(entry.xp, "fast_plan", asked) is not None:
             xp = cast(FastPlanner, entry.xp)
             by_adapter.setdefault(id(xp), (xp, []))[1].append(entry)
     plans = []
@@ -176,14 +176,6 @@ def _fast_plans(entries: list[_Entry]) -> list[_Planned]:
                 entry.plain_rule = plain_rules[k]
         plans.append((plan, taken))
     return plans
-
-
-def _hook_of(xp: Any, name: str, asked: dict[int, tuple[Any, Any]]) -> Any:
-    """``hook(xp, name)``, asked once per adapter in one update (``asked``: by ``id``)."""
-    found = asked.get(id(xp))
-    if found is None or found[0] is not xp:
-        found = asked[id(xp)] = (xp, hook(xp, name))
-    return found[1]
 
 
 def _stepped(xp: ArrayAdapter, x: Any, step: Any) -> Any:

@@ -48,9 +48,8 @@ class _Plan:
     def __init__(self) -> None:
         self.entries: dict[int, _Entry] = {}  # id(leaf) -> entry
         self.owners: dict[int, _Entry] = {}  # id(array) -> entry
-        #: id(adapter) -> (adapter, its check_leaf, its local_adapter): asked once
-        #: per adapter and update, not per leaf.
-        self.hooks: dict[int, tuple[Any, Any, Any]] = {}
+        #: The adapters' hooks, asked once per adapter and update (:func:`asked_hook`).
+        self.asked: dict[tuple[int, str], tuple[Any, Any]] = {}
 
     def walk(self, tree: Any, x: Any, g: Any, path: KeyPath) -> None:
         if isinstance(tree, Leaf):
@@ -118,15 +117,11 @@ class _Plan:
                 "objects there; make the tree with setup so that ties share one Leaf"
             )
             raise ValueError(msg)
-        hooks = self.hooks.get(id(xp))
-        if hooks is None or hooks[0] is not xp:
-            hooks = (xp, hook(xp, "check_leaf"), hook(xp, "local_adapter"))
-            self.hooks[id(xp)] = hooks
-        check = hooks[1]
+        check = asked_hook(xp, "check_leaf", self.asked)
         if check is not None:
             check(x, format_path(path))
         entry = _Entry(leaf, x, xp, path)
-        if hooks[2] is not None:  # step the local shards
+        if asked_hook(xp, "local_adapter", self.asked) is not None:  # local shards
             local = xp.local(x)
             view = Leaf(leaf.rule, xp.local_state(x, leaf.state), leaf.frozen)
             entry = _Entry(
@@ -155,6 +150,16 @@ def hook(xp: Any, name: str) -> Any:
     if defined or name in getattr(xp, "__dict__", ()):
         return getattr(xp, name, None)
     return None
+
+
+def asked_hook(
+    xp: Any, name: str, asked: dict[tuple[int, str], tuple[Any, Any]]
+) -> Any:
+    """:func:`hook`, asked once per adapter and name in one update (``asked``)."""
+    found = asked.get((id(xp), name))
+    if found is None or found[0] is not xp:
+        found = asked[id(xp), name] = (xp, hook(xp, name))
+    return found[1]
 
 
 def _check_untracked(x: Any, path: KeyPath) -> None:
