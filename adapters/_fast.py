@@ -51,7 +51,7 @@ from agnosticopt._trace import (
     trace,
 )
 
-__all__ = ["SKIP", "Arrays", "FastPlan", "available", "counters", "plan"]
+__all__ = ["SKIP", "Arrays", "FastPlan", "available", "counters", "plan", "replay"]
 
 #: A leaf that the plan does not update (it takes the plain path).
 SKIP: Any = object()
@@ -153,6 +153,8 @@ class FastPlan:
     arrays: Arrays
     #: Arrays the plan made (scaled gradients) that the kernels read: kept alive.
     made: list[Any] = dataclasses.field(default_factory=list)
+    #: Whether the plan is kept for the next update of the same leaves (:func:`replay`).
+    replayable: bool = False
 
     @property
     def handled(self) -> list[bool]:
@@ -234,7 +236,25 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
         and all(part.step.recording is not None for part in parts)
     ):
         _kept[id(arrays)] = _Kept(arrays, given, states, parts, launches)
+        return FastPlan(states, launches, arrays, made, replayable=True)
     return FastPlan(states, launches, arrays, made)
+
+
+def replay(arrays: Arrays, items: Items) -> FastPlan | None:
+    """The kept plan of the last update for exactly these leaves, or ``None``.
+
+    As :func:`plan` where the last plan still holds (:class:`_Kept`), but never
+    plans anew: for ``update_``'s replay of a tree whose leaves, arrays and
+    states are those of its last update (``agnosticopt/_replay.py``), which
+    otherwise takes the whole way.
+    """
+    if not RECORD_ONCE or not available():
+        return None
+    kept = _kept.get(id(arrays))
+    if kept is None or kept.arrays is not arrays:
+        return None
+    with np.errstate(all="ignore"):
+        return kept.again(items)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -841,7 +861,7 @@ class _Kept:
         self.states = new_states
         counters["fast"] += len(items)
         counters["reused"] += len(items)
-        return FastPlan(new_states, launches, arrays)
+        return FastPlan(new_states, launches, arrays, replayable=True)
 
     def _new_grads(self, items: Items) -> bool:
         """Take new gradient arrays: check them, refresh the tables' gradient column.

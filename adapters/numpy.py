@@ -149,6 +149,12 @@ class NumpyAdapter(Adapter):
 
         return _fast.plan(numpy_arrays(), items)
 
+    def fast_replay(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
+        """The last fast plan again for the same leaves, or ``None`` (never a new plan)."""
+        from agnosticopt.adapters import _fast
+
+        return _fast.replay(numpy_arrays(), items)
+
 
 _ADAPTER = NumpyAdapter()
 

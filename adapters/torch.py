@@ -372,6 +372,14 @@ class TorchAdapter(Adapter):
 
         return _fast.plan(torch_arrays(self), items)
 
+    def fast_replay(self, items: list[tuple[Any, Any, Any, Any]]) -> Any:
+        """The last fast plan again for the same leaves, or ``None`` (never a new plan)."""
+        if self.name != "torch":
+            return None
+        from agnosticopt.adapters import _fast
+
+        return _fast.replay(torch_arrays(self), items)
+
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The byte range from the first to one past the last element of ``t``."""

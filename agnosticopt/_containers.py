@@ -240,6 +240,11 @@ def format_path(path: KeyPath) -> str:
     return repr(tuple(path))
 
 
+def builtins_are_plain() -> bool:
+    """Whether lists, tuples and dicts are taken apart as such (none registered)."""
+    return not _REGISTRY or all(_registered(c) is None for c in (list, tuple, dict))
+
+
 def _registered(cls: type) -> tuple[Flattener, Unflattener, Trainable] | None:
     if not _REGISTRY:
         return None

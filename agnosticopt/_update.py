@@ -13,6 +13,7 @@ from agnosticopt._commit import _commit, _compute
 from agnosticopt._containers import flatten
 from agnosticopt._leaf import Leaf, _copy_leaf, _map_leaves
 from agnosticopt._plan import _collect, _tree_children
+from agnosticopt._replay import remember, replay
 
 __all__ = ["update", "update_"]
 
@@ -125,9 +126,12 @@ def update_(tree: Any, model: Any, grads: Any) -> tuple[Any, Any]:
         or a rule that raises such as ``ClipNorm`` on a non-finite norm), no
         state and no parameter has changed.
     """
+    if replay(tree, model, grads):  # the last update again: see agnosticopt/_replay.py
+        return tree, model
     entries = _collect(tree, model, grads)
     plans = _compute(entries, in_place=True)
     _commit(entries, plans)
+    remember(tree, model, grads, entries, plans)
     new_model = _rebuild_model(
         tree, model, {id(e.owner): e.new_x for e in entries}, reuse=True
     )
