@@ -191,13 +191,14 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     """
     if not available() or not items:
         return None
-    kept = _kept.get(id(arrays)) if RECORD_ONCE else None
+    kept_key = _kept_key(arrays, items)
+    kept = _kept.get(kept_key) if RECORD_ONCE else None
     if kept is not None and kept.arrays is arrays:
         with np.errstate(all="ignore"):
             again = kept.again(items)
         if again is not None:
             return again
-        del _kept[id(arrays)]
+        del _kept[kept_key]
     states: list[Any] = [SKIP] * len(items)
     launches: list[_Launch] = []
     parts: list[_Part] = []
@@ -235,7 +236,11 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
         and all(a is b for a, b in zip(items, given, strict=True))
         and all(part.step.recording is not None for part in parts)
     ):
-        _kept[id(arrays)] = _Kept(arrays, given, states, parts, launches)
+        _kept.pop(kept_key, None)
+        mine = [k for k in _kept if k[0] == kept_key[0]]
+        for old in mine[: max(0, len(mine) - KEPT_PLANS + 1)]:  # the oldest go
+            del _kept[old]
+        _kept[kept_key] = _Kept(arrays, given, states, parts, launches)
         return FastPlan(states, launches, arrays, made, replayable=True)
     return FastPlan(states, launches, arrays, made)
 
@@ -250,11 +255,17 @@ def replay(arrays: Arrays, items: Items) -> FastPlan | None:
     """
     if not RECORD_ONCE or not available():
         return None
-    kept = _kept.get(id(arrays))
+    kept = _kept.get(_kept_key(arrays, items)) if items else None
     if kept is None or kept.arrays is not arrays:
         return None
     with np.errstate(all="ignore"):
         return kept.again(items)
+
+
+def _kept_key(arrays: Arrays, items: Items) -> tuple[int, int]:
+    """The key of the kept plan for ``items``: the memory access and the first
+    parameter (held by the plan, so its ``id`` is not reused meanwhile)."""
+    return id(arrays), id(items[0][2])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -890,8 +901,11 @@ class _Kept:
         return True
 
 
-#: The kept plan of each backend's memory access (:class:`_Kept`), by ``id``.
-_kept: dict[int, _Kept] = {}
+#: The kept plans (:class:`_Kept`) of the last updates, by :func:`_kept_key`: the
+#: :data:`KEPT_PLANS` newest of each memory access, so that two trees stepped in
+#: turn on one backend (a GAN's generator and discriminator) keep theirs.
+_kept: dict[tuple[int, int], _Kept] = {}
+KEPT_PLANS = 2
 
 
 @dataclasses.dataclass(eq=False)

@@ -25,8 +25,8 @@ next ``update_`` of the same tree the short way when all of these hold:
 Then the plan runs and the new states are stored, as :func:`agnosticopt._commit._commit`
 does; the bits are those of the full way. Anything else, and anything that
 raises while replaying, takes the full way, which checks everything and
-raises with its key path. Only the last tree updated is remembered (two trees
-updated in turn take the full way).
+raises with its key path. The last four trees updated are remembered (two trees
+updated in turn, a GAN's generator and discriminator, both take the short way).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ __all__ = ["counters", "forget", "remember", "replay"]
 
 #: Since import (tests, benchmarks): updates taken the short way.
 counters = {"replayed": 0}
+#: Off: every update takes the full way (for measuring; the same bits).
+SHORT_WAY = True
 
 #: Hooks of an adapter whose leaves the short way does not take (the full way asks
 #: them per update). ``check_leaf`` is not one: it looks at the array object only
@@ -55,23 +57,25 @@ _FULL_WAY_HOOKS = ("local_adapter", "refuses_in_place")
 
 
 class _Seen:
-    """What one ``update_`` saw, in walk order (see the module docstring)."""
+    """What one ``update_`` saw, in walk order (see the module docstring).
 
-    __slots__ = ("gradients", "leaves", "others", "stepping", "tree", "xp", "xs")
+    The Leaf objects, the parameters and the gradients are held weakly: a tree
+    or model dropped by its user is not kept alive here.
+    """
+
+    __slots__ = ("gradients", "leaves", "others", "stepping", "xp", "xs")
 
     def __init__(
         self,
-        tree: Any,
         xp: Any,
         leaves: list[Leaf],
         xs: list[Any],
         grads: list[Any],
         others: list[Any],
     ) -> None:
-        self.tree = tree
         self.xp = xp
-        self.leaves = leaves
-        self.xs = xs
+        self.leaves = [weakref.ref(leaf) for leaf in leaves]
+        self.xs = [weakref.ref(x) for x in xs]
         self.others = others
         self.stepping = [
             g is not None and not leaf.frozen
@@ -82,13 +86,16 @@ class _Seen:
         ]
 
 
-#: The last update's :class:`_Seen` (at most one).
-_LAST: list[_Seen] = []
+#: What the last updates saw (:class:`_Seen`), by ``id`` of their tree: the
+#: :data:`REMEMBERED` newest (two trees stepped in turn keep theirs). A tree's
+#: ``id`` reused by a new tree finds other Leaf objects: the full way.
+_SEEN: dict[int, _Seen] = {}
+REMEMBERED = 4
 
 
 def forget() -> None:
-    """Forget the last update (the next ``update_`` takes the full way)."""
-    _LAST.clear()
+    """Forget every update (the next ``update_`` of each tree takes the full way)."""
+    _SEEN.clear()
 
 
 def _walk(
@@ -161,7 +168,7 @@ def remember(
     Called after a successful commit with its entries and fast plans
     (``(plan, taken)`` pairs).
     """
-    _LAST.clear()
+    _SEEN.pop(id(tree), None)
     if len(plans) != 1 or not fast_path_enabled() or not builtins_are_plain():
         return
     plan, taken = plans[0]
@@ -193,10 +200,12 @@ def remember(
     if any(flatten(o) is not None or trainable_adapter(o) is not None for o in others):
         return  # a container without trainable arrays today: the full way looks again
     try:
-        seen = _Seen(tree, xp, leaves, xs, gs, others)
-    except TypeError:  # a gradient that cannot be weakly referenced
+        seen = _Seen(xp, leaves, xs, gs, others)
+    except TypeError:  # an array that cannot be weakly referenced
         return
-    _LAST.append(seen)
+    while len(_SEEN) >= REMEMBERED:  # the oldest goes
+        del _SEEN[next(iter(_SEEN))]
+    _SEEN[id(tree)] = seen
 
 
 def replay(tree: Any, model: Any, grads: Any) -> bool:
@@ -204,10 +213,8 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
 
     Returns whether it did; ``False`` has changed nothing.
     """
-    if not _LAST:
-        return False
-    seen = _LAST[0]
-    if seen.tree is not tree or not fast_path_enabled() or not builtins_are_plain():
+    seen = _SEEN.get(id(tree)) if SHORT_WAY else None
+    if seen is None or not fast_path_enabled() or not builtins_are_plain():
         return False
     leaves: list[Any] = []
     xs: list[Any] = []
@@ -217,8 +224,8 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if (
         len(leaves) != len(seen.leaves)
-        or not all(map(operator.is_, leaves, seen.leaves))
-        or not all(map(operator.is_, xs, seen.xs))
+        or not all(map(operator.is_, leaves, [ref() for ref in seen.leaves]))
+        or not all(map(operator.is_, xs, [ref() for ref in seen.xs]))
         or len(others) != len(seen.others)
         or not all(map(operator.is_, others, seen.others))
     ):

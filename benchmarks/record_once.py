@@ -1,23 +1,27 @@
-"""What recording each step once saves: the fast path's Python cost, before and after.
+"""What recording each step once and the short way save: the fast path's Python cost.
 
 Usage::
 
     python benchmarks/record_once.py [--rounds 200] [--sets resnet tiny] [--threads 1]
 
-"Before" is the fast path with ``RECORD_ONCE`` off (``adapters/_fast.py``): every
-step of every group of leaves is recorded anew with its host values and no plan
-is kept from one update to the next, as before steps were recorded once; the
-bits are the same either way. In one run, side by side, it prints:
+Four ways of one ``update_``, the same bits, side by side in one run (:data:`PATHS`):
+*plain* (no fast path); *each step* (the fast path with ``RECORD_ONCE`` off,
+``adapters/_fast.py``: every step of every group of leaves recorded anew with
+its host values and no plan kept, as before steps were recorded once); *full
+way* (recorded once, the plan kept, but every update walks and checks every leaf:
+``SHORT_WAY`` off in ``agnosticopt/_replay.py``); *short way* (the default: the
+next update of the same tree on the same arrays runs the kept plan without the
+walk). It prints:
 
 - the Python cost per leaf per step: one ``update_`` of ``--leaves`` float32
-  arrays of ``--size`` elements with Adam, numpy and torch, the plain path, the
-  fast path before and after (fastest of ``--rounds`` steps, the three
-  interleaved step by step, so that a machine that gets busier slows them alike);
-- one 10×10 array (and one of a single element): the same three, fastest and
-  median step (the fast path must never be slower than the plain one);
+  arrays of ``--size`` elements with Adam, numpy and torch (fastest of
+  ``--rounds`` steps, the four interleaved step by step, so that a machine that
+  gets busier slows them alike);
+- one 10×10 array (and one of a single element): the four, fastest and median
+  step (the fast path must never be slower than the plain one);
 - per-array trees of the benchmark's sets (``benchmarks/_harness.py``: *resnet*,
   the 62 arrays of ResNet-18, and *tiny*, 200 arrays of 32×32) with Adam, against
-  ``torch.optim.Adam(fused=True)``, before and after;
+  ``torch.optim.Adam(fused=True)``, the three fast ways;
 - the first step of a new model (ResNet-18's arrays, Adam, fast path) in a new
   process: with an empty kernel cache (``AGNOSTICOPT_CACHE_DIR`` an empty
   folder: every kernel generated and compiled) and then warm (the same folder
@@ -41,9 +45,16 @@ import numpy as np
 from agnosticopt.adapters import _fast
 
 import agnosticopt as opt
+from agnosticopt import _replay
 
-#: The paths measured side by side: (label, fast path on, record once).
-PATHS = (("plain", False, True), ("before", True, False), ("after", True, True))
+#: The ways measured side by side: (label, fast path on, record once, short way).
+PATHS = (
+    ("plain", False, True, True),
+    ("each step", True, False, False),
+    ("full way", True, True, False),
+    ("short way", True, True, True),
+)
+FAST = [path for path in PATHS if path[1]]
 
 
 def _model(kind: str, shapes: list[tuple[int, ...]]) -> tuple[list[Any], list[Any]]:
@@ -58,28 +69,38 @@ def _model(kind: str, shapes: list[tuple[int, ...]]) -> tuple[list[Any], list[An
     return model, grads
 
 
-def _stepper(kind: str, shapes: list[tuple[int, ...]], fast: bool, once: bool) -> Any:
-    """One ``update_`` of a fresh Adam tree on ``shapes``, with these switches."""
+def _stepper(kind: str, shapes: list[tuple[int, ...]], path: tuple[Any, ...]) -> Any:
+    """One ``update_`` of a fresh Adam tree on ``shapes``, the way ``path`` says."""
     model, grads = _model(kind, shapes)
     tree = opt.setup(opt.Adam(), model)
 
-    def step() -> None:
+    def update() -> None:
+        opt.update_(tree, model, grads)
+
+    return _switched(update, path)
+
+
+def _switched(step: Callable[[], Any], path: tuple[Any, ...]) -> Callable[[], None]:
+    """``step`` with the switches of ``path`` set while it runs."""
+    _, fast, once, short = path
+
+    def run() -> None:
         previous = opt.set_fast_path(fast)
-        _fast.RECORD_ONCE = once
+        _fast.RECORD_ONCE, _replay.SHORT_WAY = once, short
         try:
-            opt.update_(tree, model, grads)
+            step()
         finally:
             opt.set_fast_path(previous)
-            _fast.RECORD_ONCE = True
+            _fast.RECORD_ONCE = _replay.SHORT_WAY = True
 
-    return step
+    return run
 
 
 def interleaved(
     kind: str, shapes: list[tuple[int, ...]], rounds: int
 ) -> dict[str, list[float]]:
     """Step times (seconds) of each of :data:`PATHS`, one step of each per round."""
-    steps = {label: _stepper(kind, shapes, f, o) for label, f, o in PATHS}
+    steps = {path[0]: _stepper(kind, shapes, path) for path in PATHS}
     for step in steps.values():
         for _ in range(10):  # warm up: compile, record, keep the plan
             step()
@@ -98,17 +119,16 @@ def per_leaf(leaves: int, size: int, rounds: int) -> None:
         f"Python cost of one update_ of {leaves} float32 arrays of {size} elements, "
         f"Adam (fastest of {rounds} steps, us per leaf):"
     )
-    print("| backend | plain | fast before | fast after | after / before |")
-    print("|---|---|---|---|---|")
+    print(f"| backend | {' | '.join(p[0] for p in PATHS)} | short / each step |")
+    print("|---" * (len(PATHS) + 2) + "|")
     for kind in ("numpy", "torch"):
         best = {
             k: min(v) * 1e6 / leaves
             for k, v in interleaved(kind, [(size,)] * leaves, rounds).items()
         }
-        print(
-            f"| {kind} | {best['plain']:.1f} | {best['before']:.1f} | "
-            f"{best['after']:.1f} | {best['after'] / best['before']:.2f}× |"
-        )
+        cells = " | ".join(f"{best[p[0]]:.1f}" for p in PATHS)
+        ratio = best["short way"] / best["each step"]
+        print(f"| {kind} | {cells} | {ratio:.2f}× |")
 
 
 def one_array(rounds: int) -> None:
@@ -116,43 +136,42 @@ def one_array(rounds: int) -> None:
     print()
     print(
         f"One array, Adam: fastest / median of {rounds} steps in us "
-        "(fast after must not be slower than plain):"
+        "(the fast path must not be slower than plain):"
     )
-    print("| backend | shape | plain | fast before | fast after |")
-    print("|---|---|---|---|---|")
+    print(f"| backend | shape | {' | '.join(p[0] for p in PATHS)} |")
+    print("|---" * (len(PATHS) + 2) + "|")
     for kind in ("numpy", "torch"):
         for shape in ((10, 10), (1,)):
             times = interleaved(kind, [shape], rounds)
             cells = [
-                f"{min(times[k]) * 1e6:.0f} / {statistics.median(times[k]) * 1e6:.0f}"
-                for k in ("plain", "before", "after")
+                f"{min(times[p[0]]) * 1e6:.0f} / {statistics.median(times[p[0]]) * 1e6:.0f}"
+                for p in PATHS
             ]
             print(f"| {kind} | {'×'.join(map(str, shape))} | {' | '.join(cells)} |")
 
 
 def trees(sets: list[str], rounds: int) -> None:
-    """Print the benchmark's per-array trees against torch fused Adam, before and after.
+    """Print the benchmark's per-array trees against torch fused Adam, each fast way.
 
-    The steps are ``benchmarks/_harness.py``'s; before and after are two trees
-    each, stepped in the same rounds as torch's fused step.
+    The steps are ``benchmarks/_harness.py``'s; each fast way is a tree of its
+    own, stepped in the same rounds as torch's fused step.
     """
     print()
     print(
-        f"Per-array trees, Adam, median of {rounds} steps (before, after and torch "
+        f"Per-array trees, Adam, median of {rounds} steps (the fast ways and torch "
         "fused interleaved), ratio to torch.optim.Adam(fused=True):"
     )
-    print(
-        "| set | numpy fast before | after | torch fast before | after | torch fused |"
-    )
-    print("|---|---|---|---|---|---|")
+    labels = [f"{kind} {p[0]}" for kind in ("numpy", "torch") for p in FAST]
+    print(f"| set | {' | '.join(labels)} | torch fused |")
+    print("|---" * (len(labels) + 2) + "|")
     for name in sets:
         shapes = _harness.SETS[name]
         live: dict[str, Callable[[], Any]] = {}
-        for once in (False, True):
+        for path in FAST:
             made = _harness.steps(("numpy fast", "torch fast"), "Adam", shapes)
             for impl, step in made.items():
                 assert step is not None
-                live[f"{impl} {'after' if once else 'before'}"] = _switched(step, once)
+                live[f"{impl.split()[0]} {path[0]}"] = _switched(step, path)
         fused = _harness.steps(("torch fused",), "Adam", shapes)["torch fused"]
         assert fused is not None
         live["torch fused"] = fused
@@ -167,27 +186,9 @@ def trees(sets: list[str], rounds: int) -> None:
                 times[label].append(time.perf_counter() - start)
         ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         reference = ms["torch fused"]
-        cells = [
-            f"{ms[f'{kind} fast {when}']:.2f} ms "
-            f"({ms[f'{kind} fast {when}'] / reference:.2f}×)"
-            for kind in ("numpy", "torch")
-            for when in ("before", "after")
-        ]
+        cells = [f"{ms[k]:.2f} ms ({ms[k] / reference:.2f}×)" for k in labels]
         print(f"| {name} | {' | '.join(cells)} | {reference:.2f} ms |")
         sys.stdout.flush()
-
-
-def _switched(step: Callable[[], Any], once: bool) -> Callable[[], None]:
-    """``step`` with ``RECORD_ONCE`` set to ``once`` while it runs."""
-
-    def run() -> None:
-        _fast.RECORD_ONCE = once
-        try:
-            step()
-        finally:
-            _fast.RECORD_ONCE = True
-
-    return run
 
 
 #: The child process of :func:`first_step`: the time of the first ``update_``.
