@@ -234,6 +234,7 @@ def _persisted(client: Any, tree: Any, model: dict[str, Any]) -> tuple[Any, Any]
     return tree, model
 
 
+@pytest.mark.slow  # ~2 s on the LocalCluster
 def test_dask_global_clip_steps_on_a_cluster_warn_of_no_run_spec(
     dask_client: Any,
 ) -> None:
