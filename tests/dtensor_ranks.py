@@ -104,6 +104,7 @@ MIXED = ("clipw32", "clipnorm64", "global32", "globalw64", "wdclip32", "signglob
 THROWS = {
     "clipw32": "gradient has 2.0-norm inf",
     "globalthrow32": "the gradients have a global 2.0-norm of inf",
+    "wdclip32": "gradient has 2.0-norm inf",  # the clip after WeightDecay
 }
 
 
@@ -236,7 +237,7 @@ def _refused(
     else:
         raise AssertionError(f"{name}: update_ with an infinite gradient did not raise")
     assert THROWS[name] in message, message
-    if name.startswith("clip"):  # ClipNorm's error names the leaf
+    if name.startswith(("clip", "wdclip")):  # ClipNorm's error names the leaf
         assert "while updating the parameter at ('w',)" in message, message
     assert leaf.state is state
     for k, v in sharded.items():
