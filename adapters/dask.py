@@ -30,13 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.dask.array as xp_dask
-import dask
 import dask.array as da
 import numpy as np
 from agnosticopt.adapters._base import Adapter, _is_scalar, _py
 from agnosticopt.adapters.numpy import NumpyAdapter
+from dask._task_spec import Task, TaskRef
 from dask.array.core import elemwise
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 
 from agnosticopt._norm import piece_layout  # the nodes of a block (was defined here)
 
@@ -74,17 +75,35 @@ class _OnBlocks:
         return np.asarray(getattr(_NP, self.method)(*args, **self.kwargs))
 
 
-def _block_nodes(
-    block: np.ndarray, offset: int, p: float, dtype: str | None
-) -> np.ndarray:
-    """The values of one block's tree nodes, concatenated (runs in a dask task)."""
-    from agnosticopt._norm import norm_nodes
+class _BlockNodes:
+    """The values of one block's tree nodes, concatenated (the function of a task).
 
-    with np.errstate(all="ignore"):
-        nodes, _ = norm_nodes(_NP, block, p, offset, dtype)
-    if not nodes:
-        return np.empty(0, dtype=dtype or _NP.dtype_name(block))
-    return np.concatenate([node.value for node in nodes])
+    Holds the global offset of every block's first element, so that the task of
+    block ``i`` reduces the nodes of ``[starts[i], starts[i] + length)``; its
+    dask token is its fields (cheap, and the same for the same inputs).
+    """
+
+    def __init__(self, starts: tuple[int, ...], p: float, dtype: str | None) -> None:
+        self.starts = starts
+        self.p = p
+        self.dtype = dtype
+
+    def __dask_tokenize__(self) -> Any:
+        return ("_BlockNodes", self.starts, self.p, self.dtype)
+
+    def __call__(self, block: np.ndarray, index: int) -> np.ndarray:
+        from agnosticopt._norm import norm_nodes
+
+        with np.errstate(all="ignore"):
+            nodes, _ = norm_nodes(_NP, block, self.p, self.starts[index], self.dtype)
+        if not nodes:
+            return np.empty(0, dtype=self.dtype or _NP.dtype_name(block))
+        return np.concatenate([node.value for node in nodes])
+
+
+def _pick(values: np.ndarray, k: int) -> np.ndarray:
+    """Node ``k`` of a block's node values, as a one-element array (a dask task)."""
+    return values[k : k + 1]
 
 
 def _clip_factor(
@@ -208,28 +227,57 @@ class DaskAdapter(Adapter):
         """The aligned-block tree nodes of ``dx`` (at global ``offset``), lazily.
 
         One task per block computes the values of the nodes inside the block's
-        contiguous range (:func:`_block_nodes`); each node's value is a lazy
-        one-element dask array.
+        contiguous range (:class:`_BlockNodes`); each node's value is a lazy
+        one-element dask array, a task that picks it from its block's values.
+
+        The tasks are written out with explicit keys: ``norm-nodes-<token>``
+        (one per block) and ``norm-node-<level>-<block>-<token>``, the token
+        that of the input array's name, the blocks' global offsets, ``p`` and
+        ``dtype``; the same inputs give the same keys and tasks, different
+        ones different keys. No ``dask.delayed`` of the array: that packed an
+        optimised copy of the input's graph into every step (its keys fused
+        differently from the same keys elsewhere, distributed's "Detected
+        different run_spec" warning, and the history recomputed by each copy).
         """
         from agnosticopt._norm import Node
 
         flat = _contiguous_blocks(dx)
         real = dtype or _real_name(self.dtype_name(dx))
+        lengths = _block_lengths(flat)
+        starts = tuple(offset + sum(lengths[:i]) for i in range(len(lengths)))
+        layouts = [
+            piece_layout(start, length)
+            for start, length in zip(starts, lengths, strict=True)
+        ]
+        if not any(layouts):
+            return []
+        call = _BlockNodes(starts, p, dtype)
+        token = tokenize(call, flat)
+        name = f"norm-nodes-{token}"
+        tasks: dict[Any, Any] = {
+            (name, i): Task((name, i), call, TaskRef((flat.name, i)), i)
+            for i in range(len(layouts))
+        }
+        values = da.Array(
+            HighLevelGraph.from_collections(name, tasks, dependencies=[flat]),
+            name,
+            (tuple(len(layout) for layout in layouts),),
+            dtype=np.dtype(real),
+        )
+        values_dep: Any = values
         nodes: list[Any] = []
-        start = offset
-        for index, length in enumerate(_block_lengths(flat)):
-            layout = piece_layout(start, length)
-            if layout:
-                block = flat.blocks[index]
-                task = dask.delayed(_block_nodes, pure=True)(block, start, p, dtype)
-                values = da.from_delayed(
-                    task, shape=(len(layout),), dtype=np.dtype(real)
+        for i, layout in enumerate(layouts):
+            for k, (level, j) in enumerate(layout):
+                node = f"norm-node-{level}-{j}-{token}"
+                task: dict[Any, Any] = {
+                    (node, 0): Task((node, 0), _pick, TaskRef((name, i)), k)
+                }
+                graph = HighLevelGraph.from_collections(
+                    node, task, dependencies=[values_dep]
                 )
-                nodes += [
-                    Node(level, j, values[k : k + 1])
-                    for k, (level, j) in enumerate(layout)
-                ]
-            start += length
+                nodes.append(
+                    Node(level, j, da.Array(graph, node, ((1,),), dtype=values.dtype))
+                )
         return nodes
 
     def clip_factor(self, rule: Any, norm: Any, x: Any) -> Any:

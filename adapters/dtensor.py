@@ -201,9 +201,9 @@ class LocalAdapter(TorchAdapter):
 
     Its own name (``torch-dtensor``) keeps them out of the fast plans of plain
     tensors (a global norm over both raises). Its fast path takes the chains
-    that start with a norm clip too (:func:`_clip_plan`): the clip's exchange
-    between the ranks first, as the plain path does it, then the rest of the
-    chain on the compiled fast path.
+    with one norm clip too, first or in the middle (:func:`_clip_plan`): the
+    clip's exchange between the ranks first, as the plain path does it, then
+    the chain on the compiled fast path.
     """
 
     def __init__(self) -> None:
@@ -257,16 +257,45 @@ def _needs_other_ranks(rule: Any) -> bool:
 # rest of each chain is elementwise: ``_fast.plan`` takes it as ``_AfterClip``; a
 # leaf it leaves to the plain path gets the same ``_AfterClip`` (with λ as the plain
 # path holds it) as its ``plain_rules`` entry, so that the plain path does not run
-# the exchange again (see ``agnosticopt/_commit.py``).
+# the exchange again (see ``agnosticopt/_commit.py``). A clip in the middle,
+# ``*head, clip, *rest`` (``head`` needing no other rank: WeightDecay, SignDecay,
+# ...), is reduced over ``head``'s gradient, which the plan computes first with the
+# plain functions (the plain path's bits; nothing written); the kernels then take
+# the whole chain as ``_AfterHead`` (``head`` again, λ, ``rest``: its state updated
+# with the others), and so does the plain path of a leaf the kernels leave. Its λ is
+# never applied ahead (no ``SCALE_AT_MOST`` scaling): ``head`` must run first.
 
 
 class _Clip(NamedTuple):
-    """A leaf whose chain starts with a norm clip."""
+    """A leaf whose chain has one norm clip, first or after elementwise rules."""
 
     at: int  # its position in the items
     clip: Any  # the ClipNorm or ClipGlobalNorm
     rest: Any  # the rules after it (an OptimiserChain), None for the clip alone
     shard: Shard
+    #: The rules before the clip (an OptimiserChain), None when the clip is first.
+    head: Any = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AfterHead:
+    """A chain ``*head, clip, *rest`` once the clip's λ is known (``after``).
+
+    ``head`` (rules that need no other rank) runs on the gradient, then ``after``
+    (an ``_AfterClip``: ``λ·``, then ``rest``) on its result, each on its part of
+    the chain's state: the chain's own steps, without the exchange, which
+    :func:`_clip_plan` has done on ``head``'s gradient (the plain path's bits:
+    the same functions of the local adapter, or the kernels that give them).
+    """
+
+    head: Any
+    after: Any
+
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        n = len(self.head.opts)
+        sub, dx = self.head.apply(state[:n], x, dx, xp)
+        after, step = self.after.apply(state[n:], x, dx, xp)
+        return (*sub, *after), step
 
 
 #: The key of the ClipNorm leaves' stage (``ShardNorms``: all share one exchange).
@@ -275,11 +304,33 @@ _NORMS = object()
 _COMPILED_P = (2, 1, math.inf)
 
 
+def _split_chain(rule: Any, parts: dict[int, Any]) -> tuple[Any, Any, Any] | None:
+    """``(head, clip, rest)`` of a chain with one rule that needs other ranks, a norm
+    clip itself (``head`` None when it is first), else None; the chains of
+    ``head`` and ``rest`` are made once per chain (``parts``, by id)."""
+    from agnosticopt._wrappers import OptimiserChain
+
+    staged = [i for i, r in enumerate(rule.opts) if _needs_other_ranks(r)]
+    if len(staged) != 1:
+        return None
+    (at,) = staged
+    found = parts.get(id(rule))
+    if found is None:
+        head = OptimiserChain(*rule.opts[:at]) if at else None
+        found = parts[id(rule)] = (
+            head,
+            rule.opts[at],
+            OptimiserChain(*rule.opts[at + 1 :]),
+        )
+    return found
+
+
 def _clip_items(
     items: list[tuple[Any, Any, Any, Any]], staged: list[int]
 ) -> list[_Clip] | None:
     """The leaves ``staged`` (those whose rule needs other ranks) as :class:`_Clip` s,
-    or None if one of them is not a clip-first chain that the stage can do.
+    or None if one of them is not a chain of one norm clip (first, or after rules
+    that need no other rank) that the stage can do.
 
     The answer depends only on what every rank knows alike (the rules, the
     layouts, the lengths), so that all ranks take the same collectives.
@@ -293,16 +344,12 @@ def _clip_items(
     mesh = None
     for k in staged:
         rule, _, x, _ = items[k]
-        clip, rest = rule, None
-        if (
-            type(rule) is OptimiserChain
-            and rule.opts
-            and not any(_needs_other_ranks(r) for r in rule.opts[1:])
-        ):
-            clip = rule.opts[0]
-            rest = rests.get(id(rule))
-            if rest is None:
-                rest = rests[id(rule)] = OptimiserChain(*rule.opts[1:])
+        clip, rest, head = rule, None, None
+        if type(rule) is OptimiserChain and rule.opts:
+            split = _split_chain(rule, rests)
+            if split is None:
+                return None
+            head, clip, rest = split
         if not (
             type(clip) is ClipGlobalNorm
             or (type(clip) is ClipNorm and clip.p in _COMPILED_P)
@@ -314,7 +361,7 @@ def _clip_items(
         if mesh is not None and shard.mesh != mesh:
             return None
         mesh = shard.mesh
-        clips.append(_Clip(k, clip, rest, shard))
+        clips.append(_Clip(k, clip, rest, shard, head))
     totals: dict[Any, int] = {}
     for c in clips:
         if type(c.clip) is ClipGlobalNorm:
@@ -364,12 +411,30 @@ def _clip_plan(
     from agnosticopt._clip import ClipNorm
 
     arrays = torch_arrays(xp)
-    lams = _clip_stage(xp, items, clips)
+    staged = list(items)  # a clip after a head: the head's gradient, for the exchange
+    for c in clips:
+        if c.head is not None:
+            _, state, x, dx = items[c.at]
+            n = len(c.head.opts)
+            staged[c.at] = (None, None, x, c.head.apply(state[:n], x, dx, xp)[1])
+    lams = _clip_stage(xp, staged, clips)
     plain_rules: list[Any] = [None] * len(items)
     offered = dict(enumerate(items))
     wrappers: dict[Any, Any] = {}
     made: list[Any] = []  # the scaled gradients, which the kernels read
     for c, (plain, fast) in zip(clips, lams, strict=True):
+        if c.head is not None:  # the kernels run the head again, then λ and the rest
+            plain_rules[c.at] = _AfterHead(c.head, _fast._AfterClip(c.rest, plain))
+            if fast is None:
+                del offered[c.at]
+                continue
+            key = (id(c.head), id(c.rest), fast.dtype.str, fast.tobytes())  # one λ
+            wrapper = wrappers.get(key)
+            if wrapper is None:
+                after = _fast._AfterClip(c.rest, fast)
+                wrapper = wrappers[key] = (_AfterHead(c.head, after), fast)
+            offered[c.at] = (wrapper[0], *items[c.at][1:])
+            continue
         plain_rules[c.at] = _fast._AfterClip(c.rest, plain)
         if fast is None:  # not a dtype of the kernels
             del offered[c.at]

@@ -4,7 +4,8 @@
 every rank runs :func:`check_trajectory` and :func:`check_update_matches_update_`
 of the cases (all when none is named) in float32 and float64 on
 :class:`DTensorBackend`, ``STEPS`` steps of the suite's 131,089 elements (uneven
-shards); rank 0 saves the names of the checks that ran and the failures.
+shards); rank 0 saves the names of the checks that ran, the failures and the
+cases of which some leaf took the compiled fast path.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ def main(
     world: int, rank: int, port: int, out: str, steps: int, names: list[str]
 ) -> None:
     with gloo_group(world, rank, port, timeout_s=120):
+        from agnosticopt.adapters import _fast
+
         backend = DTensorBackend()
         cases = [c.case_named(n) for n in names] if names else list(c.CASES)
-        ran, failures = [], []
+        ran, failures, fast = [], [], []
         for case in cases:
+            before = _fast.counters["fast"]
             for dtype in ("float32", "float64"):
                 for check in (c.check_trajectory, c.check_update_matches_update_):
                     kwargs = {"steps": steps} if check is c.check_trajectory else {}
@@ -34,8 +38,15 @@ def main(
                     except c.ConformanceError as exc:
                         failures.append(f"{check.__name__} {case.name} {dtype}: {exc}")
                     ran.append(f"{check.__name__} {case.name} {dtype}")
+            if _fast.counters["fast"] > before:  # some leaf took the fast path
+                fast.append(case.name)
         if rank == 0:
-            np.savez(out, ran=np.array(ran), failures=np.array(failures, dtype=str))
+            np.savez(
+                out,
+                ran=np.array(ran),
+                failures=np.array(failures, dtype=str),
+                fast=np.array(fast, dtype=str),
+            )
 
 
 if __name__ == "__main__":

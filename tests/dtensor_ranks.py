@@ -60,6 +60,22 @@ def cases() -> dict[str, Any]:
             "float64",
         ),
         "globalalone32": (opt.ClipGlobalNorm(0.5), "float32"),
+        # a norm clip in the middle of a chain: the head's gradient exchanged, then
+        # the whole chain compiled (the head again, λ, the rest)
+        "wdclip32": (
+            opt.OptimiserChain(opt.WeightDecay(1e-2), opt.ClipNorm(1.0), opt.Adam()),
+            "float32",
+        ),
+        "momclip64": (  # a head with a state: written by the kernels
+            opt.OptimiserChain(opt.Momentum(0.1), opt.ClipNorm(0.5, 1), opt.Descent()),
+            "float64",
+        ),
+        "signglobal64": (
+            opt.OptimiserChain(
+                opt.SignDecay(1e-3), opt.ClipGlobalNorm(0.5), opt.AdamW()
+            ),
+            "float64",
+        ),
         # a rule per path: ClipNorms of other ω and p share the exchange ("one" is
         # Shard(0) here: an empty shard on rank 1)
         "pathsclip": (
@@ -82,12 +98,13 @@ EMPTY_SHARD = ("global", "paths", "clipw64e")
 #: with no ClipNorm gradient scaled ahead (``SCALE_AT_MOST`` 0 on rank 0: each of
 #: its ClipNorm leaves a kernel group of its own λ, rank 1's shards scaled).
 VARIANTS = ("noncontig/", "fastoff/", "unscaled/")
-MIXED = ("clipw32", "clipnorm64", "global32", "globalw64")
+MIXED = ("clipw32", "clipnorm64", "global32", "globalw64", "wdclip32", "signglobal64")
 #: Cases that first try a step with an infinite gradient element on rank 1 only
 #: (ClipNorm and ClipGlobalNorm with throw=True): every rank raises, nothing changes.
 THROWS = {
     "clipw32": "gradient has 2.0-norm inf",
     "globalthrow32": "the gradients have a global 2.0-norm of inf",
+    "wdclip32": "gradient has 2.0-norm inf",  # the clip after WeightDecay
 }
 
 
@@ -220,7 +237,7 @@ def _refused(
     else:
         raise AssertionError(f"{name}: update_ with an infinite gradient did not raise")
     assert THROWS[name] in message, message
-    if name.startswith("clip"):  # ClipNorm's error names the leaf
+    if name.startswith(("clip", "wdclip")):  # ClipNorm's error names the leaf
         assert "while updating the parameter at ('w',)" in message, message
     assert leaf.state is state
     for k, v in sharded.items():
