@@ -122,16 +122,10 @@ def _walk(
             children = g
         else:
             return False
-        for tc, mc, gc in zip(t, m, children, strict=True):  # lengths checked
-            if type(tc) is Leaf:
-                leaves.append(tc)
-                xs.append(mc)
-                gs.append(gc)
-            elif tc is None:
-                others.append(mc)
-            elif not _walk(tc, mc, gc, leaves, xs, gs, others):
-                return False
-        return True
+        return all(
+            _visit(tc, mc, gc, leaves, xs, gs, others)
+            for tc, mc, gc in zip(t, m, children, strict=True)  # lengths checked
+        )
     if kind is dict:
         if type(t) is not dict or len(t) != len(m):
             return False
@@ -145,16 +139,31 @@ def _walk(
             gc = None if g is None else g.get(key)
             if gc is not None:
                 found += 1
-            if type(tc) is Leaf:
-                leaves.append(tc)
-                xs.append(mc)
-                gs.append(gc)
-            elif tc is None:
-                others.append(mc)
-            elif not _walk(tc, mc, gc, leaves, xs, gs, others):
+            if not _visit(tc, mc, gc, leaves, xs, gs, others):
                 return False
         return g is None or found == len(g)  # no extra gradient key (nor a None value)
     return False
+
+
+def _visit(
+    tc: Any,
+    mc: Any,
+    gc: Any,
+    leaves: list[Any],
+    xs: list[Any],
+    gs: list[Any],
+    others: list[Any],
+) -> bool:
+    """One child of :func:`_walk`: a Leaf, a ``None`` of the tree, or a subtree."""
+    if type(tc) is Leaf:
+        leaves.append(tc)
+        xs.append(mc)
+        gs.append(gc)
+        return True
+    if tc is None:
+        others.append(mc)
+        return True
+    return _walk(tc, mc, gc, leaves, xs, gs, others)
 
 
 _MISSING: Any = object()
