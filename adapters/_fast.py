@@ -194,8 +194,7 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     kept_key = _kept_key(arrays, items)
     kept = _kept.get(kept_key) if RECORD_ONCE else None
     if kept is not None and kept.arrays is arrays:
-        with np.errstate(all="ignore"):
-            again = kept.again(items)
+        again = _again(kept, arrays, items)
         if again is not None:
             return again
         del _kept[kept_key]
@@ -230,17 +229,21 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     fast = sum(s is not SKIP for s in states)
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
+    scaled = [a is not b for a, b in zip(items, given, strict=True)]
     if (
         fast == len(items)
         and not clipped
-        and all(a is b for a, b in zip(items, given, strict=True))
+        and all(
+            not changed or _scaled_first(item[0])
+            for item, changed in zip(items, scaled, strict=True)
+        )
         and all(part.step.recording is not None for part in parts)
     ):
         _kept.pop(kept_key, None)
         mine = [k for k in _kept if k[0] == kept_key[0]]
         for old in mine[: max(0, len(mine) - KEPT_PLANS + 1)]:  # the oldest go
             del _kept[old]
-        _kept[kept_key] = _Kept(arrays, given, states, parts, launches)
+        _kept[kept_key] = _Kept(arrays, items, states, parts, launches, any(scaled))
         return FastPlan(states, launches, arrays, made, replayable=True)
     return FastPlan(states, launches, arrays, made)
 
@@ -258,8 +261,38 @@ def replay(arrays: Arrays, items: Items) -> FastPlan | None:
     kept = _kept.get(_kept_key(arrays, items)) if items else None
     if kept is None or kept.arrays is not arrays:
         return None
+    return _again(kept, arrays, items)
+
+
+def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
+    """``kept``'s plan for ``items``, their ``ClipNorm`` leaves clipped first.
+
+    A plan kept with ``ClipNorm, *rest`` leaves holds the leaves as the kernels
+    take them (the shared wrapper of ``rest``, the gradient scaled by λ): their
+    norms and λ are computed anew, as :func:`plan` does, and the scaled
+    gradients are new arrays (the tables' gradient column refreshed), kept alive
+    by the plan until it has run.
+    """
     with np.errstate(all="ignore"):
-        return kept.again(items)
+        if not kept.scaled:
+            return kept.again(items)
+        clipped, stages = _global_clips(arrays, items)
+        if stages:
+            return None
+        again = kept.again(clipped)
+        if again is not None:
+            again.made = [
+                new[3]
+                for new, old in zip(clipped, items, strict=True)
+                if new[3] is not old[3]
+            ]
+        return again
+
+
+def _scaled_first(rule: Any) -> bool:
+    """Whether ``rule`` is the wrapper of a ``ClipNorm`` leaf whose gradient is
+    scaled by λ first (the same wrapper at every step; see :func:`clipped_by`)."""
+    return type(rule) is _AfterClip and rule.lam is None
 
 
 def _kept_key(arrays: Arrays, items: Items) -> tuple[int, int]:
@@ -303,7 +336,7 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
     groups: dict[Any, list[int]] = {}
     skips: dict[Any, list[int]] = {}
     rests: dict[int, Any] = {}
-    rest_of: dict[Any, Any] = {}  # this plan's chain tails and ClipNorm wrappers
+    rest_of: dict[Any, Any] = {}  # this plan's ClipNorm wrappers holding their λ
     dtype_of = arrays.dtype
     out = list(items)
 
@@ -319,7 +352,7 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
 
     for k, (rule, _, x, grad) in enumerate(items):
         if not has_stages(rule):
-            found = _clip_norm_first(arrays, rule, x, grad, rest_of)
+            found = _clip_norm_first(arrays, rule, x, grad)
             if found is not None:
                 clips[k] = found
             continue
@@ -337,10 +370,7 @@ def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
             and isinstance(rule.opts[0], ClipGlobalNorm)
             and not any(has_stages(r) for r in rule.opts[1:])
         ):
-            clip = rule.opts[0]
-            rest = rest_of.get(id(rule))
-            if rest is None:
-                rest = rest_of[id(rule)] = OptimiserChain(*rule.opts[1:])
+            clip, rest = rule.opts[0], _tail(rule)
         else:
             return plain()
         dtype = dtype_of(x)
@@ -432,7 +462,7 @@ SCALE_AT_MOST = 1 << 20
 
 
 def _clip_norm_first(
-    arrays: Arrays, rule: Any, x: Any, grad: Any, rest_of: dict[Any, Any]
+    arrays: Arrays, rule: Any, x: Any, grad: Any
 ) -> tuple[Any, Any, str] | None:
     """``(clip, rest, dtype)`` for a leaf whose rule is ``ClipNorm, *rest`` (or the
     clip alone: ``rest`` None) that the compiled reduction can take, else None."""
@@ -446,10 +476,7 @@ def _clip_norm_first(
         and rule.opts
         and isinstance(rule.opts[0], ClipNorm)
     ):
-        clip = rule.opts[0]
-        rest = rest_of.get(id(rule))
-        if rest is None:
-            rest = rest_of[id(rule)] = OptimiserChain(*rule.opts[1:])
+        clip, rest = rule.opts[0], _tail(rule)
     else:
         return None
     dtype = arrays.dtype(x)
@@ -503,8 +530,9 @@ def _clip_norms(
             if clip.throw and not math.isfinite(value):
                 continue
             lam = clip.factor(value, x, host)
+            scale = size <= SCALE_AT_MOST  # a wrapper kept from step to step
             wrapper, grad = clipped_by(
-                arrays, rest, lam, grad, rest_of, scale=size <= SCALE_AT_MOST
+                arrays, rest, lam, grad, _SCALED if scale else rest_of, scale=scale
             )
             out[k] = (wrapper, state, x, grad)
 
@@ -533,9 +561,31 @@ def clipped_by(
         key = ("lambda", id(rest), lam.dtype.name, lam.tobytes())
         factor = lam
     wrapper = wrappers.get(key)
-    if wrapper is None:
+    if wrapper is None or wrapper.rest is not rest:  # (an id reused by a new tail)
+        if len(wrappers) >= RECORDINGS:
+            wrappers.clear()
         wrapper = wrappers[key] = _AfterClip(rest, factor)
     return wrapper, grad
+
+
+def _tail(chain: Any) -> Any:
+    """``OptimiserChain(*chain.opts[1:])``, the same object at every step (so that
+    its steps are recorded once)."""
+    from agnosticopt._wrappers import OptimiserChain
+
+    found = _TAILS.get(id(chain))
+    if found is None or found[0] is not chain:
+        if len(_TAILS) >= RECORDINGS:
+            _TAILS.clear()
+        found = _TAILS[id(chain)] = (chain, OptimiserChain(*chain.opts[1:]))
+    return found[1]
+
+
+#: Each chain's tail after its first rule (a norm clip), by ``id`` of the chain
+#: (held), and the wrappers of the tails whose leaves' gradients are scaled by λ
+#: first (:func:`clipped_by`'s keys): the same objects at every step.
+_TAILS: dict[int, tuple[Any, Any]] = {}
+_SCALED: dict[Any, _AfterClip] = {}
 
 
 class _HostDtype:
@@ -818,8 +868,11 @@ class _Kept:
         states: list[Any],
         parts: list[_Part],
         launches: list[_Launch],
+        scaled: bool = False,
     ) -> None:
         self.arrays = arrays
+        #: Whether some leaves are ``ClipNorm`` ones, their gradients scaled by λ.
+        self.scaled = scaled
         self.rules = [item[0] for item in items]
         self.xs = [item[2] for item in items]
         self.grads = [weakref.ref(item[3]) for item in items]

@@ -25,6 +25,8 @@ pytest.importorskip(
     "numba", reason="the fast path needs numba (pip install agnosticopt[fast])"
 )
 
+from agnosticopt.adapters import _fast
+
 import agnosticopt as opt
 from agnosticopt import _replay
 
@@ -201,10 +203,20 @@ CHANGES: dict[str, Change] = {
 }
 
 
-def _run(kind: str, change: Change, *, short: bool) -> tuple[list[Any], list[Any], int]:
+#: An elementwise chain, and a ClipNorm chain (its norms computed at every step
+#: before the kept plan runs, the gradients scaled by λ into new arrays).
+RULES = {
+    "decay_adam": opt.OptimiserChain(opt.WeightDecay(0.01), opt.Adam(1e-2)),
+    "clipnorm_adamw": opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-2)),
+}
+
+
+def _run(
+    kind: str, rule: opt.Rule, change: Change, *, short: bool
+) -> tuple[list[Any], list[Any], int]:
     """Three steps, the change, two steps: (snapshots, errors, updates taken short)."""
     model, grads = _model(kind)
-    tree = opt.setup(opt.OptimiserChain(opt.WeightDecay(0.01), opt.Adam(1e-2)), model)
+    tree = opt.setup(rule, model)
     snapshots: list[Any] = []
     errors: list[Any] = []
     before = _replay.counters["replayed"]
@@ -223,13 +235,14 @@ def _run(kind: str, change: Change, *, short: bool) -> tuple[list[Any], list[Any
     return snapshots, errors, _replay.counters["replayed"] - before
 
 
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("name", list(CHANGES))
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_the_short_way_gives_the_full_ways_bits_and_errors(
-    kind: str, name: str
+    kind: str, name: str, rule: str
 ) -> None:
-    got, got_errors, short = _run(kind, CHANGES[name], short=True)
-    want, want_errors, none = _run(kind, CHANGES[name], short=False)
+    got, got_errors, short = _run(kind, RULES[rule], CHANGES[name], short=True)
+    want, want_errors, none = _run(kind, RULES[rule], CHANGES[name], short=False)
     assert none == 0
     assert got_errors == want_errors
     for k, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -237,11 +250,15 @@ def test_the_short_way_gives_the_full_ways_bits_and_errors(
     assert short >= 2  # steps 2 and 3 at least (step 1 remembers)
 
 
+@pytest.mark.parametrize("rule", list(RULES))
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_an_unchanged_loop_takes_the_short_way_after_its_first_step(kind: str) -> None:
+def test_an_unchanged_loop_takes_the_short_way_after_its_first_step(
+    kind: str, rule: str
+) -> None:
     model, grads = _model(kind)
-    tree = opt.setup(opt.Adam(), model)
+    tree = opt.setup(RULES[rule], model)
     before = _replay.counters["replayed"]
+    recorded = _fast.counters["recorded"]
     with fast_path(True):
         for _ in range(6):
             if kind == "torch":  # new gradient tensors at every step (set_to_none)
@@ -254,6 +271,8 @@ def test_an_unchanged_loop_takes_the_short_way_after_its_first_step(kind: str) -
                 }
             tree, model = opt.update_(tree, model, grads)
     assert _replay.counters["replayed"] - before == 5
+    # each rule's step recorded at most once per (dtype, state structure, shape)
+    assert _fast.counters["recorded"] - recorded <= 4
 
 
 def test_an_error_raised_the_short_way_changes_nothing() -> None:
