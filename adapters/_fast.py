@@ -110,6 +110,9 @@ class Arrays(Protocol):
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""
 
+    def all_writeable(self, arrays: list[Any]) -> bool:
+        """Whether a kernel may write into each of ``arrays`` (one call for many)."""
+
     def address(self, a: Any) -> int:
         """The address of the first element."""
 
@@ -897,8 +900,7 @@ class _Kept:
         arrays = self.arrays
         if self.torch and [arrays.address(x) for x in xs] != self.addresses:
             return None
-        writeable = arrays.writeable
-        if not all(writeable(a) for a in self.written):
+        if not arrays.all_writeable(self.written):
             return None
         if fresh and not self._new_grads(items):
             return None

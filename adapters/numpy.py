@@ -195,6 +195,10 @@ class NumpyArrays:
         """Whether a kernel may write into ``a``."""
         return bool(a.flags.writeable)
 
+    def all_writeable(self, arrays: list[Any]) -> bool:
+        """Whether a kernel may write into each of ``arrays``."""
+        return all(a.flags.writeable for a in arrays)
+
     def address(self, a: Any) -> int:
         """The address of the first element."""
         return a.__array_interface__["data"][0]

@@ -578,6 +578,16 @@ class TorchArrays:
             return False
         return not t.is_inference() or torch.is_inference_mode_enabled()
 
+    def all_writeable(self, tensors: list[Any]) -> bool:
+        """:meth:`writeable` of each of ``tensors``, inference mode asked once."""
+        inference = torch.is_inference_mode_enabled()
+        for t in tensors:
+            if (t.requires_grad and not t.is_leaf) or (
+                not inference and t.is_inference()
+            ):
+                return False
+        return True
+
     def address(self, t: Any) -> int:
         """The address of the first element."""
         return t.data_ptr()
