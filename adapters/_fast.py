@@ -32,6 +32,7 @@ import importlib
 import importlib.util
 import itertools
 import math
+import operator
 import warnings
 import weakref
 from typing import Any, NamedTuple, Protocol
@@ -246,7 +247,16 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
         mine = [k for k in _kept if k[0] == kept_key[0]]
         for old in mine[: max(0, len(mine) - KEPT_PLANS + 1)]:  # the oldest go
             del _kept[old]
-        _kept[kept_key] = _Kept(arrays, items, states, parts, launches, any(scaled))
+        kept = _Kept(arrays, items, states, parts, launches)
+        if any(scaled):
+            kept.chains = [item[0] for item in given]
+            for k, changed in enumerate(scaled):
+                rule, _, x, grad = given[k]
+                clip_of = _clip_norm_first(arrays, rule, x, grad) if changed else None
+                if clip_of is not None:
+                    kept.clips[k] = clip_of
+            kept.scaled = True
+        _kept[kept_key] = kept
         return FastPlan(states, launches, arrays, made, replayable=True)
     return FastPlan(states, launches, arrays, made)
 
@@ -279,9 +289,16 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
     with np.errstate(all="ignore"):
         if not kept.scaled:
             return kept.again(items)
-        clipped, stages = _global_clips(arrays, items)
-        if stages:
+        chains = kept.chains
+        if len(items) != len(chains) or not all(
+            map(operator.is_, [item[0] for item in items], chains)
+        ):
             return None
+        dtype_of = arrays.dtype
+        if any(dtype_of(items[k][3]) != c[2] for k, c in kept.clips.items()):
+            return None  # a gradient the compiled norms cannot read
+        clipped = list(items)
+        _clip_norms(arrays, items, clipped, kept.clips, {})
         again = kept.again(clipped)
         if again is not None:
             again.made = [
@@ -871,11 +888,13 @@ class _Kept:
         states: list[Any],
         parts: list[_Part],
         launches: list[_Launch],
-        scaled: bool = False,
     ) -> None:
         self.arrays = arrays
-        #: Whether some leaves are ``ClipNorm`` ones, their gradients scaled by λ.
-        self.scaled = scaled
+        #: Whether some leaves are ``ClipNorm`` ones, their gradients scaled by λ;
+        #: then the rules given (the chains) and ``(clip, rest, dtype)`` of those.
+        self.scaled = False
+        self.chains: list[Any] = []
+        self.clips: dict[int, tuple[Any, Any, str]] = {}
         self.rules = [item[0] for item in items]
         self.xs = [item[2] for item in items]
         self.grads = [weakref.ref(item[3]) for item in items]

@@ -142,6 +142,20 @@ def _untracked_array_made_trainable(
     model["count"].dtype = np.float32  # in place: the same object, now trainable
 
 
+def _non_finite_gradient(kind: str, tree: Any, model: Any, grads: Any) -> None:
+    g = grads["layers"][0]["b"] * 1  # ClipNorm (throw) raises, naming the path
+    g[3] = float("inf")
+    grads["layers"][0]["b"] = g
+
+
+def _strided_gradient(kind: str, tree: Any, model: Any, grads: Any) -> None:
+    g = grads["w"]
+    both = (
+        g.repeat_interleave(2) if kind == "torch" else np.repeat(g, 2)
+    )  # every other element: the same values, not contiguous
+    grads["w"] = both[::2]
+
+
 def _missing_gradient(kind: str, tree: Any, model: Any, grads: Any) -> None:
     del grads["layers"][0]["k"]  # no step for k
 
@@ -192,6 +206,8 @@ CHANGES: dict[str, Change] = {
         _extra_key_beside_an_untracked_entry,
         _untracked_array_made_trainable,
         _missing_gradient,
+        _non_finite_gradient,
+        _strided_gradient,
         _array_at_a_none_place,
         _wrong_state,
         _another_tree_shape,
@@ -229,7 +245,7 @@ def _run(
             try:
                 tree, model = opt.update_(tree, model, grads)
                 errors.append(None)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, FloatingPointError) as exc:
                 errors.append((type(exc), str(exc)))
             snapshots.append([_bits(a) for a in _snapshot(tree, model)])
     return snapshots, errors, _replay.counters["replayed"] - before
