@@ -207,7 +207,8 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     parts: list[_Part] = []
     with np.errstate(all="ignore"):
         given = items
-        items, clipped = _global_clips(arrays, items)
+        cross = _cross(arrays, items)
+        items, clipped = _computed(arrays, items, cross)
         made = [
             new[3]
             for new, old in zip(items, given, strict=True)
@@ -233,13 +234,12 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     fast = sum(s is not SKIP for s in states)
     counters["fast"] += fast
     counters["plain"] += len(items) - fast
-    scaled = [a is not b for a, b in zip(items, given, strict=True)]
+    changed = [a is not b for a, b in zip(items, given, strict=True)]
     if (
         fast == len(items)
-        and not clipped
         and all(
-            not changed or _scaled_first(item[0])
-            for item, changed in zip(items, scaled, strict=True)
+            not change or _kept_rule(item[0])
+            for item, change in zip(items, changed, strict=True)
         )
         and all(part.step.recording is not None for part in parts)
     ):
@@ -248,14 +248,9 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
         for old in mine[: max(0, len(mine) - KEPT_PLANS + 1)]:  # the oldest go
             del _kept[old]
         kept = _Kept(arrays, items, states, parts, launches)
-        if any(scaled):
+        if any(changed):
+            kept.cross = cross
             kept.chains = [item[0] for item in given]
-            for k, changed in enumerate(scaled):
-                rule, _, x, grad = given[k]
-                clip_of = _clip_norm_first(arrays, rule, x, grad) if changed else None
-                if clip_of is not None:
-                    kept.clips[k] = clip_of
-            kept.scaled = True
         _kept[kept_key] = kept
         return FastPlan(states, launches, arrays, made, replayable=True)
     return FastPlan(states, launches, arrays, made)
@@ -278,16 +273,18 @@ def replay(arrays: Arrays, items: Items) -> FastPlan | None:
 
 
 def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
-    """``kept``'s plan for ``items``, their ``ClipNorm`` leaves clipped first.
+    """``kept``'s plan for ``items``, their norm clips and skips computed first.
 
-    A plan kept with ``ClipNorm, *rest`` leaves holds the leaves as the kernels
-    take them (the shared wrapper of ``rest``, the gradient scaled by λ): their
-    norms and λ are computed anew, as :func:`plan` does, and the scaled
+    A plan kept with clip or skip leaves (:class:`_Cross`) holds the leaves as
+    the kernels take them (a wrapper kept from step to step, the gradient
+    scaled by λ or λ in the state): their norms, λ and the finiteness of a
+    skip's gradients are computed anew, as :func:`plan` does, and the scaled
     gradients are new arrays (the tables' gradient column refreshed), kept alive
     by the plan until it has run.
     """
     with np.errstate(all="ignore"):
-        if not kept.scaled:
+        cross = kept.cross
+        if cross is None:
             return kept.again(items)
         chains = kept.chains
         if len(items) != len(chains) or not all(
@@ -295,10 +292,9 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
         ):
             return None
         dtype_of = arrays.dtype
-        if any(dtype_of(items[k][3]) != c[2] for k, c in kept.clips.items()):
-            return None  # a gradient the compiled norms cannot read
-        clipped = list(items)
-        _clip_norms(arrays, items, clipped, kept.clips, {})
+        if any(dtype_of(items[k][3]) != d for k, d in cross.dtypes.items()):
+            return None  # a gradient the compiled reductions cannot read
+        clipped, _ = _computed(arrays, items, cross)
         again = kept.again(clipped)
         if again is not None:
             again.made = [
@@ -307,12 +303,6 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
                 if new[3] is not old[3]
             ]
         return again
-
-
-def _scaled_first(rule: Any) -> bool:
-    """Whether ``rule`` is the wrapper of a ``ClipNorm`` leaf whose gradient is
-    scaled by λ first (the same wrapper at every step; see :func:`clipped_by`)."""
-    return type(rule) is _AfterClip and rule.lam is None
 
 
 def _kept_key(arrays: Arrays, items: Items) -> tuple[int, int]:
@@ -338,106 +328,29 @@ class _AfterClip:
         return (state[0], *sub), step
 
 
-def _global_clips(arrays: Arrays, items: Items) -> tuple[Items, list[int]]:
-    """Leaves whose rule starts with a ``ClipGlobalNorm``, with the clip done, and
-    leaves of a ``SkipNonFinite`` whose gradients are all finite.
+class _Factor(NamedTuple):
+    """The state of a :class:`_ByFactor` leaf: the clip factor λ, a host value (so
+    that one recording holds for every λ), and the chain's state."""
 
-    Returns the items with those rules replaced by :class:`_AfterClip` (the
-    factor computed by the compiled aligned-block reduction, the plain path's
-    bits) or :class:`_InsideSkip`, and their positions. Only when every leaf
-    with a cross-leaf rule has one of these forms (throw=False, one dtype per
-    clip, eligible arrays, no cross-leaf rule inside the skip) and no gradient
-    of a skip is NaN or infinite; otherwise those leaves are left as they are
-    and no position is returned (they all take the plain path).
-    """
-    from agnosticopt._global import ClipGlobalNorm, SkipNonFinite, has_stages
-    from agnosticopt._wrappers import OptimiserChain
+    lam: Any
+    state: Any
 
-    groups: dict[Any, list[int]] = {}
-    skips: dict[Any, list[int]] = {}
-    rests: dict[int, Any] = {}
-    rest_of: dict[Any, Any] = {}  # this plan's ClipNorm wrappers holding their λ
-    dtype_of = arrays.dtype
-    out = list(items)
 
-    clips: dict[int, tuple[Any, Any, str]] = {}  # the ClipNorm-first leaves
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ByFactor:
+    """A chain ``ClipGlobalNorm, *rest`` or ``ClipNorm, *rest`` (``rest`` None: the
+    clip alone) whose λ comes in the state (:class:`_Factor`): ``λ·dx``, then
+    ``rest``. The new state is the chain's. The same object at every step."""
 
-    def plain() -> tuple[Items, list[int]]:  # every cross-leaf leaf to the plain path
-        for positions in (*groups.values(), *skips.values()):
-            for k in positions:
-                out[k] = items[k]
-        if clips:  # those found so far (per leaf: each keeps the fast path)
-            _clip_norms(arrays, items, out, clips, rest_of)
-        return out, []
+    rest: Any
 
-    for k, (rule, _, x, grad) in enumerate(items):
-        if not has_stages(rule):
-            found = _clip_norm_first(arrays, rule, x, grad)
-            if found is not None:
-                clips[k] = found
-            continue
-        if isinstance(rule, SkipNonFinite) and not has_stages(rule.rule):
-            dtype = dtype_of(x)
-            if dtype is None or dtype_of(grad) != dtype:
-                return plain()
-            skips.setdefault(rule, []).append(k)
-            continue
-        if isinstance(rule, ClipGlobalNorm):
-            clip, rest = rule, None
-        elif (
-            isinstance(rule, OptimiserChain)
-            and rule.opts
-            and isinstance(rule.opts[0], ClipGlobalNorm)
-            and not any(has_stages(r) for r in rule.opts[1:])
-        ):
-            clip, rest = rule.opts[0], _tail(rule)
-        else:
-            return plain()
-        dtype = dtype_of(x)
-        if clip.throw or dtype is None or dtype_of(grad) != dtype:
-            return plain()
-        groups.setdefault(clip, []).append(k)
-        rests[k] = rest
-    if clips:
-        _clip_norms(arrays, items, out, clips, rest_of)
-    if not groups and not skips:
-        return out, []
-    from agnosticopt.adapters._numba import tree_root
-
-    for skip, positions in skips.items():
-        if not _all_finite(arrays, [items[k] for k in positions]):
-            return plain()  # the plain path skips the step
-        inside = _InsideSkip(skip.rule)
-        for k in positions:
-            out[k] = (inside, *items[k][1:])
-    for clip, positions in groups.items():
-        dtypes = {dtype_of(items[k][2]) for k in positions}
-        if len(dtypes) != 1:
-            return plain()
-        (dtype,) = dtypes
-        if dtype is None:  # not a dtype the kernels take: the plain path
-            return plain()
-        t = np.dtype(dtype).type
-        grads = [items[k][3] for k in positions]
-        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
-        sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
-        if not sizes.sum():
-            return plain()
-        value = tree_root(dtype, clip.p, addresses, sizes)
-        if clip.p == 2:
-            value = np.sqrt(value)
-        lam = np.minimum(t(clip.omega) / value, t(1))
-        wrappers: dict[int, _AfterClip] = {}
-        for k in positions:
-            rest = rests[k]
-            wrapper = wrappers.get(id(rest))
-            if wrapper is None:
-                wrapper = wrappers[id(rest)] = _AfterClip(rest, lam)
-            _, state, x, grad = items[k]
-            out[k] = (wrapper, state, x, grad)
-    return out, [
-        k for positions in (*groups.values(), *skips.values()) for k in positions
-    ]
+    def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> tuple[Any, Any]:
+        lam, inner = state
+        scaled = xp.multiply(dx, lam)
+        if self.rest is None:
+            return inner, scaled
+        sub, step = self.rest.apply(inner[1:], x, scaled, xp)
+        return (inner[0], *sub), step
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -451,6 +364,133 @@ class _InsideSkip:
 
         inner, step = self.rule.apply(state.state, x, dx, xp)
         return SkipNonFiniteState(inner, state.skips), step
+
+
+def _kept_rule(rule: Any) -> bool:
+    """Whether ``rule``, a wrapper :func:`_computed` put in, is the same object at
+    every step (so that a plan holding it can be kept)."""
+    kind = type(rule)
+    return (
+        kind is _ByFactor
+        or kind is _InsideSkip
+        or (kind is _AfterClip and rule.lam is None)
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Cross:
+    """The leaves of a plan's items that need a reduction before their kernels.
+
+    Found once per plan by :func:`_cross` (from the rules, dtypes and sizes);
+    :func:`_computed` does the reductions, at every step of a kept plan.
+    """
+
+    #: The ``ClipNorm, *rest`` leaves: ``(clip, rest, dtype)`` by position.
+    clips: dict[int, tuple[Any, Any, str]]
+    #: The leaves of each ``ClipGlobalNorm`` (first in a chain of elementwise
+    #: rules, ``throw=False``) and the rest of each one's chain.
+    globals: dict[Any, list[int]]
+    rests: dict[int, Any]
+    #: The leaves of each ``SkipNonFinite`` (of an elementwise rule).
+    skips: dict[Any, list[int]]
+    #: The gradient dtype each of these positions was planned with.
+    dtypes: dict[int, str]
+    #: False: a cross-leaf leaf the kernels cannot take (all of them go plain).
+    whole: bool = True
+
+
+def _cross(arrays: Arrays, items: Items) -> _Cross:
+    """The clip and skip leaves of ``items`` (see :class:`_Cross`)."""
+    from agnosticopt._global import ClipGlobalNorm, SkipNonFinite, has_stages
+    from agnosticopt._wrappers import OptimiserChain
+
+    cross = _Cross({}, {}, {}, {}, {})
+    dtype_of = arrays.dtype
+    for k, (rule, _, x, grad) in enumerate(items):
+        if not has_stages(rule):
+            found = _clip_norm_first(arrays, rule, x, grad)
+            if found is not None:
+                cross.clips[k] = found
+                cross.dtypes[k] = found[2]
+            continue
+        if not cross.whole:
+            continue
+        dtype = dtype_of(x)
+        if dtype is None or dtype_of(grad) != dtype:
+            cross.whole = False
+            continue
+        if isinstance(rule, SkipNonFinite) and not has_stages(rule.rule):
+            cross.skips.setdefault(rule, []).append(k)
+            cross.dtypes[k] = dtype
+            continue
+        if isinstance(rule, ClipGlobalNorm):
+            clip, rest = rule, None
+        elif (
+            isinstance(rule, OptimiserChain)
+            and rule.opts
+            and isinstance(rule.opts[0], ClipGlobalNorm)
+            and not any(has_stages(r) for r in rule.opts[1:])
+        ):
+            clip, rest = rule.opts[0], _tail(rule)
+        else:
+            cross.whole = False
+            continue
+        if clip.throw:
+            cross.whole = False
+            continue
+        cross.globals.setdefault(clip, []).append(k)
+        cross.rests[k] = rest
+        cross.dtypes[k] = dtype
+    for positions in cross.globals.values():
+        if len({cross.dtypes[k] for k in positions}) != 1 or not sum(
+            math.prod(items[k][3].shape) for k in positions
+        ):
+            cross.whole = False  # one dtype per clip, some element to scale
+    return cross
+
+
+def _computed(arrays: Arrays, items: Items, cross: _Cross) -> tuple[Items, list[int]]:
+    """The items with every leaf of ``cross`` as the kernels take it, and the
+    positions of the cross-leaf ones (all updated by the kernels, or none).
+
+    A ``ClipNorm, *rest`` leaf as :func:`_clip_norms` makes it (each keeps the fast
+    path on its own); the leaves of a ``ClipGlobalNorm`` as :class:`_ByFactor` with
+    the clip's λ (the compiled aligned-block reduction over all its gradients:
+    the plain path's bits), those of a ``SkipNonFinite`` as :class:`_InsideSkip`
+    when all its gradients are finite. Otherwise (a skip's gradient not finite,
+    or ``cross`` not whole) the cross-leaf leaves are left as they are, for the
+    plain path, and no position is returned.
+    """
+    out = list(items)
+    if cross.clips:
+        _clip_norms(arrays, items, out, cross.clips)
+    if not cross.whole or not (cross.globals or cross.skips):
+        return out, []
+    for positions in cross.skips.values():
+        if not _all_finite(arrays, [items[k] for k in positions]):
+            return out, []  # the plain path skips the step
+    from agnosticopt.adapters._numba import tree_root
+
+    for skip, positions in cross.skips.items():
+        inside = _wrapper(("skip", id(skip.rule)), skip.rule, _InsideSkip)
+        for k in positions:
+            out[k] = (inside, *items[k][1:])
+    for clip, positions in cross.globals.items():
+        dtype = cross.dtypes[positions[0]]
+        t = np.dtype(dtype).type
+        grads = [items[k][3] for k in positions]
+        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
+        sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
+        value = tree_root(dtype, clip.p, addresses, sizes)
+        if clip.p == 2:
+            value = np.sqrt(value)
+        lam = np.minimum(t(clip.omega) / value, t(1))
+        for k in positions:
+            rest = cross.rests[k]
+            _, state, x, grad = items[k]
+            wrapper = _wrapper(("factor", id(rest)), rest, _ByFactor)
+            out[k] = (wrapper, _Factor(lam, state), x, grad)
+    return out, [k for k in cross.dtypes if k not in cross.clips]
 
 
 def _all_finite(arrays: Arrays, items: Items) -> bool:
@@ -477,7 +517,7 @@ def _all_finite(arrays: Arrays, items: Items) -> bool:
 #: A ``ClipNorm`` leaf of at most this many elements has its gradient scaled by its λ
 #: before the kernels (one extra pass over a small array), so that all the leaves of
 #: one chain share one recorded program and one kernel call; a larger leaf takes λ
-#: into its own program (no extra pass; one recording per leaf).
+#: in its state (:class:`_ByFactor`: no extra pass; a kernel call of its own).
 SCALE_AT_MOST = 1 << 20
 
 
@@ -515,7 +555,6 @@ def _clip_norms(
     items: Items,
     out: Items,
     clips: dict[int, tuple[Any, Any, str]],
-    rest_of: dict[Any, Any],
 ) -> None:
     """Compute the λ of every ``ClipNorm, *rest`` leaf of ``clips`` and wrap its rule.
 
@@ -523,9 +562,10 @@ def _clip_norms(
     reduction (the plain path's bits), λ from :meth:`ClipNorm.factor`. A small
     leaf's gradient is replaced by ``λ·dx`` (the plain path's product) and its
     rule by a wrapper shared by every leaf of the chain (see
-    :data:`SCALE_AT_MOST`); a larger one keeps its gradient and gets a wrapper
-    holding λ. A leaf whose norm is not finite with ``throw`` is left as it is,
-    for the plain path to raise naming the key path.
+    :data:`SCALE_AT_MOST`); a larger one keeps its gradient, its rule becomes
+    :class:`_ByFactor` and its state a :class:`_Factor` holding λ. A leaf whose
+    norm is not finite with ``throw`` is left as it is, for the plain path to
+    raise naming the key path.
     """
     from agnosticopt.adapters._numba import tree_roots
 
@@ -550,11 +590,16 @@ def _clip_norms(
             if clip.throw and not math.isfinite(value):
                 continue
             lam = clip.factor(value, x, host)
-            scale = size <= SCALE_AT_MOST  # a wrapper kept from step to step
-            wrapper, grad = clipped_by(
-                arrays, rest, lam, grad, _SCALED if scale else rest_of, scale=scale
-            )
-            out[k] = (wrapper, state, x, grad)
+            if size <= SCALE_AT_MOST:
+                wrapper = _wrapper(("scaled", id(rest)), rest, _scaled_after)
+                out[k] = (wrapper, state, x, arrays.scaled(grad, lam))
+            else:
+                wrapper = _wrapper(("factor", id(rest)), rest, _ByFactor)
+                out[k] = (wrapper, _Factor(lam, state), x, grad)
+
+
+def _scaled_after(rest: Any) -> _AfterClip:
+    return _AfterClip(rest, None)
 
 
 def clipped_by(
@@ -572,20 +617,28 @@ def clipped_by(
     per element) under a wrapper shared by every such leaf of ``rest``, so that
     they share one recorded program and one kernel call; else the gradient is
     kept and the wrapper holds λ (one per value of λ). ``wrappers`` holds the
-    wrappers made so far, by key.
+    wrappers made so far, by key. (The DTensor adapter's clip plan.)
     """
     if scale:
-        key: tuple[Any, ...] = ("scaled", id(rest))
-        factor, grad = None, arrays.scaled(grad, lam)
-    else:
-        key = ("lambda", id(rest), lam.dtype.name, lam.tobytes())
-        factor = lam
+        return _wrapper(("scaled", id(rest)), rest, _scaled_after), arrays.scaled(
+            grad, lam
+        )
+    key = ("lambda", id(rest), lam.dtype.name, lam.tobytes())
     wrapper = wrappers.get(key)
-    if wrapper is None or wrapper.rest is not rest:  # (an id reused by a new tail)
-        if len(wrappers) >= RECORDINGS:
-            wrappers.clear()
-        wrapper = wrappers[key] = _AfterClip(rest, factor)
+    if wrapper is None or wrapper.rest is not rest:
+        wrapper = wrappers[key] = _AfterClip(rest, lam)
     return wrapper, grad
+
+
+def _wrapper(key: tuple[str, int], inner: Any, make: Any) -> Any:
+    """The wrapper ``make(inner)`` kept under ``key`` (the same object at every
+    step, so that its steps are recorded once and its plans kept)."""
+    found = _WRAPPERS.get(key)
+    if found is None or found[0] is not inner:  # (an id reused by a new rule)
+        if len(_WRAPPERS) >= RECORDINGS:
+            _WRAPPERS.clear()
+        found = _WRAPPERS[key] = (inner, make(inner))
+    return found[1]
 
 
 def _tail(chain: Any) -> Any:
@@ -602,10 +655,10 @@ def _tail(chain: Any) -> Any:
 
 
 #: Each chain's tail after its first rule (a norm clip), by ``id`` of the chain
-#: (held), and the wrappers of the tails whose leaves' gradients are scaled by λ
-#: first (:func:`clipped_by`'s keys): the same objects at every step.
+#: (held), and the wrappers of the tails (and of a skip's rule) that the plans
+#: put in (:func:`_wrapper`'s keys): the same objects at every step.
 _TAILS: dict[int, tuple[Any, Any]] = {}
-_SCALED: dict[Any, _AfterClip] = {}
+_WRAPPERS: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
 class _HostDtype:
@@ -890,11 +943,10 @@ class _Kept:
         launches: list[_Launch],
     ) -> None:
         self.arrays = arrays
-        #: Whether some leaves are ``ClipNorm`` ones, their gradients scaled by λ;
-        #: then the rules given (the chains) and ``(clip, rest, dtype)`` of those.
-        self.scaled = False
+        #: The clip and skip leaves, computed again at every step (None: none),
+        #: and then the rules given (the chains) that they came from.
+        self.cross: _Cross | None = None
         self.chains: list[Any] = []
-        self.clips: dict[int, tuple[Any, Any, str]] = {}
         self.rules = [item[0] for item in items]
         self.xs = [item[2] for item in items]
         self.grads = [weakref.ref(item[3]) for item in items]
@@ -912,6 +964,8 @@ class _Kept:
             return None
         fresh = False
         for k, (rule, state, x, grad) in enumerate(items):
+            if type(state) is _Factor:
+                state = state.state
             if rule is not rules[k] or state is not states[k] or x is not xs[k]:
                 return None
             if grads[k]() is not grad:
@@ -927,10 +981,13 @@ class _Kept:
         launches = []
         for part in self.parts:
             first = part.leaves[0]
+            state = items[first.position][1]  # states[...], or λ and it
+            if type(state) is _Factor and not _one_factor(items, part.leaves, state):
+                return None  # the leaves of one kernel call have other λ now
             step = _step_of(
                 arrays,
                 first.rule,
-                new_states[first.position],
+                state,
                 first.arrays,
                 first.x,
                 part.dtype,
@@ -973,6 +1030,16 @@ class _Kept:
             ]
         self.grads = [weakref.ref(item[3]) for item in items]
         return True
+
+
+def _one_factor(items: Items, leaves: list[_Leaf], first: _Factor) -> bool:
+    """Whether every leaf of ``leaves`` has the λ of ``first`` (the same bits)."""
+    lam = first.lam
+    for leaf in leaves:
+        other = items[leaf.position][1].lam
+        if other is not lam and other.tobytes() != lam.tobytes():
+            return False
+    return True
 
 
 #: The kept plans (:class:`_Kept`) of the last updates, by :func:`_kept_key`: the

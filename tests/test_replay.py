@@ -156,6 +156,13 @@ def _strided_gradient(kind: str, tree: Any, model: Any, grads: Any) -> None:
     grads["w"] = both[::2]
 
 
+def _larger_gradients(kind: str, tree: Any, model: Any, grads: Any) -> None:
+    for d in (grads, grads["layers"][0]):  # new arrays, norms past the clips
+        for key in [k for k in d if k != "layers"]:
+            d[key] = d[key] * 1000
+    grads["layers"][1] = (grads["layers"][1][0] * 1000, None)
+
+
 def _missing_gradient(kind: str, tree: Any, model: Any, grads: Any) -> None:
     del grads["layers"][0]["k"]  # no step for k
 
@@ -198,6 +205,7 @@ CHANGES: dict[str, Change] = {
     f.__name__.lstrip("_"): f
     for f in (
         _new_gradients,
+        _larger_gradients,
         _shape,
         _backend,
         _dtype,
@@ -219,12 +227,29 @@ CHANGES: dict[str, Change] = {
 }
 
 
-#: An elementwise chain, and a ClipNorm chain (its norms computed at every step
-#: before the kept plan runs, the gradients scaled by λ into new arrays).
+#: An elementwise chain, and chains whose kept plans compute a reduction at every
+#: step: a ClipNorm chain (the gradients scaled by λ into new arrays), the same
+#: with λ in the state instead (:data:`SCALED_AT_MOST` 0; ClipNorm(1000) gives
+#: every leaf λ = 1 until ``larger_gradients``, so the leaves of one kernel call
+#: then have other λ), a global clip (λ in the state) and a non-finite skip.
 RULES = {
     "decay_adam": opt.OptimiserChain(opt.WeightDecay(0.01), opt.Adam(1e-2)),
     "clipnorm_adamw": opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-2)),
+    "clipnorm_in_state": opt.OptimiserChain(opt.ClipNorm(1000.0), opt.AdamW(1e-2)),
+    "globalclip_adamw": opt.OptimiserChain(opt.ClipGlobalNorm(1.0), opt.AdamW(1e-2)),
+    "skip_adam": opt.SkipNonFinite(opt.Adam(1e-2)),
 }
+#: ``_fast.SCALE_AT_MOST`` for a rule (else the default).
+SCALED_AT_MOST = {"clipnorm_in_state": 0}
+
+
+@pytest.fixture
+def rule(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of a rule of :data:`RULES`, with its ``SCALE_AT_MOST``."""
+    name: str = request.param
+    if name in SCALED_AT_MOST:
+        monkeypatch.setattr(_fast, "SCALE_AT_MOST", SCALED_AT_MOST[name])
+    return name
 
 
 def _run(
@@ -251,7 +276,7 @@ def _run(
     return snapshots, errors, _replay.counters["replayed"] - before
 
 
-@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("rule", list(RULES), indirect=True)
 @pytest.mark.parametrize("name", list(CHANGES))
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_the_short_way_gives_the_full_ways_bits_and_errors(
@@ -266,7 +291,7 @@ def test_the_short_way_gives_the_full_ways_bits_and_errors(
     assert short >= 2  # steps 2 and 3 at least (step 1 remembers)
 
 
-@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("rule", list(RULES), indirect=True)
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_an_unchanged_loop_takes_the_short_way_after_its_first_step(
     kind: str, rule: str
