@@ -123,6 +123,9 @@ class Arrays(Protocol):
     def scaled(self, a: Any, factor: Any) -> Any:
         """A new array ``a * factor`` (one correctly rounded product per element)."""
 
+    def empty(self, size: int, dtype: str) -> Any:
+        """A new 1-d array of ``size`` elements of ``dtype``, for the kernels to fill."""
+
 
 # -- the plan -------------------------------------------------------------------------------------
 
@@ -208,7 +211,8 @@ def plan(arrays: Arrays, items: Items) -> FastPlan | None:
     with np.errstate(all="ignore"):
         given = items
         cross = _cross(arrays, items)
-        items, clipped = _computed(arrays, items, cross)
+        done = _computed(arrays, items, cross)  # (None only for a kept plan's)
+        items, clipped = done if done is not None else (items, [])
         made = [
             new[3]
             for new, old in zip(items, given, strict=True)
@@ -291,10 +295,15 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
             map(operator.is_, [item[0] for item in items], chains)
         ):
             return None
+        if cross.scaled is None:
+            _scale_ahead(arrays, items, cross)
         dtype_of = arrays.dtype
-        if any(dtype_of(items[k][3]) != d for k, d in cross.dtypes.items()):
+        if any(dtype_of(items[k][3]) != d for k, d in cross.checked.items()):
             return None  # a gradient the compiled reductions cannot read
-        clipped, _ = _computed(arrays, items, cross)
+        done = _computed(arrays, items, cross)
+        if done is None:
+            return None
+        clipped, _ = done
         again = kept.again(clipped)
         if again is not None:
             again.made = [
@@ -397,6 +406,12 @@ class _Cross:
     dtypes: dict[int, str]
     #: False: a cross-leaf leaf the kernels cannot take (all of them go plain).
     whole: bool = True
+    #: Once the plan is kept (:func:`_scale_ahead`): the small ``ClipNorm`` leaves,
+    #: scaled into one scratch array per (dtype, p); the other ``ClipNorm`` leaves;
+    #: the positions whose gradients are checked one by one, with their dtypes.
+    scaled: list[_Scaled] | None = None
+    per_leaf: dict[int, tuple[Any, Any, str]] = dataclasses.field(default_factory=dict)
+    checked: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 def _cross(arrays: Arrays, items: Items) -> _Cross:
@@ -449,7 +464,9 @@ def _cross(arrays: Arrays, items: Items) -> _Cross:
     return cross
 
 
-def _computed(arrays: Arrays, items: Items, cross: _Cross) -> tuple[Items, list[int]]:
+def _computed(
+    arrays: Arrays, items: Items, cross: _Cross
+) -> tuple[Items, list[int]] | None:
     """The items with every leaf of ``cross`` as the kernels take it, and the
     positions of the cross-leaf ones (all updated by the kernels, or none).
 
@@ -459,11 +476,19 @@ def _computed(arrays: Arrays, items: Items, cross: _Cross) -> tuple[Items, list[
     the plain path's bits), those of a ``SkipNonFinite`` as :class:`_InsideSkip`
     when all its gradients are finite. Otherwise (a skip's gradient not finite,
     or ``cross`` not whole) the cross-leaf leaves are left as they are, for the
-    plain path, and no position is returned.
+    plain path, and no position is returned. ``None`` (only once
+    :func:`_scale_ahead` has grouped the small ``ClipNorm`` leaves): a gradient
+    of a group that the kernels cannot read, or a norm that ``throw`` refuses.
     """
     out = list(items)
-    if cross.clips:
-        _clip_norms(arrays, items, out, cross.clips)
+    clips = cross.clips
+    if cross.scaled is not None:
+        for group in cross.scaled:
+            if not group.scale(arrays, items, out):
+                return None
+        clips = cross.per_leaf
+    if clips:
+        _clip_norms(arrays, items, out, clips)
     if not cross.whole or not (cross.globals or cross.skips):
         return out, []
     for positions in cross.skips.values():
@@ -491,6 +516,98 @@ def _computed(arrays: Arrays, items: Items, cross: _Cross) -> tuple[Items, list[
             wrapper = _wrapper(("factor", id(rest)), rest, _ByFactor)
             out[k] = (wrapper, _Factor(lam, state), x, grad)
     return out, [k for k in cross.dtypes if k not in cross.clips]
+
+
+class _Scaled:
+    """The small ``ClipNorm, *rest`` leaves of a kept plan of one dtype and p.
+
+    Their gradients are scaled by their λ into one scratch array, each leaf's
+    part of it the same view at every step (so the kernels' tables stay as they
+    are): per step, one compiled reduction for the norms, λ for all of them at
+    once (:func:`_factors`), one compiled pass for the products.
+    """
+
+    def __init__(
+        self,
+        arrays: Arrays,
+        items: Items,
+        clips: dict[int, tuple[Any, Any, str]],
+        positions: list[int],
+        kind: tuple[str, float],
+    ) -> None:
+        self.dtype, self.p = kind
+        self.positions = positions
+        shapes = [items[k][3].shape for k in positions]
+        sizes = [math.prod(shape) for shape in shapes]
+        self.sizes = np.array(sizes, dtype=np.int64)
+        self.offsets = np.cumsum(self.sizes) - self.sizes
+        self.omegas = np.array([clips[k][0].omega for k in positions], np.float64)
+        self.throw = any(clips[k][0].throw for k in positions)
+        self.scratch = arrays.empty(int(self.sizes.sum()), self.dtype)
+        self.address = arrays.address(self.scratch)
+        self.views = [
+            self.scratch[o : o + n].reshape(shape)
+            for o, n, shape in zip(self.offsets.tolist(), sizes, shapes, strict=True)
+        ]
+        self.wrappers = [
+            _wrapper(("scaled", id(clips[k][1])), clips[k][1], _scaled_after)
+            for k in positions
+        ]
+
+    def scale(self, arrays: Arrays, items: Items, out: Items) -> bool:
+        """Put each leaf into ``out`` with its gradient scaled by its λ; ``False``
+        (nothing put) for a gradient the kernels cannot read, or a norm that is
+        not finite where a clip has ``throw`` (for the plain path to raise)."""
+        from agnosticopt.adapters._numba import scale_into, tree_roots
+
+        dtype, dtype_of, address = self.dtype, arrays.dtype, arrays.address
+        grads = [items[k][3] for k in self.positions]
+        if not all(dtype_of(g) == dtype for g in grads):
+            return False
+        addresses = np.array([address(g) for g in grads], dtype=np.int64)
+        values = tree_roots(dtype, self.p, addresses, self.sizes)
+        if self.p == 2:
+            values = np.sqrt(values)
+        if self.throw and not np.isfinite(values).all():
+            return False
+        lams = _factors(self.omegas, values, dtype)
+        scale_into(
+            dtype, self.p, addresses, self.sizes, lams, self.address, self.offsets
+        )
+        for k, wrapper, view in zip(
+            self.positions, self.wrappers, self.views, strict=True
+        ):
+            _, state, x, _ = items[k]
+            out[k] = (wrapper, state, x, view)
+        return True
+
+
+def _factors(omegas: np.ndarray, norms: np.ndarray, dtype: str) -> np.ndarray:
+    """:meth:`ClipNorm.factor` of each norm at once: ``T(min(ω / float(n), 1))``, with
+    ω / 0 taken as ∞ (IEEE float64 division and rounding to ``T``: the same bits)."""
+    wide = norms.astype(np.float64)
+    with np.errstate(all="ignore"):  # ω / subnormal overflows to ∞, as in Python
+        ratio = np.divide(omegas, wide, out=np.full_like(omegas, np.inf), where=wide != 0)
+        return np.minimum(ratio, 1.0).astype(np.dtype(dtype))
+
+
+def _scale_ahead(arrays: Arrays, items: Items, cross: _Cross) -> None:
+    """Group the kept plan's small ``ClipNorm`` leaves (:class:`_Scaled`, at most
+    :data:`SCALE_AT_MOST` elements, ``ClipNorm`` itself); the others stay one by one."""
+    from agnosticopt._clip import ClipNorm
+
+    kinds: dict[tuple[str, float], list[int]] = {}
+    for k, (clip, _, dtype) in cross.clips.items():
+        if type(clip) is ClipNorm and math.prod(items[k][3].shape) <= SCALE_AT_MOST:
+            kinds.setdefault((dtype, clip.p), []).append(k)
+        else:
+            cross.per_leaf[k] = cross.clips[k]
+    cross.scaled = [
+        _Scaled(arrays, items, cross.clips, positions, kind)
+        for kind, positions in kinds.items()
+    ]
+    grouped = {k for positions in kinds.values() for k in positions}
+    cross.checked = {k: d for k, d in cross.dtypes.items() if k not in grouped}
 
 
 def _all_finite(arrays: Arrays, items: Items) -> bool:

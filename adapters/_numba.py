@@ -512,6 +512,19 @@ def root(levels, blocks, values, counts):
 
 
 @njit(**OPTIONS)
+def scale(addresses, sizes, lams, out, offsets):
+    # Array k times lams[k] (one correctly rounded product per element), written at
+    # the address out + offsets[k] elements.
+    for k in range(addresses.shape[0]):
+        n = sizes[k]
+        g = carray(_pointer(addresses[k]), (n,), np.{dtype})
+        o = carray(_pointer(out + offsets[k] * {size}), (n,), np.{dtype})
+        lam = lams[k]
+        for i in range(n):
+            o[i] = g[i] * lam
+
+
+@njit(**OPTIONS)
 def roots(levels, blocks, values, counts, firsts, out):
     # The root of each array: its pieces are firsts[r]..firsts[r + 1] (at least one).
     for r in range(out.shape[0]):
@@ -570,6 +583,22 @@ def tree_roots(
     out = np.empty(len(sizes), np.dtype(dtype))
     fns["roots"](*stacks, firsts, out)
     return out
+
+
+def scale_into(
+    dtype: str,
+    p: float,
+    addresses: np.ndarray,
+    sizes: np.ndarray,
+    lams: np.ndarray,
+    out: int,
+    offsets: np.ndarray,
+) -> None:
+    """Write ``lams[k]`` times array ``k`` (``addresses[k]``, ``sizes[k]`` elements of
+    ``dtype``) at the address ``out`` plus ``offsets[k]`` elements: one correctly
+    rounded product per element, numpy's ``multiply``. (``p`` names the compiled
+    module of :func:`reducer` that holds it: the one the norms used.)"""
+    reducer(dtype, p)["scale"](addresses, sizes, lams, out, offsets)
 
 
 def _stacks(

@@ -607,6 +607,10 @@ class TorchArrays:
         np.multiply(t.detach().numpy(), factor, out=out.numpy())
         return out
 
+    def empty(self, size: int, dtype: str) -> Any:
+        """A new 1-d CPU tensor of ``size`` elements of ``dtype`` (a kernel's scratch)."""
+        return torch.empty(size, dtype=getattr(torch, dtype))
+
 
 _ARRAYS: dict[int, TorchArrays] = {}
 

@@ -688,3 +688,71 @@ def test_tree_roots_are_each_arrays_own_tree_root(dtype: str) -> None:
         for k in range(len(arrays)):
             one = _numba.tree_root(dtype, p, addresses[k : k + 1], sizes[k : k + 1])
             assert got[k].tobytes() == one.tobytes(), (p, k)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_kept_plan_scales_small_clip_norm_leaves_into_one_scratch(kind: str) -> None:
+    convert = _convert(kind)
+    rng = np.random.default_rng(6)
+    model = {f"w{k}": convert(rng.normal(size=(32, 32))) for k in range(20)}
+    rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3))
+    tree = opt.setup(rule, model)
+    want = {k: host_copy(x) for k, x in model.items()}
+    plain = opt.setup(rule, {k: convert(x) for k, x in want.items()})
+    plain_model = {k: convert(x) for k, x in want.items()}
+    tables = []
+    with fast_path(True):
+        for _ in range(4):
+            grads = {k: convert(rng.normal(size=(32, 32))) for k in model}
+            tree, model = opt.update_(tree, model, grads)
+            with fast_path(False):
+                plain, plain_model = opt.update_(plain, plain_model, grads)
+            (kept,) = [p for p in _fast._kept.values() if p.xs[0] is model["w0"]]
+            tables.append([launch.table for launch in kept.launches])
+    assert kept.cross is not None and kept.cross.scaled is not None
+    (group,) = kept.cross.scaled  # one scratch for the 20 leaves
+    assert len(group.positions) == len(model)
+    assert tables[2] == tables[3]  # the views again: the tables as they were
+    for k in model:
+        assert host_copy(model[k]).tobytes() == host_copy(plain_model[k]).tobytes(), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_clip_factors_at_once_are_clip_norm_factor(dtype: str) -> None:
+    t = np.dtype(dtype).type
+    info = np.finfo(dtype)
+    norms = np.array(
+        [0.0, info.smallest_subnormal, info.tiny, 1e-30, 0.5, 1.0, 3.0, info.max],
+        dtype=dtype,
+    )
+    norms = np.concatenate(
+        [norms, [np.inf, np.nan], np.nextafter(norms[4:7], np.inf).astype(dtype)]
+    )
+    x = np.zeros(3, dtype)
+    for omega in (1e-40, 0.5, 1.0, 3.0, 1e30):
+        clip = opt.ClipNorm(omega, throw=False)
+        got = _fast._factors(np.full(len(norms), omega), norms, dtype)
+        want = [clip.factor(t(n), x, _fast._HostDtype(dtype)) for n in norms]
+        assert got.dtype == np.dtype(dtype)
+        assert [v.tobytes() for v in got] == [v.tobytes() for v in want], omega
+
+
+def test_the_numpy_address_reader_gives_numpys_address() -> None:
+    from agnosticopt.adapters import numpy as numpy_adapter
+
+    base = np.arange(4096, dtype=np.float64).reshape(64, 64)
+    arrays = [
+        base,
+        base[3:],
+        base[:, 5:].T,
+        base[::2],
+        base.astype(np.float32),
+        np.empty(0, np.float32),
+        np.float16([1, 2]),
+        np.ma.masked_array([1.0, 2.0]),  # a subclass: the same struct
+    ]
+    read = numpy_arrays().address
+    for a in arrays:
+        assert read(a) == a.__array_interface__["data"][0]
+    # this CPython's object header: the ctypes reader, not __array_interface__
+    assert numpy_adapter._address is not numpy_adapter._interface_address
