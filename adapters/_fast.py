@@ -587,7 +587,9 @@ def _factors(omegas: np.ndarray, norms: np.ndarray, dtype: str) -> np.ndarray:
     ω / 0 taken as ∞ (IEEE float64 division and rounding to ``T``: the same bits)."""
     wide = norms.astype(np.float64)
     with np.errstate(all="ignore"):  # ω / subnormal overflows to ∞, as in Python
-        ratio = np.divide(omegas, wide, out=np.full_like(omegas, np.inf), where=wide != 0)
+        ratio = np.divide(
+            omegas, wide, out=np.full_like(omegas, np.inf), where=wide != 0
+        )
         return np.minimum(ratio, 1.0).astype(np.dtype(dtype))
 
 
@@ -632,10 +634,11 @@ def _all_finite(arrays: Arrays, items: Items) -> bool:
 
 
 #: A ``ClipNorm`` leaf of at most this many elements has its gradient scaled by its λ
-#: before the kernels (one extra pass over a small array), so that all the leaves of
-#: one chain share one recorded program and one kernel call; a larger leaf takes λ
-#: in its state (:class:`_ByFactor`: no extra pass; a kernel call of its own).
-SCALE_AT_MOST = 1 << 20
+#: before the kernels (one extra pass over a small array; a kept plan's into its
+#: scratch, :class:`_Scaled`), so that all the leaves of one chain share one recorded
+#: program and one kernel call; a larger leaf takes λ in its state
+#: (:class:`_ByFactor`: no extra pass, no scratch; a kernel call of its own).
+SCALE_AT_MOST = 1 << 17
 
 
 def _clip_norm_first(
