@@ -35,6 +35,7 @@ import math
 import operator
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -111,8 +112,9 @@ class Arrays(Protocol):
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""
 
-    def all_writeable(self, arrays: list[Any]) -> bool:
-        """Whether a kernel may write into each of ``arrays`` (one call for many)."""
+    def still_writeable(self, arrays: list[Any]) -> Callable[[], bool]:
+        """A test of whether a kernel may still write into each of ``arrays``
+        (writeable now): what cannot change for these objects is asked once."""
 
     def address(self, a: Any) -> int:
         """The address of the first element."""
@@ -1076,6 +1078,7 @@ class _Kept:
         self.torch = arrays.array_type is not np.ndarray
         self.addresses = [arrays.address(x) for x in self.xs] if self.torch else []
         self.written = [a for launch in launches for a in launch.written]
+        self.writeable = arrays.still_writeable(self.written)
 
     def again(self, items: Items) -> FastPlan | None:
         """The plan for ``items``, or ``None`` when it must be made anew."""
@@ -1093,7 +1096,7 @@ class _Kept:
         arrays = self.arrays
         if self.torch and [arrays.address(x) for x in xs] != self.addresses:
             return None
-        if not arrays.all_writeable(self.written):
+        if not self.writeable():
             return None
         if fresh and not self._new_grads(items):
             return None

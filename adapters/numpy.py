@@ -195,9 +195,10 @@ class NumpyArrays:
         """Whether a kernel may write into ``a``."""
         return bool(a.flags.writeable)
 
-    def all_writeable(self, arrays: list[Any]) -> bool:
-        """Whether a kernel may write into each of ``arrays``."""
-        return all(a.flags.writeable for a in arrays)
+    def still_writeable(self, arrays: list[Any]) -> Callable[[], bool]:
+        """A test of whether a kernel may still write into each of ``arrays`` (the
+        flag can be cleared at any time: asked of each array at each call)."""
+        return lambda: all(a.flags.writeable for a in arrays)
 
     def address(self, a: Any) -> int:
         """The address of the first element (see :func:`_data_field`)."""

@@ -578,15 +578,24 @@ class TorchArrays:
             return False
         return not t.is_inference() or torch.is_inference_mode_enabled()
 
-    def all_writeable(self, tensors: list[Any]) -> bool:
-        """:meth:`writeable` of each of ``tensors``, inference mode asked once."""
-        inference = torch.is_inference_mode_enabled()
-        for t in tensors:
-            if (t.requires_grad and not t.is_leaf) or (
-                not inference and t.is_inference()
-            ):
+    def still_writeable(self, tensors: list[Any]) -> Callable[[], bool]:
+        """A test of whether a kernel may still write into each of ``tensors``.
+
+        :meth:`writeable` of each, with what cannot change asked once: whether a
+        tensor is an inference tensor (then inference mode must be on at each
+        call). A tensor that requires grad and is not a leaf is one with a
+        ``grad_fn``, which an in-place operation can give a tensor at any time:
+        asked of each at each call (one attribute read).
+        """
+        inference = any(t.is_inference() for t in tensors)
+        grad_fns = operator.attrgetter("grad_fn")
+
+        def test() -> bool:
+            if inference and not torch.is_inference_mode_enabled():
                 return False
-        return True
+            return not any(map(grad_fns, tensors))
+
+        return test
 
     def address(self, t: Any) -> int:
         """The address of the first element."""

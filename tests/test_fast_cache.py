@@ -633,3 +633,60 @@ def test_a_new_dtype_or_rule_is_recorded_anew() -> None:
     assert recordings(adam, "float64") == 1
     assert recordings(opt.OptimiserChain(opt.WeightDecay(1e-3), adam), "float32") == 1
     assert recordings(adam, "float64") == 0
+
+
+def _torch_steps(
+    change: str, *, fast: bool
+) -> tuple[list[list[Any]], list[Any], list[int]]:
+    """Five Adam steps on torch, ``change`` made before the fourth: (snapshots,
+    errors, leaves the kernels updated at each step)."""
+    import torch
+
+    rng = np.random.default_rng(13)
+    values = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
+    grads = {
+        k: torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        for k, n in SIZES.items()
+    }
+    inference = change == "inference mode left"
+    with torch.inference_mode(inference):
+        model = {k: torch.from_numpy(v.copy()) for k, v in values.items()}
+        tree = opt.setup(opt.Adam(1e-2), model)
+    snapshots, errors, kernels = [], [], []
+    with fast_path(fast):
+        for step in range(5):
+            before = _fast.counters["fast"]
+            if step == 3 and change == "state given a grad_fn":
+                m = tree["b"].state.m
+                with torch.enable_grad():
+                    m.add_(torch.zeros_like(m, requires_grad=True))  # not a leaf now
+                assert m.grad_fn is not None
+            in_mode = inference and step < 3
+            try:
+                with torch.inference_mode(in_mode):
+                    tree, model = opt.update_(tree, model, grads)
+                errors.append(None)
+            except RuntimeError as exc:
+                errors.append(type(exc))
+            kernels.append(_fast.counters["fast"] - before)
+            with torch.inference_mode(inference):
+                snapshots.append(_snapshot(tree, model))
+    return snapshots, errors, kernels
+
+
+@needs_torch
+@pytest.mark.parametrize("change", ["inference mode left", "state given a grad_fn"])
+def test_a_kept_plan_asks_whether_torch_tensors_are_still_writeable(change: str) -> None:
+    """Inference tensors stepped in inference mode, then outside it; a state tensor
+    that an in-place operation made a non-leaf that requires grad: the kept plan
+    must not write into them (the plain path's bits)."""
+    want, want_errors, _ = _torch_steps(change, fast=False)
+    got, got_errors, kernels = _torch_steps(change, fast=True)
+    assert got_errors == want_errors
+    n = len(SIZES)
+    # step 4: no leaf outside inference mode, every leaf but b (its m has a
+    # grad_fn); the plain path gives new arrays there, and step 5 is fast again
+    expected = [n, n, n, 0 if change == "inference mode left" else n - 1, n]
+    assert kernels == expected
+    for k, (g, w) in enumerate(zip(got, want, strict=True)):
+        _same(g, w, f"{change}: after step {k}")
