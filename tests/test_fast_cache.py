@@ -676,7 +676,9 @@ def _torch_steps(
 
 @needs_torch
 @pytest.mark.parametrize("change", ["inference mode left", "state given a grad_fn"])
-def test_a_kept_plan_asks_whether_torch_tensors_are_still_writeable(change: str) -> None:
+def test_a_kept_plan_asks_whether_torch_tensors_are_still_writeable(
+    change: str,
+) -> None:
     """Inference tensors stepped in inference mode, then outside it; a state tensor
     that an in-place operation made a non-leaf that requires grad: the kept plan
     must not write into them (the plain path's bits)."""
