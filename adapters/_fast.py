@@ -119,6 +119,9 @@ class Arrays(Protocol):
     def address(self, a: Any) -> int:
         """The address of the first element."""
 
+    def addresses(self, arrays: list[Any]) -> list[int]:
+        """:meth:`address` of each of ``arrays`` (one call for many)."""
+
     def written(self, arrays: list[Any]) -> None:
         """Called after kernels wrote into ``arrays``."""
 
@@ -562,11 +565,11 @@ class _Scaled:
         not finite where a clip has ``throw`` (for the plain path to raise)."""
         from agnosticopt.adapters._numba import scale_into, tree_roots
 
-        dtype, dtype_of, address = self.dtype, arrays.dtype, arrays.address
+        dtype, dtype_of = self.dtype, arrays.dtype
         grads = [items[k][3] for k in self.positions]
         if not all(dtype_of(g) == dtype for g in grads):
             return False
-        addresses = np.array([address(g) for g in grads], dtype=np.int64)
+        addresses = np.array(arrays.addresses(grads), dtype=np.int64)
         values = tree_roots(dtype, self.p, addresses, self.sizes)
         if self.p == 2:
             values = np.sqrt(values)
@@ -993,6 +996,14 @@ class _Part:
     dtypes: tuple[str, ...]
     launch: _Launch
 
+    def __post_init__(self) -> None:
+        #: The leaves' positions and state arrays (the same at every step).
+        self.positions = [leaf.position for leaf in self.leaves]
+        self.state_arrays = [leaf.arrays for leaf in self.leaves]
+
+
+_RULE, _STATE, _X, _GRAD = (operator.itemgetter(k) for k in range(4))
+
 
 def _launch(
     arrays: Arrays,
@@ -1076,25 +1087,31 @@ class _Kept:
         self.parts = parts
         self.launches = launches
         self.torch = arrays.array_type is not np.ndarray
-        self.addresses = [arrays.address(x) for x in self.xs] if self.torch else []
+        self.addresses = arrays.addresses(self.xs) if self.torch else []
+        #: Whether some leaves come with λ in their state (:class:`_Factor`).
+        self.factored = any(type(item[1]) is _Factor for item in items)
         self.written = [a for launch in launches for a in launch.written]
         self.writeable = arrays.still_writeable(self.written)
 
     def again(self, items: Items) -> FastPlan | None:
         """The plan for ``items``, or ``None`` when it must be made anew."""
-        rules, states, xs, grads = self.rules, self.states, self.xs, self.grads
-        if len(items) != len(rules):
+        states, xs = self.states, self.xs
+        if len(items) != len(states):
             return None
-        fresh = False
-        for k, (rule, state, x, grad) in enumerate(items):
-            if type(state) is _Factor:
-                state = state.state
-            if rule is not rules[k] or state is not states[k] or x is not xs[k]:
-                return None
-            if grads[k]() is not grad:
-                fresh = True
+        given = list(map(_STATE, items))
+        if self.factored:
+            given = [s.state if type(s) is _Factor else s for s in given]
+        if not (
+            all(map(operator.is_, map(_RULE, items), self.rules))
+            and all(map(operator.is_, given, states))
+            and all(map(operator.is_, map(_X, items), xs))
+        ):
+            return None
+        fresh = not all(
+            map(operator.is_, map(operator.call, self.grads), map(_GRAD, items))
+        )
         arrays = self.arrays
-        if self.torch and [arrays.address(x) for x in xs] != self.addresses:
+        if self.torch and arrays.addresses(xs) != self.addresses:
             return None
         if not self.writeable():
             return None
@@ -1119,8 +1136,10 @@ class _Kept:
             if step is None or step.program is not part.step.program:
                 return None  # another program (a guard, a structure): plan anew
             rebuild = step.state
-            for leaf in part.leaves:
-                new_states[leaf.position] = rebuild(leaf.arrays)
+            for position, leaf_arrays in zip(
+                part.positions, part.state_arrays, strict=True
+            ):
+                new_states[position] = rebuild(leaf_arrays)
             launches.append(dataclasses.replace(part.launch, values=step.values))
             part.step = step
         self.states = new_states
@@ -1134,7 +1153,7 @@ class _Kept:
         ``False`` when one cannot be read by the kernels or overlaps a written array.
         """
         arrays = self.arrays
-        dtype_of, address = arrays.dtype, arrays.address
+        dtype_of = arrays.dtype
         launches = []
         for part in self.parts:
             grads = [items[leaf.position][3] for leaf in part.leaves]
@@ -1142,7 +1161,7 @@ class _Kept:
                 return False
             launch = part.launch
             table = launch.table.copy()
-            table[:, 1] = [address(g) for g in grads]
+            table[:, 1] = arrays.addresses(grads)
             launches.append(dataclasses.replace(launch, table=table))
         if _overlapping(launches):
             return False

@@ -204,6 +204,10 @@ class NumpyArrays:
         """The address of the first element (see :func:`_data_field`)."""
         return _address(a)
 
+    def addresses(self, arrays: list[Any]) -> list[int]:
+        """:meth:`address` of each of ``arrays``."""
+        return list(map(_address, arrays))
+
     def written(self, arrays: list[Any]) -> None:
         """Called after kernels wrote into ``arrays`` (numpy keeps no version counter)."""
 

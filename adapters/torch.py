@@ -601,6 +601,10 @@ class TorchArrays:
         """The address of the first element."""
         return t.data_ptr()
 
+    def addresses(self, tensors: list[Any]) -> list[int]:
+        """:meth:`address` of each of ``tensors``."""
+        return list(map(torch.Tensor.data_ptr, tensors))
+
     def written(self, tensors: list[Any]) -> None:
         """Bump the version counters of ``tensors``."""
         bump = torch.autograd.graph.increment_version
