@@ -308,12 +308,12 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
         done = _computed(arrays, items, cross)
         if done is None:
             return None
-        clipped, _ = done
-        again = kept.again(clipped)
+        clipped_items, _ = done
+        again = kept.again(clipped_items)
         if again is not None:
             again.made = [
                 new[3]
-                for new, old in zip(clipped, items, strict=True)
+                for new, old in zip(clipped_items, items, strict=True)
                 if new[3] is not old[3]
             ]
         return again
@@ -599,13 +599,18 @@ def _factors(omegas: np.ndarray, norms: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _scale_ahead(arrays: Arrays, items: Items, cross: _Cross) -> None:
-    """Group the kept plan's small ``ClipNorm`` leaves (:class:`_Scaled`, at most
-    :data:`SCALE_AT_MOST` elements, ``ClipNorm`` itself); the others stay one by one."""
+    """Group the kept plan's small ``ClipNorm`` leaves (:class:`_Scaled`: at most
+    :data:`SCALE_AT_MOST` elements, ``ClipNorm`` itself with a Python float ω, whose
+    λ :func:`_factors` gives); the others stay one by one (:meth:`ClipNorm.factor`)."""
     from agnosticopt._clip import ClipNorm
 
     kinds: dict[tuple[str, float], list[int]] = {}
     for k, (clip, _, dtype) in cross.clips.items():
-        if type(clip) is ClipNorm and math.prod(items[k][3].shape) <= SCALE_AT_MOST:
+        if (
+            type(clip) is ClipNorm
+            and type(clip.omega) is float  # (a numpy ω divides in its own dtype)
+            and math.prod(items[k][3].shape) <= SCALE_AT_MOST
+        ):
             kinds.setdefault((dtype, clip.p), []).append(k)
         else:
             cross.per_leaf[k] = cross.clips[k]
@@ -1058,10 +1063,14 @@ class _Kept:
 
     Valid while the next update has, at every place, the same rule, the state
     that this plan produced (held here, compared with ``is``), the same
-    parameter array (on torch at the same data address: ``p.data = ...`` gives
-    a new plan) and, where the gradient is the same array too, nothing more to
-    do; new gradient arrays (torch's ``zero_grad(set_to_none=True)``) only
-    refresh the gradient column of the tables. Each group's step is then the
+    parameter array and, where the gradient is the same array too, nothing more
+    to do; new gradient arrays (torch's ``zero_grad(set_to_none=True)``) only
+    refresh the gradient column of the tables. On torch, whose tensors can move
+    to other memory (``p.data = ...``, ``state.m.data = ...``, ``set_``,
+    ``swap_tensors``), the data addresses of the parameters, the written state
+    tensors and the gradients must be the same too. (numpy arrays keep their
+    memory, but for ``resize(refcheck=False)``, which numpy itself calls unsafe
+    with other references alive: that one is not detected.) Each group's step is then the
     replay of its recording on the new host values (a guard that differs, or a
     structure never seen, records again); nothing is walked per leaf but these
     comparisons and the new state.
@@ -1082,16 +1091,22 @@ class _Kept:
         self.chains: list[Any] = []
         self.rules = [item[0] for item in items]
         self.xs = [item[2] for item in items]
+        self.written = [a for launch in launches for a in launch.written]
+        self.writeable = arrays.still_writeable(self.written)
         self.grads = [weakref.ref(item[3]) for item in items]
         self.states = states
         self.parts = parts
         self.launches = launches
         self.torch = arrays.array_type is not np.ndarray
-        self.addresses = arrays.addresses(self.xs) if self.torch else []
+        #: torch: the data addresses of the parameters and written state arrays, and
+        #: of the gradients (a tensor's memory can move: ``.data =``, ``set_``).
+        self.watched = list({id(a): a for a in (*self.xs, *self.written)}.values())
+        self.addresses = arrays.addresses(self.watched) if self.torch else []
+        self.grad_addresses = (
+            arrays.addresses([item[3] for item in items]) if self.torch else []
+        )
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
-        self.written = [a for launch in launches for a in launch.written]
-        self.writeable = arrays.still_writeable(self.written)
 
     def again(self, items: Items) -> FastPlan | None:
         """The plan for ``items``, or ``None`` when it must be made anew."""
@@ -1107,18 +1122,17 @@ class _Kept:
             and all(map(operator.is_, map(_X, items), xs))
         ):
             return None
-        fresh = not all(
-            map(operator.is_, map(operator.call, self.grads), map(_GRAD, items))
-        )
+        grads = list(map(_GRAD, items))
+        fresh = not all(map(operator.is_, map(operator.call, self.grads), grads))
         arrays = self.arrays
-        if self.torch and arrays.addresses(xs) != self.addresses:
-            return None
+        if self.torch and (
+            arrays.addresses(self.watched) != self.addresses
+            or (not fresh and arrays.addresses(grads) != self.grad_addresses)
+        ):
+            return None  # memory moved under the same tensor (.data =, set_, ...)
         if not self.writeable():
             return None
-        if fresh and not self._new_grads(items):
-            return None
-        new_states = list(states)
-        launches = []
+        steps = []
         for part in self.parts:
             first = part.leaves[0]
             state = items[first.position][1]  # states[...], or λ and it
@@ -1135,6 +1149,12 @@ class _Kept:
             )
             if step is None or step.program is not part.step.program:
                 return None  # another program (a guard, a structure): plan anew
+            steps.append(step)
+        if fresh and not self._new_grads(items):
+            return None
+        new_states = list(states)
+        launches = []
+        for part, step in zip(self.parts, steps, strict=True):  # nothing declines now
             rebuild = step.state
             for position, leaf_arrays in zip(
                 part.positions, part.state_arrays, strict=True
@@ -1171,6 +1191,8 @@ class _Kept:
                 leaf._replace(grad=items[leaf.position][3]) for leaf in part.leaves
             ]
         self.grads = [weakref.ref(item[3]) for item in items]
+        if self.torch:
+            self.grad_addresses = arrays.addresses([item[3] for item in items])
         return True
 
 
@@ -1185,10 +1207,12 @@ def _one_factor(items: Items, leaves: list[_Leaf], first: _Factor) -> bool:
 
 
 #: The kept plans (:class:`_Kept`) of the last updates, by :func:`_kept_key`: the
-#: :data:`KEPT_PLANS` newest of each memory access, so that two trees stepped in
-#: turn on one backend (a GAN's generator and discriminator) keep theirs.
+#: :data:`KEPT_PLANS` newest of each memory access, so that trees stepped in turn
+#: on one backend (a GAN's generator and discriminator) keep theirs (as many as
+#: ``agnosticopt/_replay.py`` remembers; two trees of the same parameters share a
+#: key, so each replans at every step).
 _kept: dict[tuple[int, int], _Kept] = {}
-KEPT_PLANS = 2
+KEPT_PLANS = 4
 
 
 @dataclasses.dataclass(eq=False)

@@ -233,10 +233,14 @@ def _data_field() -> Any:
     pointer right after the object header; read there with ctypes, after checking
     on arrays of several sizes, views and dtypes that it gives
     ``__array_interface__``'s address. Where it does not (another object header,
-    another build), ``__array_interface__`` it is.
+    another build), and on interpreters other than CPython (where ``id`` is not
+    an address), ``__array_interface__`` it is.
     """
     import ctypes
+    import sys
 
+    if sys.implementation.name != "cpython":  # id() is not an address elsewhere
+        return _interface_address
     offset = object.__basicsize__  # the object header (PyObject_HEAD)
     read = ctypes.c_void_p.from_address
     probes = [np.empty(n, dtype) for n in (1, 7, 4096) for dtype in ("f4", "f8")]

@@ -616,13 +616,13 @@ class TorchArrays:
 
     def scaled(self, t: Any, factor: Any) -> Any:
         """A new contiguous CPU tensor ``t * factor``, numpy's correctly rounded product."""
-        out = torch.empty(t.shape, dtype=t.dtype)
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu")  # (not the default)
         np.multiply(t.detach().numpy(), factor, out=out.numpy())
         return out
 
     def empty(self, size: int, dtype: str) -> Any:
         """A new 1-d CPU tensor of ``size`` elements of ``dtype`` (a kernel's scratch)."""
-        return torch.empty(size, dtype=getattr(torch, dtype))
+        return torch.empty(size, dtype=getattr(torch, dtype), device="cpu")
 
 
 _ARRAYS: dict[int, TorchArrays] = {}

@@ -15,8 +15,10 @@ next ``update_`` of the same tree the short way when all of these hold:
   objects, the same parameter arrays, the same objects at the tree's ``None``
   places (still not trainable), the same leaves taking a step (a gradient given,
   not frozen), and no extra gradient key;
-* each gradient is the same array as last time, or a new one of the parameter's
-  adapter, dtype and shape (the check the full way passes first);
+* each parameter has the shape it had (an array reshaped in place no longer fits
+  its state), and each gradient is the same array as last time or a new one of
+  the parameter's adapter and dtype, of the parameter's shape (the checks the
+  full way passes first);
 * the adapter still holds that update's plan for these leaves, rules and states
   (``fast_replay``, see ``adapters/_fast.py``: a rule changed by ``adjust_``, a
   state replaced, a torch ``p.data`` reassigned, an array made read-only or a
@@ -63,7 +65,7 @@ class _Seen:
     or model dropped by its user is not kept alive here.
     """
 
-    __slots__ = ("gradients", "leaves", "others", "stepping", "xp", "xs")
+    __slots__ = ("gradients", "leaves", "others", "shapes", "stepping", "xp", "xs")
 
     def __init__(
         self,
@@ -76,6 +78,7 @@ class _Seen:
         self.xp = xp
         self.leaves = [weakref.ref(leaf) for leaf in leaves]
         self.xs = [weakref.ref(x) for x in xs]
+        self.shapes = list(map(_SHAPE, xs))
         self.others = others
         self.stepping = [
             g is not None and not leaf.frozen
@@ -167,6 +170,7 @@ def _visit(
 
 
 _MISSING: Any = object()
+_SHAPE = operator.attrgetter("shape")
 
 
 def remember(
@@ -241,6 +245,9 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if any(trainable_adapter(o) is not None for o in others):
         return False
+    shapes = list(map(_SHAPE, xs))
+    if shapes != seen.shapes:  # a parameter reshaped in place: its state no longer fits
+        return False
     xp = seen.xp
     items = []
     fresh = []
@@ -252,9 +259,11 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         if not step:
             continue
         if ref() is not g:
-            if adapter_for(g) is not xp or g.dtype is not x.dtype or g.shape != x.shape:
+            if adapter_for(g) is not xp or g.dtype is not x.dtype:
                 return False
             fresh.append(k)
+        if g.shape != shapes[k]:  # (a gradient kept may have been reshaped too)
+            return False
         items.append((leaf.rule, leaf.state, x, g))
     try:
         with xp.computing():

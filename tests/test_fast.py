@@ -756,3 +756,63 @@ def test_the_numpy_address_reader_gives_numpys_address() -> None:
         assert read(a) == a.__array_interface__["data"][0]
     # this CPython's object header: the ctypes reader, not __array_interface__
     assert numpy_adapter._address is not numpy_adapter._interface_address
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize(
+    ("omega", "dtype"), [(np.float32(0.3), "float64"), (np.float16(0.3), "float32")]
+)
+def test_a_numpy_scalar_omega_gives_clip_norm_factor_bits(
+    kind: str, omega: Any, dtype: str
+) -> None:
+    """ClipNorm with a numpy ω divides in ω's dtype (numpy 2's rules): the kept
+    plan's small leaves must take ClipNorm.factor's λ, not the float64 one."""
+    rule = opt.OptimiserChain(opt.ClipNorm(omega), opt.Descent(1.0))
+    convert = _convert(kind)
+    results = []
+    for fast in (True, False):
+        rng = np.random.default_rng(0)
+        model = {"w": convert(rng.standard_normal(1000).astype(dtype))}
+        tree = opt.setup(rule, model)
+        with fast_path(fast):
+            for _ in range(4):
+                grads = {"w": convert(rng.standard_normal(1000).astype(dtype))}
+                tree, model = opt.update_(tree, model, grads)
+        results.append(host_copy(model["w"]).tobytes())
+    assert results[0] == results[1]
+
+
+@needs_torch
+@pytest.mark.parametrize("when", ["before the first step", "after it"])
+def test_a_default_device_off_the_cpu_keeps_the_fast_paths_scratch_on_it(
+    when: str,
+) -> None:
+    """``torch.set_default_device`` (here ``meta``) must not move the fast path's
+    own arrays (scaled gradients, the scratch) off the CPU."""
+    import torch
+
+    rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.Adam(1e-3))
+    results = []
+    for fast in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        model = {
+            "w": torch.randn(1000, generator=gen),
+            "b": torch.randn(10, generator=gen),
+        }
+        grads = {
+            "w": torch.randn(1000, generator=gen),
+            "b": torch.randn(10, generator=gen),
+        }
+        tree = opt.setup(rule, model)
+        try:
+            with fast_path(fast):
+                if when == "before the first step":
+                    torch.set_default_device("meta")
+                for step in range(4):
+                    tree, model = opt.update_(tree, model, grads)
+                    if step == 0:
+                        torch.set_default_device("meta")
+        finally:
+            torch.set_default_device(None)
+        results.append([host_copy(x).tobytes() for x in model.values()])
+    assert results[0] == results[1]
