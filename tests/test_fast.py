@@ -647,13 +647,19 @@ def test_clip_norm_chains_give_plain_bits_both_ways(
             assert_identical(got.result, _plain(rule, dtype, kind), f"{rule!r} {route}")
 
 
-@pytest.mark.parametrize("kind", BACKENDS)
-def test_small_clip_norm_leaves_share_one_kernel_call(kind: str) -> None:
+def _small_clip_norm_leaves(kind: str, seed: int) -> tuple[Any, Any, Any, Any, Any]:
+    """20 float64 leaves of 32×32 under ``ClipNorm(1), AdamW``: (convert, rng,
+    model, rule, tree)."""
     convert = _convert(kind)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     model = {f"w{k}": convert(rng.normal(size=(32, 32))) for k in range(20)}
     rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3))
-    tree = opt.setup(rule, model)
+    return convert, rng, model, rule, opt.setup(rule, model)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_small_clip_norm_leaves_share_one_kernel_call(kind: str) -> None:
+    convert, rng, model, _, tree = _small_clip_norm_leaves(kind, 5)
     grads = {k: convert(rng.normal(size=(32, 32))) for k in model}
     items = [(leaf.rule, leaf.state, model[k], grads[k]) for k, leaf in tree.items()]
     if kind == "torch":
@@ -689,11 +695,7 @@ def test_tree_roots_are_each_arrays_own_tree_root(dtype: str) -> None:
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_a_kept_plan_scales_small_clip_norm_leaves_into_one_scratch(kind: str) -> None:
-    convert = _convert(kind)
-    rng = np.random.default_rng(6)
-    model = {f"w{k}": convert(rng.normal(size=(32, 32))) for k in range(20)}
-    rule = opt.OptimiserChain(opt.ClipNorm(1.0), opt.AdamW(1e-3))
-    tree = opt.setup(rule, model)
+    convert, rng, model, rule, tree = _small_clip_norm_leaves(kind, 6)
     want = {k: host_copy(x) for k, x in model.items()}
     plain = opt.setup(rule, {k: convert(x) for k, x in want.items()})
     plain_model = {k: convert(x) for k, x in want.items()}
