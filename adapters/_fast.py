@@ -297,7 +297,7 @@ def _again(kept: _Kept, arrays: Arrays, items: Items) -> FastPlan | None:
             return kept.again(items)
         chains = kept.chains
         if len(items) != len(chains) or not all(
-            map(operator.is_, [item[0] for item in items], chains)
+            map(operator.is_, map(_RULE, items), chains)
         ):
             return None
         if cross.scaled is None:
@@ -509,7 +509,7 @@ def _computed(
         dtype = cross.dtypes[positions[0]]
         t = np.dtype(dtype).type
         grads = [items[k][3] for k in positions]
-        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
+        addresses = np.array(arrays.addresses(grads), dtype=np.int64)
         sizes = np.array([math.prod(g.shape) for g in grads], dtype=np.int64)
         value = tree_root(dtype, clip.p, addresses, sizes)
         if clip.p == 2:
@@ -518,8 +518,7 @@ def _computed(
         for k in positions:
             rest = cross.rests[k]
             _, state, x, grad = items[k]
-            wrapper = _wrapper(("factor", id(rest)), rest, _ByFactor)
-            out[k] = (wrapper, _Factor(lam, state), x, grad)
+            out[k] = (_factor_wrapper(rest), _Factor(lam, state), x, grad)
     return out, [k for k in cross.dtypes if k not in cross.clips]
 
 
@@ -554,10 +553,7 @@ class _Scaled:
             self.scratch[o : o + n].reshape(shape)
             for o, n, shape in zip(self.offsets.tolist(), sizes, shapes, strict=True)
         ]
-        self.wrappers = [
-            _wrapper(("scaled", id(clips[k][1])), clips[k][1], _scaled_after)
-            for k in positions
-        ]
+        self.wrappers = [_scaled_wrapper(clips[k][1]) for k in positions]
 
     def scale(self, arrays: Arrays, items: Items, out: Items) -> bool:
         """Put each leaf into ``out`` with its gradient scaled by its λ; ``False``
@@ -637,7 +633,7 @@ def _all_finite(arrays: Arrays, items: Items) -> bool:
         keep = sizes > 0
         if not keep.any():
             continue
-        addresses = np.array([arrays.address(g) for g in grads], dtype=np.int64)
+        addresses = np.array(arrays.addresses(grads), dtype=np.int64)
         if not np.isfinite(tree_root(dtype, math.inf, addresses[keep], sizes[keep])):
             return False
     return True
@@ -708,7 +704,7 @@ def _clip_norms(
         values = tree_roots(
             dtype,
             p,
-            np.array([arrays.address(g) for g in grads], dtype=np.int64),
+            np.array(arrays.addresses(grads), dtype=np.int64),
             np.array(sizes, dtype=np.int64),
         )
         if p == 2:
@@ -721,15 +717,9 @@ def _clip_norms(
                 continue
             lam = clip.factor(value, x, host)
             if size <= SCALE_AT_MOST:
-                wrapper = _wrapper(("scaled", id(rest)), rest, _scaled_after)
-                out[k] = (wrapper, state, x, arrays.scaled(grad, lam))
+                out[k] = (_scaled_wrapper(rest), state, x, arrays.scaled(grad, lam))
             else:
-                wrapper = _wrapper(("factor", id(rest)), rest, _ByFactor)
-                out[k] = (wrapper, _Factor(lam, state), x, grad)
-
-
-def _scaled_after(rest: Any) -> _AfterClip:
-    return _AfterClip(rest, None)
+                out[k] = (_factor_wrapper(rest), _Factor(lam, state), x, grad)
 
 
 def clipped_by(
@@ -750,14 +740,22 @@ def clipped_by(
     wrappers made so far, by key. (The DTensor adapter's clip plan.)
     """
     if scale:
-        return _wrapper(("scaled", id(rest)), rest, _scaled_after), arrays.scaled(
-            grad, lam
-        )
+        return _scaled_wrapper(rest), arrays.scaled(grad, lam)
     key = ("lambda", id(rest), lam.dtype.name, lam.tobytes())
     wrapper = wrappers.get(key)
     if wrapper is None or wrapper.rest is not rest:
         wrapper = wrappers[key] = _AfterClip(rest, lam)
     return wrapper, grad
+
+
+def _scaled_wrapper(rest: Any) -> _AfterClip:
+    """The wrapper of ``rest`` for leaves whose gradients come scaled by λ."""
+    return _wrapper(("scaled", id(rest)), rest, lambda r: _AfterClip(r, None))
+
+
+def _factor_wrapper(rest: Any) -> _ByFactor:
+    """The wrapper of ``rest`` for leaves whose λ comes in the state."""
+    return _wrapper(("factor", id(rest)), rest, _ByFactor)
 
 
 def _wrapper(key: tuple[str, int], inner: Any, make: Any) -> Any:
@@ -1103,7 +1101,7 @@ class _Kept:
         self.watched = list({id(a): a for a in (*self.xs, *self.written)}.values())
         self.addresses = arrays.addresses(self.watched) if self.torch else []
         self.grad_addresses = (
-            arrays.addresses([item[3] for item in items]) if self.torch else []
+            arrays.addresses(list(map(_GRAD, items))) if self.torch else []
         )
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
@@ -1174,14 +1172,16 @@ class _Kept:
         """
         arrays = self.arrays
         dtype_of = arrays.dtype
+        grads = list(map(_GRAD, items))
+        for part in self.parts:  # (before any address: one may have no storage)
+            if any(dtype_of(grads[k]) != part.dtype for k in part.positions):
+                return False
+        addresses = np.array(arrays.addresses(grads), dtype=np.int64)
         launches = []
         for part in self.parts:
-            grads = [items[leaf.position][3] for leaf in part.leaves]
-            if any(dtype_of(g) != part.dtype for g in grads):
-                return False
             launch = part.launch
             table = launch.table.copy()
-            table[:, 1] = arrays.addresses(grads)
+            table[:, 1] = addresses[part.positions]
             launches.append(dataclasses.replace(launch, table=table))
         if _overlapping(launches):
             return False
@@ -1190,9 +1190,9 @@ class _Kept:
             part.leaves = [
                 leaf._replace(grad=items[leaf.position][3]) for leaf in part.leaves
             ]
-        self.grads = [weakref.ref(item[3]) for item in items]
+        self.grads = [weakref.ref(g) for g in grads]
         if self.torch:
-            self.grad_addresses = arrays.addresses([item[3] for item in items])
+            self.grad_addresses = addresses.tolist()
         return True
 
 
