@@ -419,3 +419,20 @@ def test_trees_stepped_in_turn_all_take_the_short_way(kind: str, trees: int) -> 
         assert taken == (3 * trees if short else 0)
         runs.append([_bits(host_copy(m[0])) for _, m, _ in pairs])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_parameter_reshaped_in_place_raises_naming_its_path(kind: str) -> None:
+    """After updates the short way took, a parameter reshaped in place (the same
+    object, the same memory) is refused as the full way refuses it, naming the
+    key path, and nothing changes."""
+    model, grads = _model(kind)
+    tree = opt.setup(RULES["clipnorm_adamw"], model)
+    with fast_path(True):
+        for _ in range(3):
+            tree, model = opt.update_(tree, model, grads)
+        _parameter_reshaped_in_place(kind, tree, model, grads)
+        before = [_bits(a) for a in _snapshot(tree, model)]
+        with pytest.raises(ValueError, match=r"at \('layers', 0, 'k'\).*shape"):
+            opt.update_(tree, model, grads)
+    assert [_bits(a) for a in _snapshot(tree, model)] == before
