@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import operator
 import weakref
+from collections import deque
+from itertools import repeat
 from typing import Any
 
 from agnosticopt._commit import _interrupts_deferred
@@ -65,7 +67,16 @@ class _Seen:
     or model dropped by its user is not kept alive here.
     """
 
-    __slots__ = ("gradients", "leaves", "others", "shapes", "stepping", "xp", "xs")
+    __slots__ = (
+        "all_stepping",
+        "gradients",
+        "leaves",
+        "others",
+        "shapes",
+        "stepping",
+        "xp",
+        "xs",
+    )
 
     def __init__(
         self,
@@ -84,6 +95,8 @@ class _Seen:
             g is not None and not leaf.frozen
             for leaf, g in zip(leaves, grads, strict=True)
         ]
+        #: Every leaf took a step (the usual case: :func:`replay` checks all at once).
+        self.all_stepping = all(self.stepping)
         self.gradients: list[Any] = [
             None if g is None else weakref.ref(g) for g in grads
         ]
@@ -125,6 +138,11 @@ def _walk(
             children = g
         else:
             return False
+        if all(map(operator.is_, map(type, t), repeat(Leaf))):  # a list of leaves
+            leaves.extend(t)
+            xs.extend(m)
+            gs.extend(children)
+            return True
         return all(
             _visit(tc, mc, gc, leaves, xs, gs, others)
             for tc, mc, gc in zip(t, m, children, strict=True)  # lengths checked
@@ -237,8 +255,8 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if (
         len(leaves) != len(seen.leaves)
-        or not all(map(operator.is_, leaves, [ref() for ref in seen.leaves]))
-        or not all(map(operator.is_, xs, [ref() for ref in seen.xs]))
+        or not all(map(operator.is_, leaves, map(_CALL, seen.leaves)))
+        or not all(map(operator.is_, xs, map(_CALL, seen.xs)))
         or len(others) != len(seen.others)
         or not all(map(operator.is_, others, seen.others))
     ):
@@ -249,22 +267,12 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
     if shapes != seen.shapes:  # a parameter reshaped in place: its state no longer fits
         return False
     xp = seen.xp
-    items = []
-    fresh = []
-    for k, (leaf, x, g, step, ref) in enumerate(
-        zip(leaves, xs, gs, seen.stepping, seen.gradients, strict=True)
-    ):
-        if (g is not None and not leaf.frozen) is not step:
-            return False
-        if not step:
-            continue
-        if ref() is not g:
-            if adapter_for(g) is not xp or g.dtype is not x.dtype:
-                return False
-            fresh.append(k)
-        if g.shape != shapes[k]:  # (a gradient kept may have been reshaped too)
-            return False
-        items.append((leaf.rule, leaf.state, x, g))
+    checked = (_all_stepping if seen.all_stepping else _leaf_by_leaf)(
+        seen, leaves, xs, gs, shapes
+    )
+    if checked is None:
+        return False
+    items, fresh = checked
     try:
         with xp.computing():
             plan = xp.fast_replay(items)
@@ -272,12 +280,76 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if plan is None or not all(plan.handled):
         return False
-    stepped = [leaf for leaf, step in zip(leaves, seen.stepping, strict=True) if step]
+    stepped = (
+        leaves
+        if seen.all_stepping
+        else [leaf for leaf, step in zip(leaves, seen.stepping, strict=True) if step]
+    )
+    states = plan.states
+    if len(states) != len(stepped):
+        return False
     with _interrupts_deferred():
         plan.run()
-        for leaf, state in zip(stepped, plan.states, strict=True):
-            leaf.state = state
+        deque(map(setattr, stepped, repeat("state"), states), maxlen=0)
     for k in fresh:
         seen.gradients[k] = weakref.ref(gs[k])
     counters["replayed"] += 1
     return True
+
+
+_Checked = tuple[list[Any], list[int]]
+
+
+def _leaf_by_leaf(
+    seen: _Seen, leaves: list[Any], xs: list[Any], gs: list[Any], shapes: list[Any]
+) -> _Checked | None:
+    """:func:`replay`'s checks of the leaves taking a step, and their items.
+
+    ``(items, positions of new gradient arrays)``, or ``None`` for the full way.
+    """
+    xp = seen.xp
+    items, fresh = [], []
+    for k, (leaf, x, g, step, ref) in enumerate(
+        zip(leaves, xs, gs, seen.stepping, seen.gradients, strict=True)
+    ):
+        if (g is not None and not leaf.frozen) is not step:
+            return None
+        if not step:
+            continue
+        if ref() is not g:
+            if adapter_for(g) is not xp or g.dtype is not x.dtype:
+                return None
+            fresh.append(k)
+        if g.shape != shapes[k]:  # (a gradient kept may have been reshaped too)
+            return None
+        items.append((leaf.rule, leaf.state, x, g))
+    return items, fresh
+
+
+def _all_stepping(
+    seen: _Seen, leaves: list[Any], xs: list[Any], gs: list[Any], shapes: list[Any]
+) -> _Checked | None:
+    """:func:`_leaf_by_leaf` when every leaf took a step last time, each check over
+    all leaves at once (a fifth of the time on 200 leaves)."""
+    if any(map(operator.is_, gs, repeat(None))) or any(map(_FROZEN, leaves)):
+        return None  # a leaf no longer takes a step
+    kept = list(map(operator.is_, gs, map(_CALL, seen.gradients)))
+    fresh = [] if all(kept) else [k for k, same in enumerate(kept) if not same]
+    if fresh:
+        new = [gs[k] for k in fresh]
+        if not all(
+            map(operator.is_, map(adapter_for, new), repeat(seen.xp))
+        ) or not all(map(operator.is_, map(_DTYPE, new), (xs[k].dtype for k in fresh))):
+            return None
+    if list(map(_SHAPE, gs)) != shapes:  # (a gradient kept may have been reshaped too)
+        return None
+    return list(
+        zip(map(_RULE, leaves), map(_STATE, leaves), xs, gs, strict=True)
+    ), fresh
+
+
+_FROZEN = operator.attrgetter("frozen")
+_RULE = operator.attrgetter("rule")
+_STATE = operator.attrgetter("state")
+_DTYPE = operator.attrgetter("dtype")
+_CALL = weakref.ref.__call__
