@@ -35,6 +35,7 @@ import math
 import operator
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -837,6 +838,7 @@ class _Step(NamedTuple):
     state: Any  # state(arrays): the new state of a leaf whose state arrays are arrays
     shape_used: bool
     recording: Recording | None  # None: recorded with this step's host values
+    states: Any  # states(arrays of each leaf): the list of their new states
 
 
 def _launches(
@@ -955,13 +957,14 @@ def _replay(recording: Recording, hosts: list[Any]) -> _Step | None:
     if out is None:
         return None
     values, shared = out
-    rebuild = recording.rebuild
+    rebuild, rebuild_all = recording.rebuild, recording.rebuild_all
     return _Step(
         recording.program,
         values,
         lambda a: rebuild(a, shared),
         recording.shape_used,
         recording,
+        lambda arrays: rebuild_all(arrays, shared),
     )
 
 
@@ -984,8 +987,14 @@ def _traced(
     except Exception:  # noqa: BLE001  (not recordable: plain path)
         return None
     counters["traced"] += 1
+    rebuild = recorded.rebuild
     return _Step(
-        recorded.program, recorded.values, recorded.rebuild, recorded.shape_used, None
+        recorded.program,
+        recorded.values,
+        rebuild,
+        recorded.shape_used,
+        None,
+        lambda arrays: list(map(rebuild, arrays)),
     )
 
 
@@ -1006,6 +1015,7 @@ class _Part:
 
 
 _RULE, _STATE, _X, _GRAD = (operator.itemgetter(k) for k in range(4))
+_CALL = weakref.ref.__call__  # (operator.call is Python >= 3.11)
 
 
 def _launch(
@@ -1121,7 +1131,7 @@ class _Kept:
         ):
             return None
         grads = list(map(_GRAD, items))
-        fresh = not all(map(operator.is_, map(operator.call, self.grads), grads))
+        fresh = not all(map(operator.is_, map(_CALL, self.grads), grads))
         arrays = self.arrays
         if self.torch and (
             arrays.addresses(self.watched) != self.addresses
@@ -1153,11 +1163,8 @@ class _Kept:
         new_states = list(states)
         launches = []
         for part, step in zip(self.parts, steps, strict=True):  # nothing declines now
-            rebuild = step.state
-            for position, leaf_arrays in zip(
-                part.positions, part.state_arrays, strict=True
-            ):
-                new_states[position] = rebuild(leaf_arrays)
+            made = step.states(part.state_arrays)
+            deque(map(new_states.__setitem__, part.positions, made), maxlen=0)
             launches.append(dataclasses.replace(part.launch, values=step.values))
             part.step = step
         self.states = new_states

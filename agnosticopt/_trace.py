@@ -1148,12 +1148,16 @@ class Recording:
         are ``arrays``.
     shape_used
         Whether the rule read a shape (then the recording holds for that shape).
+    rebuild_all
+        ``rebuild_all(arrays_of_each, shared)``: the list of ``rebuild`` of each
+        leaf's arrays, in one call (a kept plan's new states).
     """
 
     program: Program
     host: Callable[..., Any]
     rebuild: Callable[[list[Any], Any], Any]
     shape_used: bool
+    rebuild_all: Callable[[list[list[Any]], Any], list[Any]]
 
 
 def _host_sub(state: Any, by_array: dict[int, Sym], host: HostProgram) -> Any:
@@ -1210,7 +1214,21 @@ class _Rebuild:
         if kind is tuple:
             return f"({inner})"
         self.kinds.append(kind)
+        if _plain_namedtuple(kind):  # its __new__ without its Python frame
+            return f"_new(K{len(self.kinds) - 1}, ({inner}))"
         return f"K{len(self.kinds) - 1}({inner})"
+
+
+def _plain_namedtuple(kind: Any) -> bool:
+    """Whether ``kind(*fields)`` is ``tuple.__new__(kind, fields)``: a namedtuple
+    class with the ``__new__`` that :func:`collections.namedtuple` wrote, and no
+    ``__init__``."""
+    new = getattr(kind, "__new__", None)
+    return (
+        hasattr(kind, "_fields")
+        and getattr(new, "__globals__", {}).get("_tuple_new") is tuple.__new__
+        and kind.__init__ is tuple.__init__
+    )
 
 
 def record(
@@ -1258,8 +1276,10 @@ def record(
         ]
     )
     namespace: dict[str, Any] = {f"K{k}": kind for k, kind in enumerate(build.kinds)}
+    namespace["_new"] = tuple.__new__
     rebuild = eval(f"lambda a, s: {expr}", namespace)
-    recording = Recording(program, fn, rebuild, rec.shape_used)
+    rebuild_all = eval(f"lambda arrays, s: [{expr} for a in arrays]", namespace)
+    recording = Recording(program, fn, rebuild, rec.shape_used, rebuild_all)
     _check_recording(recording, rule, state, arrays, shape, dtype, dtypes, name)
     return recording
 
