@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pytest
@@ -33,6 +33,7 @@ pytest.importorskip(
 from agnosticopt.adapters import _fast
 
 import agnosticopt as opt
+from agnosticopt import _trace
 
 N = 100_003  # > 100k elements, over one chunk of the kernels
 SIZES = {"a": N, "b": 1000, "c": 3001}
@@ -546,6 +547,72 @@ def test_a_rule_testing_a_host_value_type_is_recorded_at_every_step() -> None:
             assert _fast.counters["fast"] - before["fast"] == 3 * len(SIZES)
         runs.append(_snapshot(tree, model))
     _same(runs[0], runs[1], "typed")
+
+
+class _Plain(NamedTuple):
+    m: Any
+    count: Any
+
+
+class _Checked(_Plain):
+    """A namedtuple state whose own ``__new__`` counts the states made."""
+
+    made: ClassVar[list[int]] = [0]
+
+    def __new__(cls, m: Any, count: Any) -> Any:
+        cls.made[0] += 1
+        return super().__new__(cls, m, count)
+
+
+class _Initialised(_Plain):
+    """A namedtuple state with an ``__init__`` (run by ``cls(...)`` only)."""
+
+    inits: ClassVar[list[int]] = [0]
+
+    def __init__(self, m: Any, count: Any) -> None:
+        type(self).inits[0] += 1
+
+
+@pytest.mark.parametrize("kind", [_Plain, _Checked, _Initialised])
+def test_a_kept_plan_makes_each_state_with_its_class_constructor(kind: type) -> None:
+    """The new states of a kept plan are made in one call per launch, by
+    ``tuple.__new__`` for a plain namedtuple only: a state class with its own
+    ``__new__`` or ``__init__`` still has it run for every new state."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting(opt.Rule):
+        eta: float = 0.1
+
+        def init(self, x: Any, xp: Any) -> Any:
+            return kind(xp.zeros_like(x), 0)
+
+        def apply(self, state: Any, x: Any, dx: Any, xp: Any) -> Any:
+            m = xp.add(state.m, dx)
+            return kind(m, state.count + 1), xp.multiply(m, xp.scalar_type(x)(self.eta))
+
+    assert _trace._plain_namedtuple(_Plain)
+    assert not _trace._plain_namedtuple(kind) or kind is _Plain
+    runs = []
+    for fast in (True, False):
+        rng = np.random.default_rng(4)
+        model = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
+        grads = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
+        tree = opt.setup(Counting(), model)
+        before = dict(_fast.counters)
+        made = (_Checked.made[0], _Initialised.inits[0])
+        with fast_path(fast):
+            for _ in range(4):
+                tree, model = opt.update_(tree, model, grads)
+        if fast:
+            assert _fast.counters["reused"] - before["reused"] >= 2 * len(SIZES)
+        if kind is _Checked:
+            assert _Checked.made[0] - made[0] >= 4 * len(SIZES)
+        if kind is _Initialised:
+            assert _Initialised.inits[0] - made[1] >= 4 * len(SIZES)
+        assert all(type(leaf.state) is kind for leaf in tree.values())
+        assert all(leaf.state.count == 4 for leaf in tree.values())
+        runs.append(_snapshot(tree, model))
+    _same(runs[0], runs[1], kind.__name__)
 
 
 def _forget() -> None:
