@@ -172,7 +172,7 @@ class FastPlan:
     @property
     def handled(self) -> list[bool]:
         """Whether each leaf is updated by the plan (else: the plain path)."""
-        return [s is not SKIP for s in self.states]
+        return list(map(operator.is_not, self.states, itertools.repeat(SKIP)))
 
     def run(self) -> None:
         """Run the kernels: write every new state and parameter in place."""
@@ -1115,13 +1115,15 @@ class _Kept:
         )
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
+        #: One launch for all leaves, in their order: its new states are the list.
+        self.whole = len(parts) == 1 and parts[0].positions == list(range(len(items)))
 
     def again(self, items: Items) -> FastPlan | None:
         """The plan for ``items``, or ``None`` when it must be made anew."""
         states, xs = self.states, self.xs
         if len(items) != len(states):
             return None
-        given = list(map(_STATE, items))
+        given: Any = map(_STATE, items)
         if self.factored:
             given = [s.state if type(s) is _Factor else s for s in given]
         if not (
@@ -1164,7 +1166,10 @@ class _Kept:
         launches = []
         for part, step in zip(self.parts, steps, strict=True):  # nothing declines now
             made = step.states(part.state_arrays)
-            deque(map(new_states.__setitem__, part.positions, made), maxlen=0)
+            if self.whole:
+                new_states = made
+            else:
+                deque(map(new_states.__setitem__, part.positions, made), maxlen=0)
             launches.append(dataclasses.replace(part.launch, values=step.values))
             part.step = step
         self.states = new_states

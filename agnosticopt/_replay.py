@@ -63,8 +63,11 @@ _FULL_WAY_HOOKS = ("local_adapter", "refuses_in_place")
 class _Seen:
     """What one ``update_`` saw, in walk order (see the module docstring).
 
-    The Leaf objects, the parameters and the gradients are held weakly: a tree
-    or model dropped by its user is not kept alive here.
+    The Leaf objects and the parameters are held, as the adapter's kept plan
+    holds the parameters and states (until four newer updates replace it);
+    compared with ``is``, not through weak references, each a separate object to
+    fetch from memory. The gradients are held weakly: a training loop that makes
+    new ones at every step (``zero_grad(set_to_none=True)``) frees the old ones.
     """
 
     __slots__ = (
@@ -87,8 +90,8 @@ class _Seen:
         others: list[Any],
     ) -> None:
         self.xp = xp
-        self.leaves = [weakref.ref(leaf) for leaf in leaves]
-        self.xs = [weakref.ref(x) for x in xs]
+        self.leaves = leaves
+        self.xs = xs
         self.shapes = list(map(_SHAPE, xs))
         self.others = others
         self.stepping = [
@@ -255,8 +258,8 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if (
         len(leaves) != len(seen.leaves)
-        or not all(map(operator.is_, leaves, map(_CALL, seen.leaves)))
-        or not all(map(operator.is_, xs, map(_CALL, seen.xs)))
+        or not all(map(operator.is_, leaves, seen.leaves))
+        or not all(map(operator.is_, xs, seen.xs))
         or len(others) != len(seen.others)
         or not all(map(operator.is_, others, seen.others))
     ):
@@ -333,8 +336,10 @@ def _all_stepping(
     all leaves at once (a fifth of the time on 200 leaves)."""
     if any(map(operator.is_, gs, repeat(None))) or any(map(_FROZEN, leaves)):
         return None  # a leaf no longer takes a step
-    kept = list(map(operator.is_, gs, map(_CALL, seen.gradients)))
-    fresh = [] if all(kept) else [k for k, same in enumerate(kept) if not same]
+    fresh: list[int] = []
+    if not all(map(operator.is_, gs, map(_CALL, seen.gradients))):
+        kept = map(operator.is_, gs, map(_CALL, seen.gradients))
+        fresh = [k for k, same in enumerate(kept) if not same]
     if fresh:
         new = [gs[k] for k in fresh]
         if not all(
