@@ -45,6 +45,7 @@ arithmetic is bfloat16 arithmetic. Without ml_dtypes a bfloat16 tensor raises
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -130,6 +131,14 @@ class TorchAdapter(Adapter):
 
     def __init__(self, name: str = "torch") -> None:
         super().__init__(xp_torch, name)
+
+    def adapts_all(self, tensors: list[Any]) -> bool:
+        """Whether :func:`adapter` of each of ``tensors`` is this adapter: for the
+        CPU one and plain CPU tensors, one pass over their types and one over
+        ``is_cpu``; otherwise tensor by tensor."""
+        if self is _ADAPTERS["cpu"] and set(map(type, tensors)) <= _PLAIN:
+            return all(map(_IS_CPU, tensors))
+        return all(adapter(t) is self for t in tensors)
 
     # -- dtypes -------------------------------------------------------------
     def dtype_name(self, x: Any) -> str:
@@ -425,6 +434,8 @@ class TorchCudaAdapter(TorchAdapter):
 
 
 _ADAPTERS: dict[str, TorchAdapter] = {"cpu": TorchAdapter()}
+#: The tensor types whose adapter is that of their device (no DTensor test).
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def adapter(x: Any) -> Adapter | None:
@@ -436,7 +447,7 @@ def adapter(x: Any) -> Adapter | None:
         from agnosticopt.adapters import dtensor
 
         return dtensor.adapter(x)
-    kind = x.device.type
+    kind = "cpu" if x.is_cpu else x.device.type  # (is_cpu makes no device object)
     found = _ADAPTERS.get(kind)
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
@@ -567,6 +578,24 @@ class TorchArrays:
             return None
         return name
 
+    def readable(self, tensors: list[Any], dtype: str) -> bool:
+        """Whether :meth:`dtype` of each of ``tensors`` is ``dtype``: each test over
+        all tensors at once (a gradient tensor is new at every step of a loop with
+        ``zero_grad(set_to_none=True)``); whether each has storage is for
+        :meth:`addresses` (``data_ptr`` raises without)."""
+        want = getattr(torch, dtype)
+        tensor = torch.Tensor
+        return (
+            all(map(operator.is_, map(_DTYPE, tensors), itertools.repeat(want)))
+            and all(map(_IS_CPU, tensors))
+            and all(
+                map(operator.is_, map(_LAYOUT, tensors), itertools.repeat(_STRIDED))
+            )
+            and all(map(tensor.is_contiguous, tensors))
+            and not any(map(tensor.is_neg, tensors))
+            and not any(map(tensor.is_conj, tensors))
+        )
+
     def writeable(self, t: Any) -> bool:
         """The adapter's rule for in-place writes, for a contiguous CPU tensor.
 
@@ -624,6 +653,11 @@ class TorchArrays:
         """A new 1-d CPU tensor of ``size`` elements of ``dtype`` (a kernel's scratch)."""
         return torch.empty(size, dtype=getattr(torch, dtype), device="cpu")
 
+
+_DTYPE = operator.attrgetter("dtype")
+_IS_CPU = operator.attrgetter("is_cpu")
+_LAYOUT = operator.attrgetter("layout")
+_STRIDED = torch.strided
 
 _ARRAYS: dict[int, TorchArrays] = {}
 

@@ -44,7 +44,7 @@ from agnosticopt._containers import builtins_are_plain, flatten
 from agnosticopt._leaf import Leaf, trainable_adapter
 from agnosticopt._plan import _Entry, hook
 from agnosticopt._speed import fast_path_enabled
-from agnosticopt._xp import adapter_for
+from agnosticopt._xp import adapted_by, adapter_for
 
 __all__ = ["counters", "forget", "remember", "replay"]
 
@@ -294,8 +294,11 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
     with _interrupts_deferred():
         plan.run()
         deque(map(setattr, stepped, repeat("state"), states), maxlen=0)
-    for k in fresh:
-        seen.gradients[k] = weakref.ref(gs[k])
+    if len(fresh) == len(gs):  # new gradients everywhere (zero_grad(set_to_none=True))
+        seen.gradients = list(map(weakref.ref, gs))
+    else:
+        for k in fresh:
+            seen.gradients[k] = weakref.ref(gs[k])
     counters["replayed"] += 1
     return True
 
@@ -337,14 +340,20 @@ def _all_stepping(
     if any(map(operator.is_, gs, repeat(None))) or any(map(_FROZEN, leaves)):
         return None  # a leaf no longer takes a step
     fresh: list[int] = []
-    if not all(map(operator.is_, gs, map(_CALL, seen.gradients))):
-        kept = map(operator.is_, gs, map(_CALL, seen.gradients))
-        fresh = [k for k, same in enumerate(kept) if not same]
+    kept = list(map(operator.is_, gs, map(_CALL, seen.gradients)))
+    if not all(kept):
+        fresh = (
+            [k for k, same in enumerate(kept) if not same]
+            if any(kept)
+            else list(range(len(gs)))  # (zero_grad(set_to_none=True))
+        )
     if fresh:
-        new = [gs[k] for k in fresh]
-        if not all(
-            map(operator.is_, map(adapter_for, new), repeat(seen.xp))
-        ) or not all(map(operator.is_, map(_DTYPE, new), (xs[k].dtype for k in fresh))):
+        every = len(fresh) == len(gs)  # (zero_grad(set_to_none=True))
+        new = gs if every else [gs[k] for k in fresh]
+        dtypes = map(_DTYPE, xs if every else [xs[k] for k in fresh])
+        if not adapted_by(new, seen.xp) or not all(
+            map(operator.is_, map(_DTYPE, new), dtypes)
+        ):
             return None
     if list(map(_SHAPE, gs)) != shapes:  # (a gradient kept may have been reshaped too)
         return None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import operator
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any
 
 from agnosticopt._backends import ARRAY_MODULES
 
-__all__ = ["adapter_for", "register_adapter"]
+__all__ = ["adapted_by", "adapter_for", "register_adapter"]
 
 
 _REGISTERED: list[Callable[[Any], Any]] = []
@@ -53,3 +55,16 @@ def adapter_for(x: Any) -> Any:
 
         return Adapter(x.__array_namespace__(), type(x).__module__)
     return None
+
+
+def adapted_by(arrays: list[Any], xp: Any) -> bool:
+    """Whether :func:`adapter_for` of each of ``arrays`` is ``xp``.
+
+    In one call where the adapter tells it for many arrays at once
+    (``xp.adapts_all``, asked only while no lookup is registered, since those
+    come first): a training loop's new gradients at every step, on torch.
+    """
+    bulk = None if _REGISTERED else getattr(xp, "adapts_all", None)
+    if bulk is not None:
+        return bool(bulk(arrays))
+    return all(map(operator.is_, map(adapter_for, arrays), repeat(xp)))
