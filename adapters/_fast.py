@@ -110,6 +110,9 @@ class Arrays(Protocol):
     def dtype(self, a: Any) -> str | None:
         """``"float32"``/``"float64"`` for an array a kernel can read in place, else None."""
 
+    def readable(self, arrays: list[Any], dtype: str) -> bool:
+        """Whether :meth:`dtype` of each of ``arrays`` is ``dtype`` (one call for many)."""
+
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""
 
@@ -1012,6 +1015,9 @@ class _Part:
         #: The leaves' positions and state arrays (the same at every step).
         self.positions = [leaf.position for leaf in self.leaves]
         self.state_arrays = [leaf.arrays for leaf in self.leaves]
+        #: (Without their gradients, which the plan does not read again: new
+        #: gradients at every step are not held here, nor the first ones kept.)
+        self.leaves = [leaf._replace(grad=None) for leaf in self.leaves]
 
 
 _RULE, _STATE, _X, _GRAD = (operator.itemgetter(k) for k in range(4))
@@ -1101,7 +1107,7 @@ class _Kept:
         self.xs = [item[2] for item in items]
         self.written = [a for launch in launches for a in launch.written]
         self.writeable = arrays.still_writeable(self.written)
-        self.grads = [weakref.ref(item[3]) for item in items]
+        self.grads = list(map(weakref.ref, map(_GRAD, items)))
         self.states = states
         self.parts = parts
         self.launches = launches
@@ -1115,6 +1121,9 @@ class _Kept:
         )
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
+        #: The sorted spans of the arrays the kernels write (:func:`_written_spans`),
+        #: made when new gradients first come.
+        self.written_spans: tuple[np.ndarray, np.ndarray] | None = None
         #: One launch for all leaves, in their order: its new states are the list.
         self.whole = len(parts) == 1 and parts[0].positions == list(range(len(items)))
 
@@ -1183,26 +1192,29 @@ class _Kept:
         ``False`` when one cannot be read by the kernels or overlaps a written array.
         """
         arrays = self.arrays
-        dtype_of = arrays.dtype
         grads = list(map(_GRAD, items))
         for part in self.parts:  # (before any address: one may have no storage)
-            if any(dtype_of(grads[k]) != part.dtype for k in part.positions):
+            if not arrays.readable(
+                grads if self.whole else [grads[k] for k in part.positions], part.dtype
+            ):
                 return False
-        addresses = np.array(arrays.addresses(grads), dtype=np.int64)
+        try:
+            addresses = np.array(arrays.addresses(grads), dtype=np.int64)
+        except RuntimeError:  # a torch tensor without storage (a functorch wrapper)
+            return False
         launches = []
         for part in self.parts:
             launch = part.launch
             table = launch.table.copy()
             table[:, 1] = addresses[part.positions]
             launches.append(dataclasses.replace(launch, table=table))
-        if _overlapping(launches):
+        if self.written_spans is None:  # (the same while the plan is kept)
+            self.written_spans = _written_spans(launches)
+        if _reads_overlap(self.written_spans, launches, 1):
             return False
         for part, launch in zip(self.parts, launches, strict=True):
             part.launch = launch
-            part.leaves = [
-                leaf._replace(grad=items[leaf.position][3]) for leaf in part.leaves
-            ]
-        self.grads = [weakref.ref(g) for g in grads]
+        self.grads = list(map(weakref.ref, grads))
         if self.torch:
             self.grad_addresses = addresses.tolist()
         return True
@@ -1305,6 +1317,49 @@ def _overlapping_cached(launches: list[_Launch]) -> bool:
     verdict = _overlapping(launches)
     _overlaps[key] = ([launch.table for launch in launches], verdict)
     return verdict
+
+
+def _spans(launch: _Launch, column: int) -> tuple[np.ndarray, np.ndarray]:
+    """The start and end addresses of the arrays of a table column (none empty)."""
+    full = launch.sizes > 0
+    start = launch.table[full, column]
+    return start, start + launch.sizes[full] * launch.itemsizes[column]
+
+
+def _written_spans(launches: list[_Launch]) -> tuple[np.ndarray, np.ndarray]:
+    """The starts and ends of the arrays that ``launches`` write, in address order.
+
+    Only for launches that :func:`_overlapping` passed: no written array overlaps
+    another, so the ends are in order too.
+    """
+    found = [_spans(launch, c) for launch in launches for c in sorted(launch.targets)]
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    start = np.concatenate([s for s, _ in found])
+    end = np.concatenate([e for _, e in found])
+    order = np.argsort(start, kind="stable")
+    return start[order], end[order]
+
+
+def _reads_overlap(
+    written: tuple[np.ndarray, np.ndarray], launches: list[_Launch], column: int
+) -> bool:
+    """Whether an array of table ``column`` (read only) overlaps a written one.
+
+    :func:`_overlapping` for a kept plan whose only new arrays are that column's
+    (new gradients): reads may overlap reads, and the written arrays were checked
+    when the plan was made. The last written array starting before a read one
+    ends is the one that reaches furthest (:func:`_written_spans`).
+    """
+    w_start, w_end = written
+    if not len(w_start):
+        return False
+    for launch in launches:
+        start, end = _spans(launch, column)
+        last = np.searchsorted(w_start, end, side="left") - 1
+        if np.any((last >= 0) & (w_end[np.maximum(last, 0)] > start)):
+            return True
+    return False
 
 
 def _overlapping(launches: list[_Launch]) -> bool:

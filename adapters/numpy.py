@@ -20,6 +20,8 @@ adapter and ``setup`` refuses them, naming the key path; register an adapter
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +192,10 @@ class NumpyArrays:
         if not (flags.c_contiguous and flags.aligned):
             return None
         return self.dtypes.get(a.dtype)
+
+    def readable(self, arrays: list[Any], dtype: str) -> bool:
+        """Whether :meth:`dtype` of each of ``arrays`` is ``dtype``."""
+        return all(map(operator.eq, map(self.dtype, arrays), itertools.repeat(dtype)))
 
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""

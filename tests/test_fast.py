@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 from _backends import fast_path, host_copy, state_leaves
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip(
     "numba", reason="the fast path needs numba (pip install agnosticopt[fast])"
@@ -818,3 +820,84 @@ def test_a_default_device_off_the_cpu_keeps_the_fast_paths_scratch_on_it(
             torch.set_default_device(None)
         results.append([host_copy(x).tobytes() for x in model.values()])
     assert results[0] == results[1]
+
+
+def _random_launches(draw: Any) -> list[Any]:
+    """One or two launches of rows (x, gradient, state) whose written columns (x and
+    the state) overlap nothing else, and gradients anywhere: the layout a kept plan
+    has when new gradients come."""
+    launches = []
+    cursor = 0
+    for _ in range(draw(st.integers(1, 2))):
+        rows = draw(st.integers(1, 5))
+        itemsize = draw(st.sampled_from([4, 8]))
+        sizes = [draw(st.integers(0, 6)) for _ in range(rows)]
+        table = []
+        for size in sizes:
+            x = cursor + draw(st.integers(0, 3)) * itemsize
+            state = x + size * itemsize + draw(st.integers(0, 3)) * itemsize
+            cursor = state + size * itemsize
+            table.append([x, 0, state])
+        launches.append([table, sizes, itemsize])
+    top = cursor + 64
+    for table, _, itemsize in launches:
+        for row in table:  # anywhere: inside, across or beside the written arrays
+            row[1] = draw(st.integers(0, top // itemsize)) * itemsize
+    return [
+        _fast._Launch(
+            None,
+            np.array(table, dtype=np.int64),
+            np.array(sizes, dtype=np.int64),
+            (),
+            (itemsize, itemsize, itemsize),
+            frozenset({0, 2}),
+            [],
+            np.zeros((0, 3), dtype=np.int64),
+        )
+        for table, sizes, itemsize in launches
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_new_gradients_overlap_a_written_array_as_overlapping_finds(data: Any) -> None:
+    """A kept plan checks only its new gradients against the written arrays
+    (``_reads_overlap``); the answer is that of the whole check of the plan."""
+    launches = _random_launches(data.draw)
+    want = _fast._overlapping(launches)
+    assert _fast._reads_overlap(_fast._written_spans(launches), launches, 1) is want
+
+
+@needs_torch
+def test_torch_bulk_checks_answer_as_one_by_one() -> None:
+    """``TorchArrays.readable`` and ``TorchAdapter.adapts_all`` (one pass per test,
+    for new gradients at every step) give what asking each tensor gives."""
+    import torch
+    from agnosticopt.adapters.torch import torch_arrays
+
+    from agnosticopt._xp import adapted_by, adapter_for
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    good = [base.clone(), torch.nn.Parameter(base.clone()), torch.zeros(0)]
+    odd = {
+        "float64": base.double(),
+        "transposed": base.T,
+        "negative view": torch._neg_view(base),
+        "sparse": base.to_sparse(),
+        "meta": torch.empty(3, device="meta"),
+        "complex": torch.zeros(3, dtype=torch.complex64),
+        "a numpy array": np.zeros(3, np.float32),
+        "a subclass": base.clone().as_subclass(type("Sub", (torch.Tensor,), {})),
+    }
+    xp = adapter_for(base)
+    arrays = torch_arrays(xp)
+    assert arrays.readable(good, "float32")
+    assert adapted_by(good, xp)
+    for name, t in odd.items():
+        tensors = [*good, t]
+        if isinstance(t, torch.Tensor):
+            one_by_one = all(arrays.dtype(a) == "float32" for a in tensors)
+            assert arrays.readable(tensors, "float32") is one_by_one, name
+        assert adapted_by(tensors, xp) is all(adapter_for(a) is xp for a in tensors), (
+            name
+        )
