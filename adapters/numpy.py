@@ -48,6 +48,10 @@ class NumpyAdapter(Adapter):
 
     one_device = True
 
+    def adapts_all(self, arrays: list[Any]) -> bool:
+        """Whether :func:`adapter` of each of ``arrays`` is this adapter (one pass)."""
+        return self is _ADAPTER and set(map(type, arrays)) <= _OWN
+
     def __init__(self) -> None:
         super().__init__(xp_numpy, "numpy")
 
@@ -159,6 +163,12 @@ class NumpyAdapter(Adapter):
 
 
 _ADAPTER = NumpyAdapter()
+_DTYPE = operator.attrgetter("dtype")
+_C_CONTIGUOUS = operator.attrgetter("flags.c_contiguous")
+_ALIGNED = operator.attrgetter("flags.aligned")
+
+
+_OWN = frozenset((np.ndarray, np.memmap))
 
 
 def adapter(x: Any) -> Adapter | None:
@@ -194,8 +204,15 @@ class NumpyArrays:
         return self.dtypes.get(a.dtype)
 
     def readable(self, arrays: list[Any], dtype: str) -> bool:
-        """Whether :meth:`dtype` of each of ``arrays`` is ``dtype``."""
-        return all(map(operator.eq, map(self.dtype, arrays), itertools.repeat(dtype)))
+        """Whether :meth:`dtype` of each of ``arrays`` is ``dtype``: each test over
+        all arrays at once (new gradient arrays at every step)."""
+        want = np.dtype(dtype)
+        return (
+            all(map(operator.is_, map(type, arrays), itertools.repeat(np.ndarray)))
+            and all(map(operator.is_, map(_DTYPE, arrays), itertools.repeat(want)))
+            and all(map(_C_CONTIGUOUS, arrays))
+            and all(map(_ALIGNED, arrays))
+        )
 
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""

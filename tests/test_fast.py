@@ -901,3 +901,38 @@ def test_torch_bulk_checks_answer_as_one_by_one() -> None:
         assert adapted_by(tensors, xp) is all(adapter_for(a) is xp for a in tensors), (
             name
         )
+
+
+def test_numpy_bulk_checks_answer_as_one_by_one(tmp_path: Any) -> None:
+    """``NumpyArrays.readable`` and ``NumpyAdapter.adapts_all`` give what asking
+    each array gives."""
+    from agnosticopt._xp import adapted_by, adapter_for
+
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frozen = base.copy()
+    frozen.flags.writeable = False  # read-only: still readable
+    good = [base.copy(), frozen, np.zeros(0, np.float32)]
+    unaligned = np.zeros(13, np.uint8)[1:].view(np.float32)
+    mapped = np.memmap(tmp_path / "m", dtype=np.float32, mode="w+", shape=(3,))
+    odd = {
+        "float64": base.astype(np.float64),
+        "transposed": base.T,
+        "big-endian": base.astype(">f4"),
+        "unaligned": unaligned,
+        "masked": np.ma.masked_array(base),
+        "memmap": mapped,
+        "a scalar": np.float32(1),
+        "a list": [1.0],
+    }
+    xp = adapter_for(base)
+    arrays = numpy_arrays()
+    assert unaligned.dtype == np.float32
+    assert not unaligned.flags.aligned
+    assert arrays.readable(good, "float32")
+    assert adapted_by(good, xp)
+    for name, a in odd.items():
+        group = [*good, a]
+        if isinstance(a, np.ndarray):
+            one_by_one = all(arrays.dtype(b) == "float32" for b in group)
+            assert arrays.readable(group, "float32") is one_by_one, name
+        assert adapted_by(group, xp) is all(adapter_for(b) is xp for b in group), name
