@@ -163,6 +163,23 @@ class Result:
 Step = Callable[[], Any]
 
 
+@dataclasses.dataclass
+class Fresh:
+    """A step whose gradients are new arrays at every step, as in a training loop
+    with ``zero_grad(set_to_none=True)``: ``before`` makes them (not timed)."""
+
+    step: Step
+    before: Step
+
+    def __call__(self) -> Any:
+        return self.step()
+
+
+def _fresh(step: Step, make: Step, new_grads: bool) -> Step:
+    """``step``, given new gradients by ``make`` before each call if ``new_grads``."""
+    return Fresh(step, make) if new_grads else step
+
+
 def _data(shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     rng = np.random.default_rng(0)
     params = [rng.normal(size=s).astype(np.float32) for s in shapes]
@@ -171,7 +188,11 @@ def _data(shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray], list[np.ndar
 
 
 def _agnostic(
-    backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]], fast: bool
+    backend: str,
+    rule: opt.Rule,
+    shapes: list[tuple[int, ...]],
+    fast: bool,
+    new_grads: bool = False,
 ) -> Step:
     params, arrays = _data(shapes)
     model: list[Any] = list(params)
@@ -181,6 +202,7 @@ def _agnostic(
 
         model = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
         grads = [torch.from_numpy(g) for g in arrays]
+    first = list(grads)
     tree = opt.setup(rule, model)
 
     def step() -> None:
@@ -190,7 +212,10 @@ def _agnostic(
         finally:
             opt.set_fast_path(previous)
 
-    return step
+    def make() -> None:
+        grads[:] = [g.clone() if backend == "torch" else g.copy() for g in first]
+
+    return _fresh(step, make, new_grads)
 
 
 def _agnostic_flat(backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
@@ -219,20 +244,29 @@ def _agnostic_flat(backend: str, rule: opt.Rule, shapes: list[tuple[int, ...]]) 
     return step
 
 
-def _dropin(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step:
+def _dropin(
+    rule: opt.Rule, shapes: list[tuple[int, ...]], new_grads: bool = False
+) -> Step:
     """``agnosticopt.TorchOptimizer``'s ``step()`` over ``nn.Parameter`` with ``.grad``."""
     import torch
 
     params, grads = _data(shapes)
     tensors = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
-    for t, g in zip(tensors, grads, strict=True):
-        t.grad = torch.from_numpy(g)
+    _set_grads(tensors, grads)
     optimizer = opt.TorchOptimizer(tensors, rule)
 
     def step() -> None:
         optimizer.step()
 
-    return step
+    return _fresh(step, lambda: _set_grads(tensors, grads), new_grads)
+
+
+def _set_grads(tensors: list[Any], grads: list[np.ndarray]) -> None:
+    """A new ``.grad`` tensor for each of ``tensors`` (a copy of ``grads``)."""
+    import torch
+
+    for t, g in zip(tensors, grads, strict=True):
+        t.grad = torch.from_numpy(g.copy())
 
 
 def _torch(
@@ -242,13 +276,13 @@ def _torch(
     clip: float | None,
     shapes: list[tuple[int, ...]],
     norm_clip: float | None = None,
+    new_grads: bool = False,
 ) -> Step | None:
     import torch
 
     params, grads = _data(shapes)
     tensors = [torch.nn.Parameter(torch.from_numpy(p)) for p in params]
-    for t, g in zip(tensors, grads, strict=True):
-        t.grad = torch.from_numpy(g)
+    _set_grads(tensors, grads)
     flags = {
         "for-loop": {"foreach": False},
         "foreach": {"foreach": True},
@@ -267,7 +301,7 @@ def _torch(
             torch.nn.utils.clip_grad_norm_(tensors, norm_clip, foreach=foreach)
         optimiser.step()
 
-    return step
+    return _fresh(step, lambda: _set_grads(tensors, grads), new_grads)
 
 
 def _optax(rule: str, shapes: list[tuple[int, ...]]) -> Step | None:
@@ -327,24 +361,35 @@ def _jax_jit(rule: opt.Rule, shapes: list[tuple[int, ...]]) -> Step | None:
 
 
 def steps(
-    impls: tuple[str, ...], rule: str, shapes: list[tuple[int, ...]]
+    impls: tuple[str, ...],
+    rule: str,
+    shapes: list[tuple[int, ...]],
+    new_grads: bool = False,
 ) -> dict[str, Step | None]:
-    """One step function per implementation (``None``: not available here)."""
+    """One step function per implementation (``None``: not available here).
+
+    With ``new_grads``, the ``update_``, drop-in and torch.optim steps get new
+    gradient arrays before each step (:class:`Fresh`); the flat mode (one
+    buffer, written in place), optax and jax jit (immutable arrays) are as they are.
+    """
     ours, name, keywords, clip = RULES[rule]
     norm = NORM_CLIPS.get(rule)
+    new = new_grads
     makers: dict[str, Callable[[], Step | None]] = {
-        "numpy fast": lambda: _agnostic("numpy", ours, shapes, True),
-        "numpy plain": lambda: _agnostic("numpy", ours, shapes, False),
+        "numpy fast": lambda: _agnostic("numpy", ours, shapes, True, new),
+        "numpy plain": lambda: _agnostic("numpy", ours, shapes, False, new),
         "numpy flat": lambda: _agnostic_flat("numpy", ours, shapes),
-        "torch fast": lambda: _agnostic("torch", ours, shapes, True),
+        "torch fast": lambda: _agnostic("torch", ours, shapes, True, new),
         "torch flat": lambda: _agnostic_flat("torch", ours, shapes),
-        "torch plain": lambda: _agnostic("torch", ours, shapes, False),
-        "torch drop-in": lambda: _dropin(ours, shapes),
+        "torch plain": lambda: _agnostic("torch", ours, shapes, False, new),
+        "torch drop-in": lambda: _dropin(ours, shapes, new),
         "torch for-loop": lambda: _torch(
-            "for-loop", name, keywords, clip, shapes, norm
+            "for-loop", name, keywords, clip, shapes, norm, new
         ),
-        "torch foreach": lambda: _torch("foreach", name, keywords, clip, shapes, norm),
-        "torch fused": lambda: _torch("fused", name, keywords, clip, shapes, norm),
+        "torch foreach": lambda: _torch(
+            "foreach", name, keywords, clip, shapes, norm, new
+        ),
+        "torch fused": lambda: _torch("fused", name, keywords, clip, shapes, norm, new),
         "optax": lambda: _optax(rule, shapes),
         "jax jit": lambda: _jax_jit(ours, shapes),
     }
@@ -405,6 +450,7 @@ def run(
     warmup: int = 3,
     memory: bool = True,
     log: Callable[[str], None] = print,
+    new_grads: bool = False,
 ) -> list[Result]:
     """Measure every implementation on every set and rule; see the module docstring.
 
@@ -421,22 +467,26 @@ def run(
         Also measure the extra peak memory of one step.
     log
         Where progress lines go.
+    new_grads
+        New gradient arrays before each step, not timed (see :func:`steps`).
     """
     results: list[Result] = []
     for set_name in sets:
         shapes = SETS[set_name]
         for rule in rules:
-            made = steps(impls, rule, shapes)
+            made = steps(impls, rule, shapes, new_grads)
             missing = [i for i, s in made.items() if s is None]
             live = {i: s for i, s in made.items() if s is not None}
             for step in live.values():
                 for _ in range(warmup):
+                    _before(step)
                     step()
             times: dict[str, list[float]] = {i: [] for i in live}
             for r in range(rounds):
                 for impl, step in live.items():
                     if "plain" in impl and r % 3:
                         continue
+                    _before(step)
                     start = time.perf_counter()
                     step()
                     times[impl].append(time.perf_counter() - start)
@@ -467,6 +517,12 @@ def run(
             )
             del made, live
     return results
+
+
+def _before(step: Step) -> None:
+    """What must happen before ``step`` and is not timed (:class:`Fresh`)."""
+    if isinstance(step, Fresh):
+        step.before()
 
 
 # -- reporting -----------------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "--json", default="", help="also write the results as JSON here"
     )
     parser.add_argument(
+        "--new-grads",
+        action="store_true",
+        help="new gradient arrays before each step (zero_grad(set_to_none=True))",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         memory=not args.no_memory,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        new_grads=args.new_grads,
     )
     print()
     print(
