@@ -63,11 +63,12 @@ _FULL_WAY_HOOKS = ("local_adapter", "refuses_in_place")
 class _Seen:
     """What one ``update_`` saw, in walk order (see the module docstring).
 
-    The Leaf objects and the parameters are held, as the adapter's kept plan
-    holds the parameters and states (until four newer updates replace it);
-    compared with ``is``, not through weak references, each a separate object to
-    fetch from memory. The gradients are held weakly: a training loop that makes
-    new ones at every step (``zero_grad(set_to_none=True)``) frees the old ones.
+    The parameters are held, as the adapter's kept plan holds them (until four
+    newer updates replace it), and compared with ``is``: not through a weak
+    reference, one more object per leaf to fetch from memory. The Leaf objects
+    are held weakly (each holds its state: a tree dropped by its user, an
+    optimiser made anew for the same model, is not kept alive here), and so are
+    the gradients (a loop that makes new ones at every step frees the old ones).
     """
 
     __slots__ = (
@@ -90,7 +91,7 @@ class _Seen:
         others: list[Any],
     ) -> None:
         self.xp = xp
-        self.leaves = leaves
+        self.leaves = list(map(weakref.ref, leaves))
         self.xs = xs
         self.shapes = list(map(_SHAPE, xs))
         self.others = others
@@ -258,7 +259,7 @@ def replay(tree: Any, model: Any, grads: Any) -> bool:
         return False
     if (
         len(leaves) != len(seen.leaves)
-        or not all(map(operator.is_, leaves, seen.leaves))
+        or not all(map(operator.is_, leaves, map(_CALL, seen.leaves)))
         or not all(map(operator.is_, xs, seen.xs))
         or len(others) != len(seen.others)
         or not all(map(operator.is_, others, seen.others))
@@ -323,7 +324,7 @@ def _leaf_by_leaf(
         if not step:
             continue
         if ref() is not g:
-            if adapter_for(g) is not xp or g.dtype is not x.dtype:
+            if adapter_for(g) is not xp or g.dtype != x.dtype:
                 return None
             fresh.append(k)
         if g.shape != shapes[k]:  # (a gradient kept may have been reshaped too)
@@ -352,8 +353,8 @@ def _all_stepping(
         new = gs if every else [gs[k] for k in fresh]
         dtypes = map(_DTYPE, xs if every else [xs[k] for k in fresh])
         if not adapted_by(new, seen.xp) or not all(
-            map(operator.is_, map(_DTYPE, new), dtypes)
-        ):
+            map(operator.eq, map(_DTYPE, new), dtypes)  # (an unpickled dtype is
+        ):  # equal, not the same object)
             return None
     if list(map(_SHAPE, gs)) != shapes:  # (a gradient kept may have been reshaped too)
         return None

@@ -13,7 +13,10 @@ must raise, and the counts of updates taken the short way.
 from __future__ import annotations
 
 import collections
+import gc
 import importlib.util
+import pickle
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -436,3 +439,41 @@ def test_a_parameter_reshaped_in_place_raises_naming_its_path(kind: str) -> None
         with pytest.raises(ValueError, match=r"at \('layers', 0, 'k'\).*shape"):
             opt.update_(tree, model, grads)
     assert [_bits(a) for a in _snapshot(tree, model)] == before
+
+
+def test_a_dropped_tree_is_not_kept_alive_by_the_short_way() -> None:
+    """Trees made anew for the same model (an optimiser per stage) and dropped: the
+    short way remembers their last updates but holds no Leaf, so no state of a
+    dropped tree stays alive (the newest is held by the adapter's kept plan)."""
+    model, grads = _model("numpy")
+    states = []
+    for _ in range(4):
+        tree = opt.setup(opt.Adam(1e-2), model)
+        with fast_path(True):
+            for _ in range(3):
+                tree, model = opt.update_(tree, model, grads)
+        states.append(weakref.ref(tree["w"].state.m))
+        del tree
+        gc.collect()
+    assert [s() is None for s in states] == [True, True, True, False]
+
+
+def test_unpickled_gradients_take_the_short_way() -> None:
+    """Gradients that come pickled at every step (from worker processes) have a
+    dtype equal to the parameter's but not the same object: the short way, with
+    the full way's bits."""
+    runs = []
+    for short in (True, False):
+        model, grads = _model("numpy")
+        tree = opt.setup(opt.Adam(1e-2), model)
+        before = _replay.counters["replayed"]
+        with fast_path(True):
+            for _ in range(4):
+                if not short:
+                    _replay.forget()
+                unpickled = pickle.loads(pickle.dumps(grads))
+                tree, model = opt.update_(tree, model, unpickled)
+        runs.append([_bits(a) for a in _snapshot(tree, model)])
+        if short:
+            assert _replay.counters["replayed"] - before == 3
+    assert runs[0] == runs[1]
