@@ -113,6 +113,11 @@ class Arrays(Protocol):
     def readable(self, arrays: list[Any], dtype: str) -> bool:
         """Whether :meth:`dtype` of each of ``arrays`` is ``dtype`` (one call for many)."""
 
+    def unchanged(self, arrays: list[Any], dtypes: list[Any]) -> bool:
+        """Whether each of ``arrays``, read by :meth:`dtype` before, still has its
+        dtype object of ``dtypes`` and the layout a kernel reads (it can change in
+        place under the same object and memory)."""
+
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""
 
@@ -1022,6 +1027,7 @@ class _Part:
 
 _RULE, _STATE, _X, _GRAD = (operator.itemgetter(k) for k in range(4))
 _CALL = weakref.ref.__call__  # (operator.call is Python >= 3.11)
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _launch(
@@ -1119,6 +1125,10 @@ class _Kept:
         self.grad_addresses = (
             arrays.addresses(list(map(_GRAD, items))) if self.torch else []
         )
+        #: The dtypes of the parameters and gradients, which can change in place
+        #: (numpy ``a.dtype = ...``, torch ``p.data = p.data.view(torch.int32)``).
+        self.x_dtypes = list(map(_DTYPE, self.xs))
+        self.grad_dtypes = list(map(_DTYPE, map(_GRAD, items)))
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
         #: The sorted spans of the arrays the kernels write (:func:`_written_spans`),
@@ -1149,6 +1159,10 @@ class _Kept:
             or (not fresh and arrays.addresses(grads) != self.grad_addresses)
         ):
             return None  # memory moved under the same tensor (.data =, set_, ...)
+        if not arrays.unchanged(xs, self.x_dtypes) or (
+            not fresh and not arrays.unchanged(grads, self.grad_dtypes)
+        ):
+            return None  # another dtype or layout in place (a.dtype =, .data = p.T)
         if not self.writeable():
             return None
         steps = []
@@ -1215,6 +1229,7 @@ class _Kept:
         for part, launch in zip(self.parts, launches, strict=True):
             part.launch = launch
         self.grads = list(map(weakref.ref, grads))
+        self.grad_dtypes = list(map(_DTYPE, grads))
         if self.torch:
             self.grad_addresses = addresses.tolist()
         return True

@@ -206,13 +206,19 @@ class NumpyArrays:
     def readable(self, arrays: list[Any], dtype: str) -> bool:
         """Whether :meth:`dtype` of each of ``arrays`` is ``dtype``: each test over
         all arrays at once (new gradient arrays at every step)."""
-        want = np.dtype(dtype)
-        return (
+        names = map(self.dtypes.get, map(_DTYPE, arrays))  # (equal, not identical:
+        return (  # an unpickled dtype is another object)
             all(map(operator.is_, map(type, arrays), itertools.repeat(np.ndarray)))
-            and all(map(operator.is_, map(_DTYPE, arrays), itertools.repeat(want)))
+            and all(map(operator.eq, names, itertools.repeat(dtype)))
             and all(map(_C_CONTIGUOUS, arrays))
             and all(map(_ALIGNED, arrays))
         )
+
+    def unchanged(self, arrays: list[Any], dtypes: list[Any]) -> bool:
+        """Whether each of ``arrays`` still has its dtype of ``dtypes`` (``a.dtype =
+        ...`` changes it in place). Its layout changes in place only by the
+        ``strides`` setter, deprecated since numpy 2.4 and not asked here."""
+        return all(map(operator.is_, map(_DTYPE, arrays), dtypes))
 
     def writeable(self, a: Any) -> bool:
         """Whether a kernel may write into ``a``."""

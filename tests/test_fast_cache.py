@@ -573,11 +573,26 @@ class _Initialised(_Plain):
         type(self).inits[0] += 1
 
 
-@pytest.mark.parametrize("kind", [_Plain, _Checked, _Initialised])
+class _Counting(type):
+    """A metaclass that counts the instances its classes make."""
+
+    made: ClassVar[list[int]] = [0]
+
+    def __call__(cls, *args: Any) -> Any:
+        _Counting.made[0] += 1
+        return super().__call__(*args)
+
+
+class _Metaclassed(_Plain, metaclass=_Counting):
+    """A namedtuple state whose metaclass's ``__call__`` counts the states made."""
+
+
+@pytest.mark.parametrize("kind", [_Plain, _Checked, _Initialised, _Metaclassed])
 def test_a_kept_plan_makes_each_state_with_its_class_constructor(kind: type) -> None:
     """The new states of a kept plan are made in one call per launch, by
     ``tuple.__new__`` for a plain namedtuple only: a state class with its own
-    ``__new__`` or ``__init__`` still has it run for every new state."""
+    ``__new__`` or ``__init__``, or a metaclass with its own ``__call__``, still
+    has it run for every new state."""
 
     @dataclasses.dataclass(frozen=True)
     class Counting(opt.Rule):
@@ -599,7 +614,7 @@ def test_a_kept_plan_makes_each_state_with_its_class_constructor(kind: type) -> 
         grads = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
         tree = opt.setup(Counting(), model)
         before = dict(_fast.counters)
-        made = (_Checked.made[0], _Initialised.inits[0])
+        made = (_Checked.made[0], _Initialised.inits[0], _Counting.made[0])
         with fast_path(fast):
             for _ in range(4):
                 tree, model = opt.update_(tree, model, grads)
@@ -609,6 +624,8 @@ def test_a_kept_plan_makes_each_state_with_its_class_constructor(kind: type) -> 
             assert _Checked.made[0] - made[0] >= 4 * len(SIZES)
         if kind is _Initialised:
             assert _Initialised.inits[0] - made[1] >= 4 * len(SIZES)
+        if kind is _Metaclassed:
+            assert _Counting.made[0] - made[2] >= 4 * len(SIZES)
         assert all(type(leaf.state) is kind for leaf in tree.values())
         assert all(leaf.state.count == 4 for leaf in tree.values())
         runs.append(_snapshot(tree, model))
@@ -804,3 +821,70 @@ def test_a_torch_tensor_moved_to_other_memory_gets_a_new_plan(how: str) -> None:
                 tree, model = opt.update_(tree, model, grads)
         runs.append(_snapshot(tree, model))
     _same(runs[0], runs[1], how)
+
+
+def _relaid(how: str, model: dict[str, Any], grads: dict[str, Any]) -> None:
+    """Give a parameter or a kept gradient another dtype or layout in place: the
+    same object, the same memory, the same shape."""
+    p, g = model["w"], grads["w"]
+    if how == "numpy parameter .dtype =":
+        p.dtype = np.int32
+    elif how == "numpy gradient .dtype =":
+        g.dtype = np.int32
+    elif how == "torch gradient viewed as int32":
+        g.data = g.data.view(torch_int32())
+    elif how == "torch parameter transposed":
+        p.data = p.data.T
+    else:  # "torch gradient transposed"
+        g.data = g.data.T
+
+
+def torch_int32() -> Any:
+    import torch
+
+    return torch.int32
+
+
+RELAID = [
+    "numpy parameter .dtype =",
+    "numpy gradient .dtype =",
+    pytest.param("torch gradient viewed as int32", marks=needs_torch),
+    pytest.param("torch parameter transposed", marks=needs_torch),
+    pytest.param("torch gradient transposed", marks=needs_torch),
+]
+
+
+@pytest.mark.parametrize("how", RELAID)
+def test_an_array_given_another_dtype_or_layout_in_place_gets_a_new_plan(
+    how: str,
+) -> None:
+    """A parameter or gradient kept from the last step, viewed in place as
+    another dtype or transposed (a square one: the same object, memory and
+    shape): the kept plan must not read or write it as it was; the bits (or the
+    error) of the plain path. (A torch Parameter cannot be given an integer
+    dtype: ``.data =`` refuses.)"""
+    kind = how.split()[0]
+    runs = []
+    for fast in (True, False):
+        rng = np.random.default_rng(21)
+        model = {"w": _array(kind, rng.standard_normal((320, 320)).astype(np.float32))}
+        grads = {
+            "w": _copy(
+                kind, _array(kind, rng.standard_normal((320, 320)).astype(np.float32))
+            )
+        }
+        tree = opt.setup(opt.Adam(1e-2), model)
+        errors = []
+        with fast_path(fast):
+            for step in range(5):
+                if step == 3:
+                    _relaid(how, model, grads)
+                try:
+                    tree, model = opt.update_(tree, model, grads)
+                    errors.append(None)
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    errors.append((type(exc), str(exc)))
+        snapshot = [np.asarray(a) for a in _snapshot(tree, model)]
+        runs.append(([(a.dtype, a.shape, a.tobytes()) for a in snapshot], errors))
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][0] == runs[1][0], how
