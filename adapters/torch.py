@@ -447,7 +447,9 @@ def adapter(x: Any) -> Adapter | None:
         from agnosticopt.adapters import dtensor
 
         return dtensor.adapter(x)
-    kind = "cpu" if x.is_cpu else x.device.type  # (is_cpu makes no device object)
+    # (is_cpu makes no device object; a subclass may have its own device property)
+    plain = cls is torch.Tensor or cls is _PARAMETER
+    kind = "cpu" if plain and x.is_cpu else x.device.type
     found = _ADAPTERS.get(kind)
     if found is None:
         found = _ADAPTERS[kind] = TorchCudaAdapter(kind)
@@ -564,7 +566,14 @@ class TorchArrays:
         self.dtypes = {torch.float32: "float32", torch.float64: "float64"}
 
     def dtype(self, t: Any) -> str | None:
-        """The dtype of a contiguous, dense, CPU float32/float64 tensor, else None."""
+        """The dtype of a contiguous, dense, CPU float32/float64 tensor, else None.
+
+        Only of a ``torch.Tensor`` or ``nn.Parameter``: a subclass's own
+        ``__torch_function__`` or ``__torch_dispatch__`` would not see a kernel's
+        writes (and a FakeTensor out of its mode says ``is_cpu`` with no memory).
+        """
+        if type(t) not in _PLAIN:
+            return None
         name = self.dtypes.get(t.dtype)
         if name is None or not t.is_cpu or t.layout != torch.strided:
             return None
@@ -583,6 +592,8 @@ class TorchArrays:
         all tensors at once (a gradient tensor is new at every step of a loop with
         ``zero_grad(set_to_none=True)``); whether each has storage is for
         :meth:`addresses` (``data_ptr`` raises without)."""
+        if not set(map(type, tensors)) <= _PLAIN:
+            return False  # (a subclass: see dtype)
         want = getattr(torch, dtype)
         tensor = torch.Tensor
         return (
@@ -594,6 +605,14 @@ class TorchArrays:
             and all(map(tensor.is_contiguous, tensors))
             and not any(map(tensor.is_neg, tensors))
             and not any(map(tensor.is_conj, tensors))
+        )
+
+    def unchanged(self, tensors: list[Any], dtypes: list[Any]) -> bool:
+        """Whether each of ``tensors`` still has its dtype of ``dtypes`` and is still
+        contiguous: ``p.data = p.data.view(torch.int32)`` or ``p.data = p.data.T``
+        (a square ``p``) keeps the object, the data address and the shape."""
+        return all(map(operator.is_, map(_DTYPE, tensors), dtypes)) and all(
+            map(torch.Tensor.is_contiguous, tensors)
         )
 
     def writeable(self, t: Any) -> bool:

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -874,6 +875,7 @@ def test_torch_bulk_checks_answer_as_one_by_one() -> None:
     for new gradients at every step) give what asking each tensor gives."""
     import torch
     from agnosticopt.adapters.torch import torch_arrays
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from agnosticopt._xp import adapted_by, adapter_for
 
@@ -888,9 +890,11 @@ def test_torch_bulk_checks_answer_as_one_by_one() -> None:
         "complex": torch.zeros(3, dtype=torch.complex64),
         "a numpy array": np.zeros(3, np.float32),
         "a subclass": base.clone().as_subclass(type("Sub", (torch.Tensor,), {})),
+        "fake": FakeTensorMode().from_tensor(base),  # data_ptr() 0 out of its mode
     }
     xp = adapter_for(base)
     arrays = torch_arrays(xp)
+    assert arrays.dtype(odd["fake"]) is None  # a kernel would read address 0
     assert arrays.readable(good, "float32")
     assert adapted_by(good, xp)
     for name, t in odd.items():
@@ -911,7 +915,10 @@ def test_numpy_bulk_checks_answer_as_one_by_one(tmp_path: Any) -> None:
     base = np.arange(12, dtype=np.float32).reshape(3, 4)
     frozen = base.copy()
     frozen.flags.writeable = False  # read-only: still readable
-    good = [base.copy(), frozen, np.zeros(0, np.float32)]
+    unpickled = pickle.loads(pickle.dumps(base))
+    tagged = np.zeros(3, np.dtype(np.float32, metadata={"unit": "m"}))
+    assert unpickled.dtype is not base.dtype
+    good = [base.copy(), frozen, np.zeros(0, np.float32), unpickled, tagged]
     unaligned = np.zeros(13, np.uint8)[1:].view(np.float32)
     mapped = np.memmap(tmp_path / "m", dtype=np.float32, mode="w+", shape=(3,))
     odd = {
