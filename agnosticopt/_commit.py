@@ -29,12 +29,12 @@ from agnosticopt._validate import (
     overlapping_parameters,
 )
 
-#: A fast plan and the entries it updates.
 try:  # CPython's C module behind :mod:`signal` (see _interrupts_deferred)
     _raw_signal: ModuleType = importlib.import_module("_signal")
 except ImportError:  # pragma: no cover  (another interpreter)
     _raw_signal = signal
 
+#: A fast plan and the entries it updates.
 _Planned = tuple[CompiledPlan, list[_Entry]]
 
 

@@ -1221,13 +1221,14 @@ class _Rebuild:
 
 def _plain_namedtuple(kind: Any) -> bool:
     """Whether ``kind(*fields)`` is ``tuple.__new__(kind, fields)``: a namedtuple
-    class with the ``__new__`` that :func:`collections.namedtuple` wrote, and no
-    ``__init__``."""
+    class with the ``__new__`` that :func:`collections.namedtuple` wrote, no
+    ``__init__``, and a metaclass that calls them as ``type`` does."""
     new = getattr(kind, "__new__", None)
     return (
         hasattr(kind, "_fields")
         and getattr(new, "__globals__", {}).get("_tuple_new") is tuple.__new__
         and kind.__init__ is tuple.__init__
+        and type(kind).__call__ is type.__call__
     )
 
 

@@ -415,6 +415,7 @@ def _rss_peak(step: Step) -> int | None:
         libc.malloc_trim(0)  # freed heap pages back to the system: reuse must fault
     with open(clear, "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
+    _before(step)  # (new gradients: not the step's memory; malloc_trim is before)
     before = _status_kb(status, "VmRSS")
     step()
     return (_status_kb(status, "VmHWM") - before) * 1024
@@ -431,6 +432,7 @@ def _status_kb(path: str, key: str) -> int:
 
 def _traced_peak(step: Step) -> int:
     """Extra memory at the peak of ``step`` as ``tracemalloc`` sees it (numpy, Python)."""
+    _before(step)
     tracemalloc.start()
     try:
         current, _ = tracemalloc.get_traced_memory()
