@@ -877,7 +877,7 @@ def test_torch_bulk_checks_answer_as_one_by_one() -> None:
     from agnosticopt.adapters.torch import torch_arrays
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from agnosticopt._xp import adapted_by, adapter_for
+    from agnosticopt._xp import adapter_for
 
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     good = [base.clone(), torch.nn.Parameter(base.clone()), torch.zeros(0)]
@@ -895,22 +895,13 @@ def test_torch_bulk_checks_answer_as_one_by_one() -> None:
     xp = adapter_for(base)
     arrays = torch_arrays(xp)
     assert arrays.dtype(odd["fake"]) is None  # a kernel would read address 0
-    assert arrays.readable(good, "float32")
-    assert adapted_by(good, xp)
-    for name, t in odd.items():
-        tensors = [*good, t]
-        if isinstance(t, torch.Tensor):
-            one_by_one = all(arrays.dtype(a) == "float32" for a in tensors)
-            assert arrays.readable(tensors, "float32") is one_by_one, name
-        assert adapted_by(tensors, xp) is all(adapter_for(a) is xp for a in tensors), (
-            name
-        )
+    _bulk_checks_answer_as_one_by_one(arrays, xp, good, odd, torch.Tensor)
 
 
 def test_numpy_bulk_checks_answer_as_one_by_one(tmp_path: Any) -> None:
     """``NumpyArrays.readable`` and ``NumpyAdapter.adapts_all`` give what asking
     each array gives."""
-    from agnosticopt._xp import adapted_by, adapter_for
+    from agnosticopt._xp import adapter_for
 
     base = np.arange(12, dtype=np.float32).reshape(3, 4)
     frozen = base.copy()
@@ -935,11 +926,22 @@ def test_numpy_bulk_checks_answer_as_one_by_one(tmp_path: Any) -> None:
     arrays = numpy_arrays()
     assert unaligned.dtype == np.float32
     assert not unaligned.flags.aligned
+    _bulk_checks_answer_as_one_by_one(arrays, xp, good, odd, np.ndarray)
+
+
+def _bulk_checks_answer_as_one_by_one(
+    arrays: Any, xp: Any, good: list[Any], odd: dict[str, Any], array_type: type
+) -> None:
+    """``readable`` and ``adapted_by`` of ``good`` and of ``good`` with each odd one
+    (arrays of ``array_type``, or anything) are those of each array asked alone."""
+    from agnosticopt._xp import adapted_by, adapter_for
+
     assert arrays.readable(good, "float32")
     assert adapted_by(good, xp)
-    for name, a in odd.items():
-        group = [*good, a]
-        if isinstance(a, np.ndarray):
-            one_by_one = all(arrays.dtype(b) == "float32" for b in group)
+    for name, odd_one in odd.items():
+        group = [*good, odd_one]
+        if isinstance(odd_one, array_type):
+            one_by_one = all(arrays.dtype(a) == "float32" for a in group)
             assert arrays.readable(group, "float32") is one_by_one, name
-        assert adapted_by(group, xp) is all(adapter_for(b) is xp for b in group), name
+        alone = all(adapter_for(a) is xp for a in group)
+        assert adapted_by(group, xp) is alone, name

@@ -609,9 +609,7 @@ def test_a_kept_plan_makes_each_state_with_its_class_constructor(kind: type) -> 
     assert not _trace._plain_namedtuple(kind) or kind is _Plain
     runs = []
     for fast in (True, False):
-        rng = np.random.default_rng(4)
-        model = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
-        grads = {k: rng.standard_normal(n).astype(np.float32) for k, n in SIZES.items()}
+        model, grads = _model_and_grads("numpy", seed=4)
         tree = opt.setup(Counting(), model)
         before = dict(_fast.counters)
         made = (_Checked.made[0], _Initialised.inits[0], _Counting.made[0])
