@@ -1113,7 +1113,8 @@ class _Kept:
         self.xs = [item[2] for item in items]
         self.written = [a for launch in launches for a in launch.written]
         self.writeable = arrays.still_writeable(self.written)
-        self.grads = list(map(weakref.ref, map(_GRAD, items)))
+        grads = list(map(_GRAD, items))
+        self.grads = list(map(weakref.ref, grads))
         self.states = states
         self.parts = parts
         self.launches = launches
@@ -1122,13 +1123,11 @@ class _Kept:
         #: of the gradients (a tensor's memory can move: ``.data =``, ``set_``).
         self.watched = list({id(a): a for a in (*self.xs, *self.written)}.values())
         self.addresses = arrays.addresses(self.watched) if self.torch else []
-        self.grad_addresses = (
-            arrays.addresses(list(map(_GRAD, items))) if self.torch else []
-        )
+        self.grad_addresses = arrays.addresses(grads) if self.torch else []
         #: The dtypes of the parameters and gradients, which can change in place
         #: (numpy ``a.dtype = ...``, torch ``p.data = p.data.view(torch.int32)``).
         self.x_dtypes = list(map(_DTYPE, self.xs))
-        self.grad_dtypes = list(map(_DTYPE, map(_GRAD, items)))
+        self.grad_dtypes = list(map(_DTYPE, grads))
         #: Whether some leaves come with λ in their state (:class:`_Factor`).
         self.factored = any(type(item[1]) is _Factor for item in items)
         #: The sorted spans of the arrays the kernels write (:func:`_written_spans`),
